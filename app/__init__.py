@@ -1,0 +1,1 @@
+"""Web layer: settings, ChatService, Gradio tabs, HTTP API, auth. Nothing imports app."""

@@ -1,0 +1,42 @@
+"""Who is calling, and may they? Checked on the server in every handler.
+
+With no password-protected users the app runs in single-user local mode: the caller is
+``local`` with the admin role, and the app refuses to bind to a non-local address.
+With users, Gradio's login is on and roles come from the database.
+"""
+
+from __future__ import annotations
+
+from feedback import repository as repo
+from feedback.db import session_scope
+from feedback.models import User
+
+LOCAL_USER = "local"
+
+
+class PermissionDenied(PermissionError):
+    """The caller's role does not allow this action (an audit row was written)."""
+
+
+def auth_enabled(session_factory) -> bool:
+    from sqlalchemy import select
+
+    with session_scope(session_factory) as s:
+        return s.scalar(select(User.id).where(User.password_hash.is_not(None)).limit(1)) is not None
+
+
+def caller_name(request) -> str:
+    name = getattr(request, "username", None) if request is not None else None
+    return name or LOCAL_USER
+
+
+def require_role(session_factory, user_name: str, roles: tuple[str, ...], action: str, detail: str = "") -> None:
+    """Raise PermissionDenied unless the user holds one of ``roles``; audit either way."""
+    with session_scope(session_factory) as s:
+        user = repo.get_user(session=s, name=user_name)
+        if user is None and user_name == LOCAL_USER:
+            user = repo.get_or_create_user(session=s, name=LOCAL_USER, role="admin")
+        allowed = user is not None and user.role in roles
+        repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
+    if not allowed:
+        raise PermissionDenied(f"'{user_name}' may not {action}: this needs the {' or '.join(roles)} role.")

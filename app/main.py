@@ -1,0 +1,100 @@
+"""Run the app: migrate the database, load the model, serve chat + API on one port.
+
+    python -m app.main            # http://127.0.0.1:7860 (CHAT_HOST / CHAT_PORT to change)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("app")
+
+
+class StartupError(RuntimeError):
+    """Startup cannot continue; the message says what to do."""
+
+
+def build_service(settings: Settings, engine=None):
+    """Migrate, load the model and moderation, and wire the ChatService."""
+    from feedback.db import DatabaseUnavailableError, check_connection, make_engine, make_session_factory, migrate
+    from model.moderation import build_moderator
+
+    try:
+        migrate(settings.db_url)
+    except DatabaseUnavailableError as exc:
+        raise StartupError(str(exc)) from exc
+    db = make_engine(settings.db_url)
+    check_connection(db)
+    factory = make_session_factory(db)
+    if engine is None:
+        engine = load_engine(settings)
+    moderator = build_moderator(settings.moderation_backends, settings.moderation_threshold,
+                                settings.moderation_thresholds, settings.moderation_rules_file,
+                                settings.detoxify_checkpoint, settings.detoxify_config_dir)
+    from app.service import ChatService
+
+    return ChatService(engine, factory, settings, moderator=moderator)
+
+
+def load_engine(settings: Settings):
+    import torch
+
+    from model.engine import Engine
+    from model.loader import ModelNotFoundError, resolve_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
+    try:
+        resolved = resolve_model(settings.model, Path(settings.data_dir))
+    except ModelNotFoundError as exc:
+        raise StartupError(str(exc)) from exc
+    if resolved.converted_now:
+        log.warning("converted %s to %s (one time)", resolved.name, resolved.path)
+    engine = Engine.from_path(resolved.path, resolved.name, device=settings.device,
+                              max_concurrent=settings.max_concurrent, busy_wait_s=settings.busy_wait_s)
+    log.warning("model %s loaded in %.1f s", resolved.name, time.perf_counter() - start)
+    return engine
+
+
+def create_app(service):
+    """FastAPI app with the Gradio UI mounted at /."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from app.ui.demo import CSS, build_demo
+
+    api = FastAPI(title="Feedback Chat")
+    api.state.service = service
+
+    @api.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": service.engine.version}
+
+    demo = build_demo(service)
+    demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
+    return gr.mount_gradio_app(api, demo, path="/", css=CSS, footer_links=[], show_error=True)
+
+
+def main() -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    settings = load_settings()
+    try:
+        service = build_service(settings)
+    except StartupError as exc:
+        print(f"\nCannot start: {exc}\n", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(service)
+    print(f"Serving on http://{settings.host}:{settings.port}  (model: {service.engine.version})", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

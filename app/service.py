@@ -1,0 +1,286 @@
+"""ChatService: the chat pipeline every front end (Gradio, HTTP API) goes through.
+
+    1. validate and rate-limit the user's message
+    2. moderate the input           (model/moderation)  -> template reply, model not called
+    3. generate, streaming          (model/engine)
+    4. moderate the output, growing and in full          -> template replaces the reply
+    5. log every step               (feedback/)
+
+The engine can be swapped while serving (promote / roll back): a reply keeps the engine
+it started with, so in-flight replies finish on the old version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Iterator
+
+from feedback import repository as repo
+from feedback.db import session_scope
+from feedback.models import Message
+from model.engine import EngineBusyError, SamplingParams
+
+
+class ChatError(Exception):
+    """A refusal the user should read (too long, rate limited, busy, not found...)."""
+
+
+@dataclass
+class ChatUpdate:
+    conversation_id: int
+    text: str  # the assistant reply as the user may see it so far
+    user_message_id: int | None = None
+    assistant_message_id: int | None = None
+    done: bool = False
+    blocked: bool = False
+    status: str = "streaming"
+
+
+class ChatService:
+    def __init__(self, engine, session_factory, settings, moderator=None):
+        self._engine = engine
+        self.session_factory = session_factory
+        self.settings = settings
+        self.moderator = moderator
+        self._cancels: dict[str, threading.Event] = {}
+        self._recent: dict[str, deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    # engine hot swap ---------------------------------------------------------------------
+    @property
+    def engine(self):
+        return self._engine
+
+    def swap_engine(self, engine) -> None:
+        """Replies already streaming hold a reference to the old engine and finish on it."""
+        self._engine = engine
+
+    # queries -----------------------------------------------------------------------------
+    def conversations(self, user_name: str) -> list[tuple[str, int]]:
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            return [(c.title, c.id) for c in repo.list_conversations(session=s, owner=user)]
+
+    def open_conversation(self, user_name: str, conversation_id: int) -> tuple[list[dict], str]:
+        """(messages for display with their ids, system prompt) of the latest thread."""
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            try:
+                conv = repo.get_conversation(session=s, conversation_id=conversation_id, owner=user)
+            except repo.NotFoundError as exc:
+                raise ChatError(str(exc)) from exc
+            msgs = [{"role": m.role, "content": m.content, "id": m.id}
+                    for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
+            return msgs, conv.system_prompt
+
+    # commands ----------------------------------------------------------------------------
+    def stop(self, key: str) -> None:
+        event = self._cancels.get(key)
+        if event is not None:
+            event.set()
+
+    def vote(self, user_name: str, message_id: int, value: int, reason: str | None = None,
+             comment: str | None = None) -> None:
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            msg = repo.get_message(session=s, message_id=message_id)
+            if msg.conversation.owner_id != user.id:
+                raise repo.NotFoundError(f"Cannot vote: message {message_id} does not exist.")
+            repo.add_vote(session=s, message_id=message_id, user=user, value=value, reason=reason, comment=comment)
+
+    def send(self, user_name: str, text: str, conversation_id: int | None = None,
+             params: SamplingParams | None = None, system_prompt: str | None = None,
+             cancel_key: str | None = None) -> Iterator[ChatUpdate]:
+        """Post a user message and stream the assistant reply. Raises ChatError before any write."""
+        text = self._validate(user_name, text)
+        params = self._check_params(params)
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            if conversation_id is None:
+                conv = repo.create_conversation(session=s, owner=user, system_prompt=system_prompt or "",
+                                                title=_title(text))
+                parent = None
+            else:
+                conv = self._owned(s, user, conversation_id)
+                if repo.count_messages(session=s, conversation=conv) + 2 > self.settings.max_turns:
+                    raise ChatError(f"This conversation reached {self.settings.max_turns} messages; start a new chat.")
+                if system_prompt is not None:
+                    conv.system_prompt = system_prompt
+                thread = repo.latest_thread(session=s, conversation=conv)
+                parent = thread[-1] if thread else None
+            # "pending" until the outcome is written: a crash leaves the turn marked, not lost.
+            user_msg = repo.add_message(session=s, conversation=conv, role="user", content=text,
+                                        parent=parent, status="pending")
+            conv_id, user_msg_id = conv.id, user_msg.id
+        yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
+
+    def regenerate(self, user_name: str, conversation_id: int, params: SamplingParams | None = None,
+                   cancel_key: str | None = None) -> Iterator[ChatUpdate]:
+        """A new reply to the last user message: a sibling of the old one, both kept."""
+        params = self._check_params(params)
+        self._rate_limit(user_name)
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            conv = self._owned(s, user, conversation_id)
+            thread = repo.latest_thread(session=s, conversation=conv)
+            user_msgs = [m for m in thread if m.role == "user"]
+            if not user_msgs:
+                raise ChatError("Nothing to regenerate yet: send a message first.")
+            user_msg_id = user_msgs[-1].id
+        yield from self._reply(user_name, conversation_id, user_msg_id, params, cancel_key)
+
+    # the pipeline ------------------------------------------------------------------------
+    def _reply(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
+        engine = self._engine  # pinned for this reply: a promote mid-stream does not affect it
+        with session_scope(self.session_factory) as s:
+            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            conv = user_msg.conversation
+            history = _model_context(repo.thread(session=s, leaf=user_msg), conv.system_prompt)
+            user_id = conv.owner_id
+
+        verdict = self._moderate(user_msg.content, "in", user_id, user_msg_id)
+        if verdict is not None and verdict.flagged:
+            template = self.moderator.template("in", verdict.category)
+            with session_scope(self.session_factory) as s:
+                user_msg = repo.get_message(session=s, message_id=user_msg_id)
+                user_msg.status, user_msg.moderation = "answered", "flagged"
+                reply = repo.add_message(session=s, conversation=user_msg.conversation, role="assistant",
+                                         content=template, parent=user_msg, status="blocked",
+                                         moderation="flagged", model_version=None)
+                reply_id = reply.id
+            yield ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked")
+            return
+        if verdict is not None:
+            self._set_moderation(user_msg_id, "pass")
+
+        cancel = threading.Event()
+        if cancel_key:
+            self._cancels[cancel_key] = cancel
+        shown, status, out_verdict, gen = "", "complete", None, None
+        every = max(1, self.settings.moderation_stream_every)
+        checked_len = 0
+        try:
+            gen = engine.stream(history, params, cancel=cancel)
+            for _delta in gen:
+                # Show only text that passed output moderation: the screen lags the model by
+                # at most `every` characters and never shows an unchecked flagged reply.
+                if self.moderator is None:
+                    shown = gen.text
+                    yield ChatUpdate(conv_id, shown, user_msg_id)
+                elif len(gen.text) - checked_len >= every:
+                    checked_len = len(gen.text)
+                    out_verdict = self._moderate(gen.text, "out", user_id, None, log_pass=False)
+                    if out_verdict.flagged:
+                        cancel.set()
+                        break
+                    shown = gen.text
+                    yield ChatUpdate(conv_id, shown, user_msg_id)
+            if cancel.is_set() and (out_verdict is None or not out_verdict.flagged):
+                status = "stopped"
+        except EngineBusyError as exc:
+            self._finish_failed(user_msg_id, str(exc))
+            raise ChatError(str(exc)) from exc
+        except Exception as exc:
+            self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
+            raise ChatError("The model failed while answering; the error is logged. Please try again.") from exc
+        finally:
+            if cancel_key:
+                self._cancels.pop(cancel_key, None)
+
+        full = gen.text
+        if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
+            out_verdict = self._moderate(full, "out", user_id, None)
+        flagged = out_verdict is not None and out_verdict.flagged
+        final = self.moderator.template("out", out_verdict.category) if flagged else full
+        st = gen.stats
+        with session_scope(self.session_factory) as s:
+            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            user_msg.status = "answered"
+            reply = repo.add_message(
+                session=s, conversation=user_msg.conversation, role="assistant", content=full, parent=user_msg,
+                status="blocked" if flagged else status, model_version=engine.version,
+                sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                ttft_ms=st.ttft_ms, latency_ms=st.latency_ms,
+                moderation=None if out_verdict is None else ("flagged" if flagged else "pass"))
+            reply_id = reply.id
+            if out_verdict is not None:
+                # The original flagged text stays in the database for review only.
+                self.moderator.attach(session=s, verdict=out_verdict, message_id=reply_id)
+        yield ChatUpdate(conv_id, final, user_msg_id, reply_id, done=True, blocked=flagged,
+                         status="blocked" if flagged else status)
+
+    # helpers -----------------------------------------------------------------------------
+    def _moderate(self, text, direction, user_id, message_id, log_pass=True):
+        if self.moderator is None:
+            return None
+        verdict = self.moderator.check(text, direction=direction)
+        if message_id is not None and (log_pass or verdict.flagged):
+            with session_scope(self.session_factory) as s:
+                self.moderator.attach(session=s, verdict=verdict, message_id=message_id, user_id=user_id)
+        return verdict
+
+    def _set_moderation(self, message_id: int, value: str) -> None:
+        with session_scope(self.session_factory) as s:
+            repo.get_message(session=s, message_id=message_id).moderation = value
+
+    def _finish_failed(self, user_msg_id: int, error: str) -> None:
+        with session_scope(self.session_factory) as s:
+            msg = repo.get_message(session=s, message_id=user_msg_id)
+            msg.status = "failed"
+            repo.add_message(session=s, conversation=msg.conversation, role="assistant", content="",
+                             parent=msg, status="failed", model_version=self._engine.version)
+
+    def _owned(self, s, user, conversation_id):
+        try:
+            return repo.get_conversation(session=s, conversation_id=conversation_id, owner=user)
+        except repo.NotFoundError as exc:
+            raise ChatError(str(exc)) from exc
+
+    def _validate(self, user_name: str, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise ChatError("Type a message first: empty messages are not sent.")
+        text = text.replace("\x00", "").strip()
+        limit = self.settings.max_message_chars
+        if len(text) > limit:
+            raise ChatError(f"Your message has {len(text):,} characters; the limit is {limit:,}. "
+                            "Shorten it or split it into parts.")
+        self._rate_limit(user_name)
+        return text
+
+    def _rate_limit(self, user_name: str) -> None:
+        limit = getattr(self.settings, "messages_per_minute", 0)
+        if not limit:
+            return
+        now = time.monotonic()
+        with self._lock:
+            q = self._recent[user_name]
+            while q and now - q[0] > 60:
+                q.popleft()
+            if len(q) >= limit:
+                raise ChatError(f"You can send {limit} messages a minute; wait {60 - (now - q[0]):.0f} s.")
+            q.append(now)
+
+    @staticmethod
+    def _check_params(params: SamplingParams | None) -> SamplingParams:
+        try:
+            return (params or SamplingParams()).validate()
+        except ValueError as exc:
+            raise ChatError(str(exc)) from exc
+
+
+def _title(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "New chat"
+    return line[:60] + ("…" if len(line) > 60 else "")
+
+
+def _model_context(thread: list[Message], system_prompt: str) -> list[dict]:
+    """What the model sees: the thread without blocked or failed turns."""
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for m in thread:
+        if m.role == "system" or m.moderation == "flagged" or m.status in ("blocked", "failed"):
+            continue
+        msgs.append({"role": m.role, "content": m.content})
+    return msgs

@@ -1,0 +1,70 @@
+"""Runtime settings: one place, read from ``CHAT_*`` environment variables and a ``.env`` file.
+
+``DATABASE_URL`` is also honoured without the prefix, as most tools expect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _env(name: str, default):
+    raw = os.environ.get(f"CHAT_{name.upper()}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 127.0.0.1 keeps it on this machine."})
+    port: int = field(default=7860, metadata={"help": "HTTP port of the app."})
+    data_dir: str = field(default="data", metadata={"help": "Database, converted models, versions, logs."})
+    database_url: str = field(default="", metadata={"help": "SQLAlchemy URL; empty = SQLite in data_dir."})
+    model: str = field(default="embedded", metadata={"help": "embedded, a HF directory, a .gguf file or a hub id."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), cpu or cuda."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores."})
+    max_message_chars: int = field(default=8000, metadata={"help": "Longer user messages are refused."})
+    max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation."})
+    messages_per_minute: int = field(default=30, metadata={"help": "Messages one user may send a minute; 0 = no limit."})
+    max_concurrent: int = field(default=4, metadata={"help": "Replies generated at the same time."})
+    busy_wait_s: float = field(default=30.0, metadata={"help": "How long a request waits for a free slot."})
+    moderation_backends: str = field(default="auto", metadata={"help": "Comma list: rules,profanity,detoxify; auto = best available."})
+    moderation_threshold: float = field(default=0.5, metadata={"help": "Default per-category flag threshold."})
+    moderation_thresholds: str = field(default="", metadata={"help": "Per-category overrides, e.g. 'toxicity=0.6,insult=0.7'."})
+    moderation_rules_file: str = field(default="", metadata={"help": "JSON file of regex/blocklist rules with a category each."})
+    moderation_stream_every: int = field(default=24, metadata={"help": "Check the growing reply every N characters."})
+    detoxify_checkpoint: str = field(default="", metadata={"help": "Local Detoxify checkpoint (.ckpt) to use offline."})
+    detoxify_config_dir: str = field(default="", metadata={"help": "Local HF config/tokenizer dir for that checkpoint."})
+    ranking_candidates: int = field(default=4, metadata={"help": "Candidate replies per ranking task (K)."})
+    annotations_per_task: int = field(default=1, metadata={"help": "Rankings each task wants (N)."})
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'chat.db'}"
+
+    @property
+    def is_local_bind(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+
+def load_settings(env_file: str | None = ".env", **overrides) -> Settings:
+    if env_file and Path(env_file).is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(env_file, override=False)
+    values = {f.name: _env(f.name, f.default) for f in fields(Settings)}
+    if not values["database_url"]:
+        values["database_url"] = os.environ.get("DATABASE_URL", "")
+    values.update(overrides)
+    return Settings(**values)

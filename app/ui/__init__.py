@@ -1,0 +1,1 @@
+"""Gradio Blocks, one module per tab. ``build_demo(service)`` assembles them."""

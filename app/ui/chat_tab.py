@@ -1,0 +1,152 @@
+"""The chat tab: streamed replies, sampling settings, regenerate, stop, conversations, thumbs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.auth import caller_name
+from app.service import ChatError
+from feedback.repository import VOTE_REASONS, NotFoundError, ValidationError
+from model.engine import SamplingParams
+
+
+def _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty) -> SamplingParams:
+    return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                          max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty))
+
+
+def build_chat_tab(service) -> None:
+    with gr.Row():
+        with gr.Column(scale=1, min_width=220):
+            new_btn = gr.Button("＋ New chat", variant="secondary")
+            convs = gr.Radio(label="Your conversations", choices=[], value=None, elem_id="conversations")
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
+                                 feedback_options=("Like", "Dislike"), buttons=["copy"])
+            hint = gr.Markdown("", elem_id="chat-hint")
+            with gr.Row():
+                box = gr.Textbox(placeholder="Message the model… (Enter to send)", show_label=False, scale=6,
+                                 elem_id="chat-input", max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+            with gr.Row():
+                stop = gr.Button("■ Stop", size="sm", elem_id="stop-btn")
+                regen = gr.Button("↻ Regenerate", size="sm", elem_id="regen-btn")
+            with gr.Row(visible=False) as why_row:
+                reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)
+                comment = gr.Textbox(label="Comment (optional)", max_lines=3)
+                save_why = gr.Button("Save feedback", size="sm")
+            with gr.Accordion("Settings", open=False):
+                system = gr.Textbox(label="System prompt", placeholder="You are a helpful assistant.", lines=2)
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k")
+                max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+                rep = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+    conv_id = gr.State(None)   # the open conversation
+    ids = gr.State([])         # message id for each chatbot row (None while streaming)
+    voted = gr.State(None)     # (message_id, value) awaiting an optional reason
+    sampling = [temperature, top_p, top_k, max_new, rep]
+
+    def refresh_list(request: gr.Request, current=None):
+        return gr.update(choices=service.conversations(caller_name(request)), value=current)
+
+    def stream_reply(updates, history, row_ids, cid):
+        """Turn ChatService updates into (chatbot, ids, conv_id, hint) yields."""
+        try:
+            for up in updates:
+                rows = history + [{"role": "assistant", "content": up.text or "…"}]
+                cid = up.conversation_id
+                if up.done:
+                    row_ids = row_ids + [up.assistant_message_id]
+                    note = {"blocked": "⚠ Moderation replaced this reply.", "stopped": "Stopped."}.get(up.status, "")
+                    yield rows, row_ids, cid, note
+                    return
+                yield rows, row_ids + [None], cid, ""
+        except ChatError as exc:
+            yield history, row_ids, cid, f"⚠ {exc}"
+
+    def on_send(text, history, row_ids, cid, system_prompt, temperature, top_p, top_k, max_new, rep,
+                request: gr.Request):
+        user = caller_name(request)
+        try:
+            updates = service.send(user, text, cid, _params(temperature, top_p, top_k, max_new, rep),
+                                   system_prompt or None,
+                                   cancel_key=request.session_hash)
+            first = next(updates)  # validation and the user row happen here, before anything shows
+        except ChatError as exc:
+            yield text, history, row_ids, cid, f"⚠ {exc}", gr.update()
+            return
+        history = history + [{"role": "user", "content": text.strip()}]
+        row_ids = row_ids + [first.user_message_id]
+
+        def chain():
+            yield first
+            yield from updates
+
+        for rows, rids, cid, note in stream_reply(chain(), history, row_ids, cid):
+            yield "", rows, rids, cid, note, gr.update()
+        yield "", rows, rids, cid, note, refresh_list(request, cid)
+
+    def on_regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request: gr.Request):
+        if cid is None or not history:
+            yield history, row_ids, cid, "Nothing to regenerate yet."
+            return
+        # Drop the last assistant row from the view; the database keeps it as a sibling.
+        if history[-1]["role"] == "assistant":
+            history, row_ids = history[:-1], row_ids[:-1]
+        try:
+            params = _params(temperature, top_p, top_k, max_new, rep)
+            updates = service.regenerate(caller_name(request), cid, params, cancel_key=request.session_hash)
+            yield from stream_reply(updates, history, row_ids, cid)
+        except ChatError as exc:
+            yield history, row_ids, cid, f"⚠ {exc}"
+
+    def on_stop(request: gr.Request):
+        service.stop(request.session_hash)
+
+    def on_like(row_ids, data: gr.LikeData, request: gr.Request):
+        index = data.index if isinstance(data.index, int) else data.index[0]
+        mid = row_ids[index] if 0 <= index < len(row_ids) else None
+        if mid is None:
+            return None, "Wait for the reply to finish before voting.", gr.update(visible=False)
+        value = 1 if data.liked is True or data.liked == "Like" else -1
+        try:
+            service.vote(caller_name(request), mid, value)
+        except (ValidationError, NotFoundError) as exc:
+            return None, f"⚠ {exc}", gr.update(visible=False)
+        note = "Thanks! 👍 saved." if value > 0 else "Thanks, 👎 saved. Tell us why (optional):"
+        return (mid, value), note, gr.update(visible=value < 0)
+
+    def on_save_why(pending, why, text, request: gr.Request):
+        if not pending:
+            return "Vote on a reply first.", gr.update(visible=False), None, ""
+        try:
+            service.vote(caller_name(request), pending[0], pending[1], reason=why or None, comment=text or None)
+        except (ValidationError, NotFoundError) as exc:
+            return f"⚠ {exc}", gr.update(), None, text
+        return "Feedback saved, thank you.", gr.update(visible=False), None, ""
+
+    def on_new():
+        return [], [], None, "", gr.update(value=None)
+
+    def on_open(selected, request: gr.Request):
+        if selected is None:
+            return gr.update(), gr.update(), gr.update(), gr.update(), ""
+        try:
+            msgs, system_prompt = service.open_conversation(caller_name(request), int(selected))
+        except ChatError as exc:
+            return [], [], None, "", f"⚠ {exc}"
+        rows = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return rows, [m["id"] for m in msgs], int(selected), system_prompt, ""
+
+    send_inputs = [box, chatbot, ids, conv_id, system, *sampling]
+    send_outputs = [box, chatbot, ids, conv_id, hint, convs]
+    send.click(on_send, send_inputs, send_outputs, api_name="send", concurrency_limit=None)
+    box.submit(on_send, send_inputs, send_outputs, api_visibility="private", concurrency_limit=None)
+    regen.click(on_regen, [chatbot, ids, conv_id, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate")
+    stop.click(on_stop, None, None, api_name="stop")
+    chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
+    save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
+    new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs], api_visibility="private")
+    convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint], api_visibility="private")
+    return refresh_list, convs

@@ -1,0 +1,25 @@
+"""Assemble the Gradio app from its tabs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.ui.chat_tab import build_chat_tab
+
+CSS = """
+#chat-hint p { color: #b45309; margin: 0; min-height: 1.2em; }
+footer { display: none !important; }
+"""
+
+
+def build_demo(service, extra_tabs=()) -> gr.Blocks:
+    """``extra_tabs``: callables (service) -> None that add a tab each (ranking, admin...)."""
+    with gr.Blocks(title="Feedback Chat") as demo:
+        gr.Markdown("## 💬 Feedback Chat &nbsp;·&nbsp; a local model that learns from your votes")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                refresh_list, convs = build_chat_tab(service)
+            for add_tab in extra_tabs:
+                add_tab(service)
+        demo.load(refresh_list, None, convs, api_visibility="private")
+    return demo

@@ -1,0 +1,150 @@
+"""Small repository functions for chat data. Each takes the session as a keyword argument,
+validates its inputs and raises ``ValidationError`` with a message a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from feedback.models import ROLES, AuditLog, Conversation, Message, User, Vote, utcnow
+
+VOTE_REASONS = ("wrong", "unhelpful", "unsafe", "rude", "other")
+
+
+class ValidationError(ValueError):
+    """Bad input to a repository function; the message says what was wrong."""
+
+
+class NotFoundError(LookupError):
+    """The row asked for does not exist (or belongs to someone else)."""
+
+
+# users ---------------------------------------------------------------------------------
+
+def get_user(*, session: Session, name: str) -> User | None:
+    return session.scalar(select(User).where(User.name == name))
+
+
+def get_or_create_user(*, session: Session, name: str, role: str = "user") -> User:
+    user = get_user(session=session, name=name)
+    if user is None:
+        if role not in ROLES:
+            raise ValidationError(f"role must be one of {', '.join(ROLES)}")
+        user = User(name=name, role=role)
+        session.add(user)
+        session.flush()
+    return user
+
+
+# conversations -------------------------------------------------------------------------
+
+def create_conversation(*, session: Session, owner: User, system_prompt: str = "", title: str = "New chat") -> Conversation:
+    conv = Conversation(owner_id=owner.id, system_prompt=system_prompt, title=title[:200])
+    session.add(conv)
+    session.flush()
+    return conv
+
+
+def get_conversation(*, session: Session, conversation_id: int, owner: User) -> Conversation:
+    """A user only ever sees their own conversations."""
+    conv = session.get(Conversation, conversation_id)
+    if conv is None or conv.owner_id != owner.id:
+        raise NotFoundError(f"Conversation {conversation_id} not found.")
+    return conv
+
+
+def list_conversations(*, session: Session, owner: User, limit: int = 50) -> list[Conversation]:
+    stmt = (select(Conversation).where(Conversation.owner_id == owner.id)
+            .order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+    return list(session.scalars(stmt))
+
+
+def count_messages(*, session: Session, conversation: Conversation) -> int:
+    return session.scalar(select(func.count(Message.id)).where(Message.conversation_id == conversation.id)) or 0
+
+
+# messages ------------------------------------------------------------------------------
+
+def add_message(*, session: Session, conversation: Conversation, role: str, content: str,
+                parent: Message | None = None, **fields: Any) -> Message:
+    if role not in ("system", "user", "assistant"):
+        raise ValidationError("role must be system, user or assistant")
+    if parent is not None and parent.conversation_id != conversation.id:
+        raise ValidationError("parent message belongs to another conversation")
+    msg = Message(conversation_id=conversation.id, parent_id=parent.id if parent else None,
+                  role=role, content=content, **fields)
+    session.add(msg)
+    conversation.updated_at = utcnow()
+    session.flush()
+    return msg
+
+
+def get_message(*, session: Session, message_id: int) -> Message:
+    msg = session.get(Message, message_id)
+    if msg is None:
+        raise NotFoundError(f"Message {message_id} does not exist.")
+    return msg
+
+
+def thread(*, session: Session, leaf: Message) -> list[Message]:
+    """The path from the root to ``leaf``: what the model saw, siblings excluded."""
+    path = [leaf]
+    while path[-1].parent_id is not None:
+        path.append(session.get(Message, path[-1].parent_id))
+    return path[::-1]
+
+
+def latest_thread(*, session: Session, conversation: Conversation) -> list[Message]:
+    """The thread ending at the newest message: after a regenerate, the newest sibling."""
+    leaf = session.scalar(select(Message).where(Message.conversation_id == conversation.id)
+                          .order_by(Message.id.desc()).limit(1))
+    return thread(session=session, leaf=leaf) if leaf else []
+
+
+def siblings(*, session: Session, message: Message) -> list[Message]:
+    stmt = select(Message).where(Message.conversation_id == message.conversation_id,
+                                 Message.parent_id == message.parent_id, Message.role == message.role)
+    return list(session.scalars(stmt.order_by(Message.id)))
+
+
+# votes ---------------------------------------------------------------------------------
+
+def add_vote(*, session: Session, message_id: int, user: User, value: int,
+             reason: str | None = None, comment: str | None = None) -> Vote:
+    """Record or change a thumbs vote. One vote per user and message; a new one replaces it."""
+    if value not in (-1, 1):
+        raise ValidationError(f"A vote is +1 or -1, not {value!r}.")
+    if reason is not None and reason not in VOTE_REASONS:
+        raise ValidationError(f"reason must be one of {', '.join(VOTE_REASONS)}")
+    if comment is not None and len(comment) > 2000:
+        raise ValidationError("comment is limited to 2000 characters")
+    msg = session.get(Message, message_id)
+    if msg is None:
+        raise NotFoundError(f"Cannot vote: message {message_id} does not exist.")
+    if msg.role != "assistant":
+        raise ValidationError("Only assistant replies can be voted on.")
+    vote = session.scalar(select(Vote).where(Vote.message_id == message_id, Vote.user_id == user.id))
+    if vote is None:
+        vote = Vote(message_id=message_id, user_id=user.id, value=value, reason=reason, comment=comment)
+        session.add(vote)
+    else:
+        vote.value, vote.updated_at = value, utcnow()
+        vote.reason = reason if reason is not None else vote.reason
+        vote.comment = comment if comment is not None else vote.comment
+    session.flush()
+    return vote
+
+
+def get_vote(*, session: Session, message_id: int, user: User) -> Vote | None:
+    return session.scalar(select(Vote).where(Vote.message_id == message_id, Vote.user_id == user.id))
+
+
+# audit ---------------------------------------------------------------------------------
+
+def audit(*, session: Session, user_name: str | None, action: str, allowed: bool, detail: str = "") -> AuditLog:
+    row = AuditLog(user_name=user_name, action=action, allowed=allowed, detail=detail[:2000])
+    session.add(row)
+    session.flush()
+    return row

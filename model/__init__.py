@@ -1,0 +1,1 @@
+"""Model layer: weights, generation engine, moderation. Knows nothing of web or database."""

@@ -1,0 +1,238 @@
+"""Generation engine: chat messages in, streamed text out. No web, no database.
+
+One ``Engine`` wraps one loaded model. ``stream()`` returns a ``Generation`` that yields
+text deltas as they are decoded and, once exhausted, carries token counts and timings.
+Stop (the user's button) and stop strings end generation early.
+
+Try it:
+
+    python -m model.engine "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class EngineBusyError(RuntimeError):
+    """Every generation slot is taken and none freed up within the wait limit."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        if not 0 <= self.temperature <= 5:
+            raise ValueError("temperature must be between 0 and 5")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 1 <= self.max_new_tokens <= 8192:
+            raise ValueError("max_new_tokens must be between 1 and 8192")
+        if not 0.5 <= self.repetition_penalty <= 3:
+            raise ValueError("repetition_penalty must be between 0.5 and 3")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    finish_reason: str = "length"  # stop | length | cancelled
+
+
+class _CancelCriteria:
+    """A transformers StoppingCriteria that ends generation when an Event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Generation:
+    """Iterate for text deltas; afterwards ``text`` and ``stats`` are final."""
+
+    def __init__(self, deltas: Iterator[str], stats: GenerationStats, cancel: threading.Event):
+        self._deltas = deltas
+        self.stats = stats
+        self.text = ""
+        self._cancel = cancel
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            self.text += delta
+            yield delta
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+class Engine:
+    """In-process transformers engine. Thread-safe: each call decodes in its own thread."""
+
+    def __init__(self, model, tokenizer, version: str = "unversioned", max_concurrent: int = 4,
+                 busy_wait_s: float = 30.0, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.version = version
+        self.default_system_prompt = system_prompt
+        self.busy_wait_s = busy_wait_s
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    @classmethod
+    def from_path(cls, path, version: str, device: str = "auto", **kw) -> "Engine":
+        from model.loader import load_model
+
+        model, tokenizer = load_model(path, device)
+        return cls(model, tokenizer, version=version, **kw)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def build_prompt(self, messages: list[dict]) -> str:
+        if not messages or messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.default_system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _gen_kwargs(self, params: SamplingParams) -> dict:
+        kw = dict(max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if params.temperature > 0:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def stream(self, messages: list[dict], params: SamplingParams | None = None,
+               cancel: threading.Event | None = None) -> Generation:
+        """Start generating; text arrives through the returned Generation."""
+        params = (params or SamplingParams()).validate()
+        cancel = cancel or threading.Event()
+        stats = GenerationStats()
+        return Generation(self._decode(messages, params, cancel, stats), stats, cancel)
+
+    def _decode(self, messages, params, cancel, stats) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        if not self._slots.acquire(timeout=self.busy_wait_s):
+            raise EngineBusyError("The model is busy with other users; please try again in a moment.")
+        start = time.perf_counter()
+        thread = None
+        try:
+            prompt = self.build_prompt(messages)
+            inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+            stats.prompt_tokens = int(inputs["input_ids"].shape[1])
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+            output: dict = {}
+
+            def run():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                try:
+                    with torch.inference_mode():
+                        output["ids"] = self.model.generate(
+                            **inputs, streamer=streamer, **self._gen_kwargs(params),
+                            stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
+                except BaseException as exc:  # surface the error in the consumer thread
+                    output["error"] = exc
+                    streamer.on_finalized_text("", stream_end=True)
+
+            thread = threading.Thread(target=run, daemon=True, name="generate")
+            thread.start()
+            text = ""
+            for piece in streamer:
+                if not piece:
+                    continue
+                if stats.ttft_ms is None:
+                    stats.ttft_ms = (time.perf_counter() - start) * 1000
+                new_text = text + piece
+                cut = _first_stop(new_text, params.stop)
+                if cut is not None:
+                    delta = new_text[len(text):cut] if cut > len(text) else ""
+                    if delta:
+                        yield delta
+                    stats.finish_reason = "stop"
+                    cancel.set()
+                    break
+                text = new_text
+                yield piece
+            thread.join()
+            if "error" in output:
+                raise output["error"]
+            if "ids" in output:
+                gen = output["ids"][0, stats.prompt_tokens:]
+                stats.completion_tokens = int(gen.shape[0])
+                if stats.finish_reason != "stop":
+                    if cancel.is_set():
+                        stats.finish_reason = "cancelled"
+                    elif stats.completion_tokens < params.max_new_tokens:
+                        stats.finish_reason = "stop"
+        finally:
+            if thread is not None and thread.is_alive():
+                cancel.set()  # consumer went away: let the decoder thread finish quickly
+                thread.join(timeout=30)
+            stats.latency_ms = (time.perf_counter() - start) * 1000
+            self._slots.release()
+
+    def generate(self, messages: list[dict], params: SamplingParams | None = None) -> tuple[str, GenerationStats]:
+        gen = self.stream(messages, params)
+        for _ in gen:
+            pass
+        return gen.text, gen.stats
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def main() -> None:
+    from pathlib import Path
+
+    from model.loader import resolve_model
+
+    parser = argparse.ArgumentParser(description="Generate one reply from the command line.")
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    args = parser.parse_args()
+    resolved = resolve_model(args.model, Path(args.data_dir))
+    engine = Engine.from_path(resolved.path, resolved.name)
+    gen = engine.stream([{"role": "user", "content": args.prompt}],
+                        SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+    for delta in gen:
+        print(delta, end="", flush=True)
+    s = gen.stats
+    print(f"\n[{s.completion_tokens} tokens, ttft {s.ttft_ms:.0f} ms, "
+          f"{s.completion_tokens / (s.latency_ms / 1000):.1f} tok/s, {s.finish_reason}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Content moderation: score texts with combinable backends, decide, pick a template.
+
+    python -m model.moderation --eval ../shared/data/toxigen_calibration.jsonl
+"""
+
+from model.moderation.backends import DetoxifyBackend, ProfanityBackend, Rule, RulesBackend, load_rules
+from model.moderation.moderator import DEFAULT_TEMPLATES, Moderator, Verdict, build_moderator
+
+__all__ = ["DetoxifyBackend", "ProfanityBackend", "Rule", "RulesBackend", "load_rules", "Moderator", "Verdict",
+           "build_moderator", "DEFAULT_TEMPLATES"]

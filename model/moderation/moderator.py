@@ -1,0 +1,121 @@
+"""Combine backends into one verdict (the worst score over active backends) and log it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = {
+    ("in", "*"): "I can't help with that message because it appears to break our content rules. "
+                 "Please rephrase it respectfully and I'll be glad to help.",
+    ("out", "*"): "I started writing a reply that did not meet our content rules, so I withheld it. "
+                  "Please try asking in a different way.",
+    ("in", "secret"): "Your message looks like it contains a secret key. I did not process it; "
+                      "please remove the key and send again.",
+    ("in", "self_harm"): "I'm really sorry you're feeling this way. You don't have to go through it alone: "
+                         "please reach out to someone you trust or a local crisis line.",
+    ("in", "error"): "I couldn't check your message for safety just now, so I did not process it. Please try again.",
+    ("out", "error"): "I couldn't check my reply for safety just now, so I withheld it. Please try again.",
+}
+
+
+@dataclass
+class Verdict:
+    direction: str
+    text: str
+    flagged: bool
+    category: str | None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> category -> score
+    thresholds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return ",".join(self.scores) or "none"
+
+    @property
+    def max_score(self) -> float:
+        return max((v for s in self.scores.values() for v in s.values()), default=0.0)
+
+
+class Moderator:
+    def __init__(self, backends, default_threshold: float = 0.5, thresholds: dict[str, float] | None = None,
+                 templates: dict | None = None):
+        self.backends = list(backends)
+        self.default_threshold = default_threshold
+        self.thresholds = dict(thresholds or {})
+        self.templates = dict(DEFAULT_TEMPLATES)
+        self.templates.update(templates or {})
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [b.name for b in self.backends]
+
+    def threshold(self, category: str) -> float:
+        return self.thresholds.get(category, self.default_threshold)
+
+    def check(self, text: str, direction: str = "in") -> Verdict:
+        """Fail closed: a backend that raises blocks the text and the error is logged."""
+        scores: dict[str, dict[str, float]] = {}
+        try:
+            for backend in self.backends:
+                scores[backend.name] = backend.score([text])[0]
+        except Exception as exc:  # any backend failure must block, never pass
+            log.exception("moderation backend failed; blocking (fail closed)")
+            return Verdict(direction, text, True, "error", scores, {}, error=f"{exc.__class__.__name__}: {exc}")
+        worst: dict[str, float] = {}
+        for per_backend in scores.values():
+            for category, value in per_backend.items():
+                worst[category] = max(worst.get(category, 0.0), value)
+        over = {c: v for c, v in worst.items() if v >= self.threshold(c)}
+        category = max(over, key=lambda c: over[c] - self.threshold(c)) if over else None
+        used = {c: self.threshold(c) for c in worst}
+        return Verdict(direction, text, bool(over), category, scores, used)
+
+    def template(self, direction: str, category: str | None) -> str:
+        return self.templates.get((direction, category or "*")) or self.templates[(direction, "*")]
+
+    def attach(self, *, session, verdict: Verdict, message_id: int | None, user_id: int | None = None) -> None:
+        """Store the verdict as a moderation_events row (one per decision)."""
+        from feedback.models import ModerationEvent
+
+        session.add(ModerationEvent(
+            message_id=message_id, user_id=user_id, direction=verdict.direction, text=verdict.text,
+            text_hash=hashlib.sha256(verdict.text.encode()).hexdigest(), backend=verdict.backend,
+            scores=verdict.scores, thresholds=verdict.thresholds,
+            decision="error" if verdict.error else ("flag" if verdict.flagged else "pass"),
+            category=verdict.category, error=verdict.error))
+
+
+def parse_thresholds(spec: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        out[name.strip()] = float(value)
+    return out
+
+
+def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: str = "", rules_file: str = "",
+                    detoxify_checkpoint: str = "", detoxify_config_dir: str = "") -> Moderator:
+    """``auto``: rules + Detoxify when its checkpoint is here, else rules + the offline classifier."""
+    from model.moderation.backends import DetoxifyBackend, ProfanityBackend, RulesBackend, load_rules
+
+    names = [n.strip() for n in backends.split(",") if n.strip()]
+    have_detoxify = bool(detoxify_checkpoint) and Path(detoxify_checkpoint).is_file()
+    if names == ["auto"]:
+        names = ["rules", "detoxify" if have_detoxify else "profanity"]
+    active = []
+    for name in names:
+        if name == "rules":
+            active.append(RulesBackend(load_rules(rules_file)))
+        elif name == "profanity":
+            active.append(ProfanityBackend())
+        elif name == "detoxify":
+            active.append(DetoxifyBackend(detoxify_checkpoint, detoxify_config_dir))
+        elif name != "none":
+            raise ValueError(f"Unknown moderation backend '{name}' (use rules, profanity, detoxify or none)")
+    return Moderator(active, threshold, parse_thresholds(thresholds))

@@ -1,0 +1,25 @@
+"""Slow: the real embedded SmolLM2-135M (converted from the bundled GGUF once, then cached)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from model.engine import Engine, SamplingParams
+from model.loader import resolve_model
+
+CACHE = Path(os.environ.get("CHAT_TEST_MODEL_CACHE", Path(__file__).resolve().parent.parent / "data"))
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    resolved = resolve_model("embedded", CACHE)
+    return Engine.from_path(resolved.path, resolved.name, device="cpu")
+
+
+@pytest.mark.slow
+def test_greedy_capital_of_france(real_engine):
+    text, stats = real_engine.generate([{"role": "user", "content": "What is the capital of France?"}],
+                                       SamplingParams(temperature=0, max_new_tokens=24))
+    assert "Paris" in text
+    assert stats.completion_tokens > 0

@@ -1,0 +1,153 @@
+import pytest
+from sqlalchemy import func, select
+
+from app.service import ChatError, ChatService
+from feedback import repository as repo
+from feedback.models import Message, ModerationEvent
+from model.engine import SamplingParams
+from model.moderation import Moderator, Rule, RulesBackend
+from tests.fakes import ExplodingBackend, ScriptedEngine
+
+
+def _count(factory, model=Message):
+    with factory() as s:
+        return s.scalar(select(func.count(model.id)))
+
+
+def test_send_streams_and_logs_everything(tiny_engine, session_factory, settings):
+    service = ChatService(tiny_engine, session_factory, settings)
+    updates = list(service.send("alice", "Hello there", params=SamplingParams(max_new_tokens=8, seed=0)))
+    assert len(updates) >= 2 and updates[-1].done and not updates[0].done
+    final = updates[-1]
+    with session_factory() as s:
+        reply = s.get(Message, final.assistant_message_id)
+        user_msg = s.get(Message, final.user_message_id)
+        assert reply.parent_id == user_msg.id and user_msg.content == "Hello there"
+        assert reply.content == final.text and user_msg.status == "answered"
+        assert reply.model_version == "tiny-v0" and reply.sampling["max_new_tokens"] == 8
+        assert reply.prompt_tokens > 0 and reply.completion_tokens > 0 and reply.latency_ms > 0
+
+
+def test_multi_turn_keeps_context(session_factory, settings):
+    engine = ScriptedEngine("ok")
+    service = ChatService(engine, session_factory, settings)
+    first = list(service.send("alice", "one", system_prompt="Be terse."))[-1]
+    list(service.send("alice", "two", conversation_id=first.conversation_id))
+    assert [m["content"] for m in engine.calls[-1]] == ["Be terse.", "one", "ok", "two"]
+
+
+def test_regenerate_makes_a_sibling(tiny_engine, session_factory, settings):
+    service = ChatService(tiny_engine, session_factory, settings)
+    p = SamplingParams(max_new_tokens=6, seed=0)
+    first = list(service.send("alice", "Hi", params=p))[-1]
+    second = list(service.regenerate("alice", first.conversation_id, params=p))[-1]
+    with session_factory() as s:
+        a, b = s.get(Message, first.assistant_message_id), s.get(Message, second.assistant_message_id)
+        assert a.id != b.id and a.parent_id == b.parent_id == first.user_message_id
+        assert len(repo.siblings(session=s, message=b)) == 2
+
+
+def test_stop_saves_partial_reply_as_stopped(session_factory, settings):
+    service = ChatService(ScriptedEngine("w " * 50), session_factory, settings)
+    updates = service.send("alice", "talk", cancel_key="sess")
+    for i, up in enumerate(updates):
+        if i == 3:
+            service.stop("sess")
+    with session_factory() as s:
+        reply = s.get(Message, up.assistant_message_id)
+        assert up.status == "stopped" and reply.status == "stopped"
+        assert 0 < len(reply.content) < len("w " * 50)
+
+
+@pytest.mark.parametrize("text,match", [("", "empty"), ("   \n", "empty"), ("x" * 8001, "limit is 8,000")])
+def test_bad_messages_refused_and_nothing_written(session_factory, settings, text, match):
+    service = ChatService(ScriptedEngine(), session_factory, settings)
+    with pytest.raises(ChatError, match=match):
+        next(service.send("alice", text))
+    assert _count(session_factory) == 0
+
+
+def test_other_users_conversation_is_not_reachable(session_factory, settings):
+    service = ChatService(ScriptedEngine(), session_factory, settings)
+    done = list(service.send("alice", "secret plans"))[-1]
+    with pytest.raises(ChatError, match="not found"):
+        next(service.send("mallory", "hi", conversation_id=done.conversation_id))
+    with pytest.raises(ChatError, match="not found"):
+        service.open_conversation("mallory", done.conversation_id)
+    with pytest.raises(repo.NotFoundError):
+        service.vote("mallory", done.assistant_message_id, 1)
+
+
+def test_rate_limit(session_factory, settings):
+    settings.messages_per_minute = 2
+    service = ChatService(ScriptedEngine(), session_factory, settings)
+    list(service.send("alice", "1"))
+    list(service.send("alice", "2"))
+    with pytest.raises(ChatError, match="2 messages a minute"):
+        next(service.send("alice", "3"))
+    list(service.send("bob", "1"))  # limits are per user
+
+
+def test_vote_through_service_and_change(session_factory, settings):
+    service = ChatService(ScriptedEngine(), session_factory, settings)
+    done = list(service.send("alice", "hi"))[-1]
+    service.vote("alice", done.assistant_message_id, 1)
+    service.vote("alice", done.assistant_message_id, -1, reason="wrong", comment="not true")
+    with session_factory() as s:
+        user = repo.get_user(session=s, name="alice")
+        v = repo.get_vote(session=s, message_id=done.assistant_message_id, user=user)
+        assert (v.value, v.reason, v.comment) == (-1, "wrong", "not true")
+
+
+# moderation in the pipeline -------------------------------------------------------------
+
+def _moderator(*extra):
+    return Moderator([RulesBackend([Rule("abuse", words=("idiot",))]), *extra])
+
+
+def test_flagged_input_never_reaches_engine(session_factory, settings):
+    engine = ScriptedEngine()
+    service = ChatService(engine, session_factory, settings, moderator=_moderator())
+    final = list(service.send("alice", "you are an idiot"))[-1]
+    assert engine.calls == []
+    assert final.blocked and final.text == service.moderator.template("in", "abuse")
+    with session_factory() as s:
+        ev = s.scalars(select(ModerationEvent)).all()
+        assert [(e.direction, e.decision, e.category) for e in ev] == [("in", "flag", "abuse")]
+        assert ev[0].scores == {"rules": {"abuse": 1.0}} and ev[0].message_id == final.user_message_id
+        assert s.get(Message, final.user_message_id).moderation == "flagged"
+
+
+def test_flagged_output_replaced_and_never_shown(session_factory, settings):
+    settings.moderation_stream_every = 5
+    engine = ScriptedEngine("Sure thing, you absolute idiot and more words after that")
+    service = ChatService(engine, session_factory, settings, moderator=_moderator())
+    updates = list(service.send("alice", "hello"))
+    assert all("idiot" not in u.text for u in updates)
+    final = updates[-1]
+    assert final.blocked and final.text == service.moderator.template("out", "abuse")
+    with session_factory() as s:
+        reply = s.get(Message, final.assistant_message_id)
+        assert reply.moderation == "flagged" and "idiot" in reply.content  # kept for review only
+        out = s.scalars(select(ModerationEvent).where(ModerationEvent.direction == "out")).one()
+        assert out.decision == "flag" and out.message_id == reply.id
+
+
+def test_clean_exchange_logs_pass_events(session_factory, settings):
+    service = ChatService(ScriptedEngine("Paris is the capital."), session_factory, settings, moderator=_moderator())
+    final = list(service.send("alice", "capital of France?"))[-1]
+    assert not final.blocked and final.text == "Paris is the capital."
+    with session_factory() as s:
+        decisions = sorted((e.direction, e.decision) for e in s.scalars(select(ModerationEvent)))
+        assert decisions == [("in", "pass"), ("out", "pass")]
+
+
+def test_backend_error_fails_closed(session_factory, settings):
+    engine = ScriptedEngine()
+    service = ChatService(engine, session_factory, settings, moderator=_moderator(ExplodingBackend()))
+    final = list(service.send("alice", "a perfectly fine question"))[-1]
+    assert engine.calls == [] and final.blocked
+    assert final.text == service.moderator.template("in", "error")
+    with session_factory() as s:
+        ev = s.scalars(select(ModerationEvent)).one()
+        assert ev.decision == "error" and "classifier crashed" in ev.error
