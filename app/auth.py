@@ -34,9 +34,10 @@ def require_role(session_factory, user_name: str, roles: tuple[str, ...], action
     """Raise PermissionDenied unless the user holds one of ``roles``; audit either way."""
     with session_scope(session_factory) as s:
         user = repo.get_user(session=s, name=user_name)
-        if user is None and user_name == LOCAL_USER:
-            user = repo.get_or_create_user(session=s, name=LOCAL_USER, role="admin")
-        allowed = user is not None and user.role in roles
+        # Single-user local mode: the machine's owner (bound to 127.0.0.1, no logins) is the admin.
+        # "local" is reserved: `python -m app.users` refuses to create a login with that name.
+        role = "admin" if user_name == LOCAL_USER else (user.role if user else None)
+        allowed = role in roles
         repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
     if not allowed:
         raise PermissionDenied(f"'{user_name}' may not {action}: this needs the {' or '.join(roles)} role.")

@@ -37,7 +37,11 @@ def build_service(settings: Settings, engine=None):
                                 settings.moderation_thresholds, settings.moderation_rules_file,
                                 settings.detoxify_checkpoint, settings.detoxify_config_dir)
     from app.service import ChatService
+    from feedback.db import session_scope
+    from feedback.moderation_repo import load_templates
 
+    with session_scope(factory) as s:
+        moderator.templates.update(load_templates(session=s))  # the admin's edits win over defaults
     return ChatService(engine, factory, settings, moderator=moderator)
 
 

@@ -26,7 +26,7 @@ class EngineBusyError(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.7
+    temperature: float = 0.3  # SmolLM2 rambles at higher temperatures
     top_p: float = 0.9
     top_k: int = 50
     max_new_tokens: int = 256

@@ -18,7 +18,7 @@ def _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty) -> Sa
 def build_chat_tab(service) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
-            new_btn = gr.Button("＋ New chat", variant="secondary")
+            new_btn = gr.Button("+ New chat", variant="secondary")
             convs = gr.Radio(label="Your conversations", choices=[], value=None, elem_id="conversations")
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
@@ -29,15 +29,15 @@ def build_chat_tab(service) -> None:
                                  elem_id="chat-input", max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
             with gr.Row():
-                stop = gr.Button("■ Stop", size="sm", elem_id="stop-btn")
-                regen = gr.Button("↻ Regenerate", size="sm", elem_id="regen-btn")
+                stop = gr.Button("Stop", size="sm", elem_id="stop-btn")
+                regen = gr.Button("Regenerate", size="sm", elem_id="regen-btn")
             with gr.Row(visible=False) as why_row:
                 reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)
                 comment = gr.Textbox(label="Comment (optional)", max_lines=3)
                 save_why = gr.Button("Save feedback", size="sm")
             with gr.Accordion("Settings", open=False):
                 system = gr.Textbox(label="System prompt", placeholder="You are a helpful assistant.", lines=2)
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+                temperature = gr.Slider(0, 2, value=0.3, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
                 top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k")
                 max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")

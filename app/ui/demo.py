@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.ui.admin_tab import build_admin_tab
 from app.ui.chat_tab import build_chat_tab
 
 CSS = """
@@ -15,11 +16,13 @@ footer { display: none !important; }
 def build_demo(service, extra_tabs=()) -> gr.Blocks:
     """``extra_tabs``: callables (service) -> None that add a tab each (ranking, admin...)."""
     with gr.Blocks(title="Feedback Chat") as demo:
-        gr.Markdown("## 💬 Feedback Chat &nbsp;·&nbsp; a local model that learns from your votes")
+        gr.Markdown("## Feedback Chat · a local model that learns from your votes")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 refresh_list, convs = build_chat_tab(service)
             for add_tab in extra_tabs:
                 add_tab(service)
+            admin_refresh, admin_outputs = build_admin_tab(service)
         demo.load(refresh_list, None, convs, api_visibility="private")
+        demo.load(admin_refresh, None, admin_outputs, api_visibility="private")
     return demo

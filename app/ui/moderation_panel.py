@@ -1,0 +1,96 @@
+"""Admin: active moderation backends, counts, the review queue and the template editor."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.auth import caller_name
+from app.ui.guard import ADMIN, denied
+from feedback import moderation_repo as mrepo
+from feedback.db import session_scope
+from feedback.repository import NotFoundError, ValidationError
+
+QUEUE_HEADERS = ["id", "when", "direction", "category", "max score", "backend", "review", "text"]
+
+
+def _queue_rows(service) -> list[list]:
+    with session_scope(service.session_factory) as s:
+        return [[e.id, e.created_at.strftime("%Y-%m-%d %H:%M"), e.direction, e.category or "",
+                 round(max((v for b in e.scores.values() for v in b.values()), default=0.0), 3),
+                 e.backend, e.review or "—", e.text[:300]]
+                for e in mrepo.flagged_events(session=s)]
+
+
+def _summary(service) -> str:
+    with session_scope(service.session_factory) as s:
+        c = mrepo.moderation_counts(session=s)
+    mod = service.moderator
+    backends = ", ".join(mod.backend_names) if mod else "none (moderation off)"
+    thr = f"default threshold {mod.default_threshold}" + (f", overrides {mod.thresholds}" if mod and mod.thresholds else "")
+    return (f"**Active backends:** {backends} · {thr}  \n"
+            f"**Checked:** {c['checked']} · **flagged inputs:** {c['flagged_in']} · **flagged outputs:** "
+            f"{c['flagged_out']} · **backend errors (blocked):** {c['errors']}  \n"
+            f"**Review:** {c['unreviewed']} waiting · {c['correct']} correct · {c['false_positive']} false positive")
+
+
+def build_moderation_panel(service) -> callable:
+    summary = gr.Markdown(elem_id="moderation-summary")
+    queue = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="moderation-queue",
+                         label="Flagged messages, newest first (never shown to other users)")
+    with gr.Row():
+        event_id = gr.Number(label="Event id", precision=0)
+        correct = gr.Button("Mark correct")
+        false_pos = gr.Button("Mark false positive")
+    note = gr.Markdown()
+    with gr.Accordion("Template replies", open=False):
+        with gr.Row():
+            direction = gr.Dropdown(["in", "out"], value="in", label="Direction")
+            category = gr.Textbox(value="*", label="Category (* = any)")
+        template = gr.Textbox(label="Reply shown instead", lines=3)
+        save_tpl = gr.Button("Save template")
+
+    def refresh(request: gr.Request):
+        if (msg := denied(service, request, ADMIN, "view moderation")) is not None:
+            return msg, []
+        return _summary(service), _queue_rows(service)
+
+    def review(eid, verdict, request: gr.Request):
+        if (msg := denied(service, request, ADMIN, "review moderation", f"event {eid}")) is not None:
+            return msg, gr.update(), gr.update()
+        try:
+            with session_scope(service.session_factory) as s:
+                mrepo.review_event(session=s, event_id=int(eid or 0), verdict=verdict, reviewer=caller_name(request))
+        except (NotFoundError, ValidationError) as exc:
+            return f"⚠ {exc}", gr.update(), gr.update()
+        return f"Event {int(eid)} marked {verdict.replace('_', ' ')}.", _summary(service), _queue_rows(service)
+
+    def show_template(d, c):
+        return service.moderator.template(d, None if c in ("", "*") else c) if service.moderator else ""
+
+    def save_template(d, c, text, request: gr.Request):
+        if (msg := denied(service, request, ADMIN, "edit moderation template", f"{d}/{c}")) is not None:
+            return msg
+        try:
+            with session_scope(service.session_factory) as s:
+                row = mrepo.set_template(session=s, direction=d, category=c, text=text, editor=caller_name(request))
+                service.moderator.templates[(row.direction, row.category)] = row.text
+        except ValidationError as exc:
+            return f"⚠ {exc}"
+        return f"Template for {d}/{c} saved; new replies use it now."
+
+    def mark_correct(eid, request: gr.Request):
+        return review(eid, "correct", request)
+
+    def mark_false_positive(eid, request: gr.Request):
+        return review(eid, "false_positive", request)
+
+    def pick_row(evt: gr.SelectData):
+        return evt.row_value[0] if evt.row_value else None
+
+    correct.click(mark_correct, [event_id], [note, summary, queue], api_name="review_correct")
+    false_pos.click(mark_false_positive, [event_id], [note, summary, queue], api_name="review_false_positive")
+    direction.change(show_template, [direction, category], template, api_visibility="private")
+    category.blur(show_template, [direction, category], template, api_visibility="private")
+    save_tpl.click(save_template, [direction, category, template], note, api_name="save_template")
+    queue.select(pick_row, None, event_id, api_visibility="private")
+    return refresh, [summary, queue]

@@ -1,0 +1,87 @@
+"""Evaluate moderation backends on labelled text.
+
+    python -m model.moderation --eval ../shared/data/toxigen_calibration.jsonl
+
+Rows are {"text", "label"}; label hate/toxic/offensive counts as positive, neutral as negative.
+Prints ROC AUC, and recall and false-positive rate at the configured threshold, per backend
+and for the combined verdict (the worst score over active backends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+POSITIVE = {"hate", "toxic", "offensive", "abusive", "1", "true"}
+NEGATIVE = {"neutral", "benign", "0", "false", "clean"}
+
+
+def read_rows(path: Path) -> tuple[list[str], list[int]]:
+    texts, labels = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = str(row["label"]).lower()
+            text = row["text"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}:{n}: not a {{'text', 'label'}} row ({exc})")
+        if label not in POSITIVE | NEGATIVE:
+            raise SystemExit(f"{path}:{n}: unknown label {label!r}; use hate/toxic or neutral")
+        texts.append(text)
+        labels.append(int(label in POSITIVE))
+    return texts, labels
+
+
+def evaluate(moderator, texts: list[str], labels: list[int]) -> list[dict]:
+    from sklearn.metrics import roc_auc_score
+
+    per_backend = {b.name: b.score(texts) for b in moderator.backends}
+    results = []
+    names = list(per_backend) + (["combined"] if len(per_backend) > 1 else [])
+    for name in names:
+        rows = per_backend.get(name) or [_worst(per_backend, i) for i in range(len(texts))]
+        score = [max(r.values(), default=0.0) for r in rows]
+        flagged = [any(v >= moderator.threshold(k) for k, v in r.items()) for r in rows]
+        pos = sum(labels)
+        neg = len(labels) - pos
+        tp = sum(f and y for f, y in zip(flagged, labels))
+        fp = sum(f and not y for f, y in zip(flagged, labels))
+        auc = roc_auc_score(labels, score) if 0 < pos < len(labels) else float("nan")
+        results.append({"backend": name, "auc": auc, "recall": tp / pos if pos else float("nan"),
+                        "fpr": fp / neg if neg else float("nan"), "n": len(labels)})
+    return results
+
+
+def _worst(per_backend: dict, i: int) -> dict[str, float]:
+    """The combined verdict's scores: the worst per category over backends."""
+    merged: dict[str, float] = {}
+    for scores in per_backend.values():
+        for k, v in scores[i].items():
+            merged[k] = max(merged.get(k, 0.0), v)
+    return merged
+
+
+def main() -> None:
+    from app.settings import load_settings
+    from model.moderation import build_moderator
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval", required=True, type=Path, help="JSONL of {text, label}")
+    parser.add_argument("--backends", default=None, help="override CHAT_MODERATION_BACKENDS")
+    args = parser.parse_args()
+    s = load_settings()
+    moderator = build_moderator(args.backends or s.moderation_backends, s.moderation_threshold,
+                                s.moderation_thresholds, s.moderation_rules_file, s.detoxify_checkpoint,
+                                s.detoxify_config_dir)
+    texts, labels = read_rows(args.eval)
+    print(f"{args.eval.name}: {len(texts)} rows, {sum(labels)} positive; threshold {moderator.default_threshold}")
+    print(f"{'backend':<12} {'ROC AUC':>8} {'recall':>8} {'FPR':>8}")
+    for r in evaluate(moderator, texts, labels):
+        print(f"{r['backend']:<12} {r['auc']:>8.3f} {r['recall']:>8.3f} {r['fpr']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training stages: one runnable module per stage (python -m training.<stage>)."""
