@@ -1,0 +1,114 @@
+"""One conversion from every kind of judgement to preference pairs.
+
+- rankings: every ordered pair between tie groups (ties give none);
+- chat thumbs: sibling replies to the same context with opposite votes (up beats down);
+- imported pairs: as they came.
+Flagged candidates and moderation-flagged replies are never "chosen". Identical pairs
+(same prompt, chosen, rejected) are merged with a count. Opted-out users are excluded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.models import Candidate, Conversation, ImportedPair, Message, Ranking, RankingTask, User, Vote
+from feedback.repository import thread
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    source: str
+    count: int = 1
+    refs: dict[str, list[int]] = field(default_factory=dict)  # which rows produced it
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.prompt, self.chosen, self.rejected], sort_keys=True)
+
+
+def pairs_from_order(order: list[list[int]], unchoosable: set[int]) -> list[tuple[int, int]]:
+    """(chosen, rejected) for every pair in different tie groups, better group first."""
+    out = []
+    for i, better in enumerate(order):
+        for worse in order[i + 1:]:
+            for c in better:
+                if c in unchoosable:
+                    continue
+                out.extend((c, r) for r in worse)
+    return out
+
+
+def _opted_out(session: Session) -> set[int]:
+    return set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
+
+
+def ranking_pairs(session: Session) -> list[Pair]:
+    out, opted = [], _opted_out(session)
+    for ranking in session.scalars(select(Ranking).where(Ranking.skipped.is_(False)).order_by(Ranking.id)):
+        task = session.get(RankingTask, ranking.task_id)
+        if ranking.annotator_id in opted or (task.owner_id is not None and task.owner_id in opted):
+            continue
+        cands = {c.id: c for c in task.candidates}
+        bad = {int(k) for k in ranking.flags} | {c.id for c in cands.values() if c.moderation == "flagged"}
+        for chosen, rejected in pairs_from_order(ranking.order, bad):
+            if chosen in cands and rejected in cands and cands[chosen].content != cands[rejected].content:
+                out.append(Pair(task.context, cands[chosen].content, cands[rejected].content, "ranking",
+                                refs={"rankings": [ranking.id]}))
+    return out
+
+
+def vote_pairs(session: Session) -> list[Pair]:
+    """Up-voted reply beats a down-voted sibling (same parent), per voter."""
+    out, opted = [], _opted_out(session)
+    stmt = (select(Vote, Message).join(Message, Message.id == Vote.message_id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Message.role == "assistant", Message.parent_id.is_not(None)))
+    by_parent: dict[tuple[int, int], list[tuple[Vote, Message]]] = {}
+    for vote, msg in session.execute(stmt):
+        if vote.user_id in opted or msg.conversation.owner_id in opted:
+            continue
+        by_parent.setdefault((msg.parent_id, vote.user_id), []).append((vote, msg))
+    for (parent_id, _), rows in sorted(by_parent.items()):
+        ups = [(v, m) for v, m in rows if v.value > 0 and m.moderation != "flagged" and m.status != "blocked"]
+        downs = [(v, m) for v, m in rows if v.value < 0]
+        if not ups or not downs:
+            continue
+        parent = session.get(Message, parent_id)
+        context = [{"role": m.role, "content": m.content} for m in thread(session=session, leaf=parent)
+                   if m.role in ("user", "assistant") and m.moderation != "flagged" and m.status != "blocked"]
+        for uv, um in ups:
+            for dv, dm in downs:
+                if um.content != dm.content:
+                    out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]}))
+    return out
+
+
+def imported_pairs(session: Session) -> list[Pair]:
+    return [Pair(p.prompt, p.chosen, p.rejected, "import", refs={"imported_pairs": [p.id]})
+            for p in session.scalars(select(ImportedPair).order_by(ImportedPair.id))]
+
+
+def merge(pairs: list[Pair]) -> list[Pair]:
+    merged: dict[str, Pair] = {}
+    for p in pairs:
+        if p.key in merged:
+            m = merged[p.key]
+            m.count += p.count
+            for k, ids in p.refs.items():
+                m.refs.setdefault(k, []).extend(ids)
+            if p.source not in m.source.split("+"):
+                m.source += "+" + p.source
+        else:
+            merged[p.key] = Pair(p.prompt, p.chosen, p.rejected, p.source, p.count, {k: list(v) for k, v in p.refs.items()})
+    return list(merged.values())
+
+
+def all_pairs(session: Session) -> list[Pair]:
+    return merge(ranking_pairs(session) + vote_pairs(session) + imported_pairs(session))
