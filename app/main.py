@@ -66,12 +66,13 @@ def load_engine(settings: Settings):
     return engine
 
 
-def create_app(service):
+def create_app(service, worker=None):
     """FastAPI app with the Gradio UI mounted at /."""
     import gradio as gr
     from fastapi import FastAPI
 
     from app.ui.demo import CSS, build_demo
+    from app.ui.ranking_tab import SHORTCUTS_JS
 
     api = FastAPI(title="Feedback Chat")
     api.state.service = service
@@ -80,9 +81,10 @@ def create_app(service):
     def healthz():
         return {"status": "ok", "model": service.engine.version}
 
-    demo = build_demo(service)
+    demo = build_demo(service, worker)
     demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
-    return gr.mount_gradio_app(api, demo, path="/", css=CSS, footer_links=[], show_error=True)
+    return gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[],
+                                show_error=True)
 
 
 def main() -> None:
@@ -95,7 +97,11 @@ def main() -> None:
     except StartupError as exc:
         print(f"\nCannot start: {exc}\n", file=sys.stderr)
         sys.exit(2)
-    app = create_app(service)
+    from app.candidates import CandidateWorker
+
+    worker = CandidateWorker(service, k=settings.ranking_candidates)
+    worker.start()
+    app = create_app(service, worker)
     print(f"Serving on http://{settings.host}:{settings.port}  (model: {service.engine.version})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 

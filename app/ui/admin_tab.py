@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.ui.data_panel import build_data_panel
 from app.ui.moderation_panel import build_moderation_panel
 
 
@@ -11,7 +12,14 @@ def build_admin_tab(service) -> tuple:
     """Returns (refresh function, its outputs) so the page load can fill the tab."""
     with gr.Tab("Admin", id="admin"):
         refresh_btn = gr.Button("Refresh", size="sm")
+        with gr.Tab("Data"):
+            refresh_data, data_outputs = build_data_panel(service)
         with gr.Tab("Moderation"):
-            refresh, outputs = build_moderation_panel(service)
-        refresh_btn.click(refresh, None, outputs, api_name="admin_refresh")
+            refresh_mod, mod_outputs = build_moderation_panel(service)
+    outputs = data_outputs + mod_outputs
+
+    def refresh(request: gr.Request):
+        return (refresh_data(request), *refresh_mod(request))
+
+    refresh_btn.click(refresh, None, outputs, api_name="admin_refresh")
     return refresh, outputs

@@ -6,6 +6,7 @@ import gradio as gr
 
 from app.ui.admin_tab import build_admin_tab
 from app.ui.chat_tab import build_chat_tab
+from app.ui.ranking_tab import build_ranking_tab
 
 CSS = """
 #chat-hint p { color: #b45309; margin: 0; min-height: 1.2em; }
@@ -13,15 +14,14 @@ footer { display: none !important; }
 """
 
 
-def build_demo(service, extra_tabs=()) -> gr.Blocks:
-    """``extra_tabs``: callables (service) -> None that add a tab each (ranking, admin...)."""
+def build_demo(service, worker=None) -> gr.Blocks:
+    """``worker``: the CandidateWorker that prepares ranking tasks (None = generate on demand only)."""
     with gr.Blocks(title="Feedback Chat") as demo:
         gr.Markdown("## Feedback Chat · a local model that learns from your votes")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 refresh_list, convs = build_chat_tab(service)
-            for add_tab in extra_tabs:
-                add_tab(service)
+            build_ranking_tab(service, worker)
             admin_refresh, admin_outputs = build_admin_tab(service)
         demo.load(refresh_list, None, convs, api_visibility="private")
         demo.load(admin_refresh, None, admin_outputs, api_visibility="private")

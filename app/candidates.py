@@ -1,0 +1,86 @@
+"""Generate candidate replies for ranking tasks ahead of the annotators, in the background.
+
+Each task gets K replies from the serving model with varied sampling, each checked by output
+moderation (a flagged candidate can be ranked but never becomes a "chosen" reply).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from feedback import annotation_repo as arepo
+from feedback.db import session_scope
+from model.engine import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Varied sampling so candidates differ: from careful to adventurous.
+VARIANTS = [dict(temperature=0.3, top_p=0.9), dict(temperature=0.7, top_p=0.95), dict(temperature=1.0, top_p=1.0),
+            dict(temperature=0.5, top_p=0.8), dict(temperature=0.9, top_p=0.9), dict(temperature=0.2, top_p=1.0)]
+
+
+class CandidateWorker:
+    def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int = 128, interval_s: float = 10.0):
+        self.service = service
+        self.k = k
+        self.ahead = ahead
+        self.max_new_tokens = max_new_tokens
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="candidates", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # keep the worker alive; the next round retries
+                log.exception("candidate generation failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def run_once(self, limit: int | None = None) -> int:
+        """Sync chat prompts into tasks, then fill up to ``ahead`` tasks. Returns candidates made."""
+        with self._lock:  # one filler at a time (background loop or an annotator waiting)
+            settings = self.service.settings
+            with session_scope(self.service.session_factory) as s:
+                arepo.sync_tasks_from_chat(session=s, wanted=settings.annotations_per_task)
+                todo = [(t.id, t.context, len(t.candidates))
+                        for t in arepo.tasks_needing_candidates(session=s, k=self.k, limit=limit or self.ahead)]
+            made = 0
+            for task_id, context, have in todo:
+                for i in range(have, self.k):
+                    if self._stop.is_set():
+                        return made
+                    made += self._make(task_id, context, i)
+            return made
+
+    def _make(self, task_id: int, context: list[dict], i: int) -> int:
+        engine = self.service.engine
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=task_id * 100 + i,
+                                **VARIANTS[i % len(VARIANTS)])
+        text, _ = engine.generate(context, params)
+        verdict = self.service.moderator.check(text, direction="out") if self.service.moderator else None
+        with session_scope(self.service.session_factory) as s:
+            from feedback.models import RankingTask
+
+            task = s.get(RankingTask, task_id)
+            if task is None:
+                return 0
+            arepo.add_candidate(session=s, task=task, content=text, model_version=engine.version,
+                                sampling=params.to_dict(),
+                                moderation=None if verdict is None else ("flagged" if verdict.flagged else "pass"))
+        return 1

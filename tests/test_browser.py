@@ -1,0 +1,61 @@
+"""End to end in a real browser (Debian Chromium via Playwright) against the real app."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.browser import browser_page
+from tests.live_app import live_app
+
+pytestmark = pytest.mark.browser
+
+
+def _db_rows(tmp_path, sql):
+    engine = create_engine(f"sqlite:///{tmp_path / 'chat.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(text(sql)).all()
+    engine.dispose()
+    return rows
+
+
+def test_chat_vote_and_reopen_after_reload(tiny_model_dir, tmp_path):
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("chat") as page:
+        page.goto(url)
+        page.fill("#chat-input textarea", "Hello from the browser")
+        page.click("#send-btn")
+        page.wait_for_function("document.querySelectorAll('#chatbot .message').length >= 2 || "
+                               "document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 1",
+                               timeout=60000)
+        page.wait_for_timeout(1500)
+        page.get_by_label("Dislike").last.click()
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('saved')", timeout=20000)
+        page.reload()
+        page.get_by_text("Hello from the browser").first.wait_for(timeout=30000)  # in the conversation list
+        page.locator("#conversations label").first.click()
+        page.locator("#chatbot").get_by_text("Hello from the browser").wait_for(timeout=30000)
+    votes = _db_rows(tmp_path, "SELECT value FROM votes")
+    assert votes == [(-1,)]
+
+
+def test_annotator_ranks_one_task(tiny_model_dir, tmp_path):
+    from feedback.db import migrate
+
+    url_db = f"sqlite:///{tmp_path / 'chat.db'}"
+    migrate(url_db)
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(json.dumps({"prompt": "Name a colour", "chosen": "Blue.", "rejected": "Nope"}) + "\n")
+    subprocess.run([sys.executable, "-m", "feedback.import", str(rows), "--url", url_db], check=True)
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("rank") as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Rank").click()
+        page.wait_for_function("document.querySelector('#cand-D') && "
+                               "document.querySelector('#cand-D').innerText.trim().length > 1", timeout=90000)
+        page.fill("#rank-order textarea, #rank-order input", "B > A = C > D")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#rank-note').innerText.includes('Saved')", timeout=30000)
+    [(order,)] = _db_rows(tmp_path, "SELECT \"order\" FROM rankings")
+    groups = json.loads(order)
+    assert [len(g) for g in groups] == [1, 2, 1]

@@ -1,0 +1,43 @@
+from sqlalchemy import select
+
+from app.auth import PermissionDenied, require_role
+from app.candidates import CandidateWorker
+from app.service import ChatService
+from feedback import annotation_repo as arepo
+from feedback import repository as repo
+from feedback.models import AuditLog, Candidate
+from model.moderation import Moderator, Rule, RulesBackend
+from tests.fakes import ScriptedEngine
+
+
+def test_worker_fills_tasks_from_chat_and_imports(session_factory, settings):
+    replies = iter(["Blue.", "Red, you idiot.", "Green.", "Yellow."] * 3)
+    engine = ScriptedEngine(lambda msgs: next(replies))
+    moderator = Moderator([RulesBackend([Rule("abuse", words=("idiot",))])])
+    service = ChatService(engine, session_factory, settings, moderator=moderator)
+    list(service.send("alice", "Name a colour"))  # a chat prompt that passed moderation
+    worker = CandidateWorker(service, k=4, ahead=2)
+    made = worker.run_once()
+    assert made == 4  # the chat reply used one scripted answer; the task got four candidates
+    with session_factory() as s:
+        cands = s.scalars(select(Candidate)).all()
+        assert [c.moderation for c in cands].count("flagged") == 1
+        assert len({c.sampling["temperature"] for c in cands}) == 4  # varied sampling
+        ann = repo.get_or_create_user(session=s, name="ann", role="annotator")
+        task = arepo.next_task(session=s, annotator=ann, k=4)
+        assert task is not None and task.context == [{"role": "user", "content": "Name a colour"}]
+    assert worker.run_once() == 0  # nothing left to do
+
+
+def test_role_check_denies_and_audits(session_factory):
+    with session_factory.begin() as s:
+        repo.get_or_create_user(session=s, name="bob", role="user")
+    try:
+        require_role(session_factory, "bob", ("annotator", "admin"), "rank")
+        raise AssertionError("bob should be refused")
+    except PermissionDenied as exc:
+        assert "needs the annotator or admin role" in str(exc)
+    require_role(session_factory, "local", ("admin",), "retrain")  # single-user local mode
+    with session_factory() as s:
+        rows = [(a.user_name, a.action, a.allowed) for a in s.scalars(select(AuditLog).order_by(AuditLog.id))]
+    assert rows == [("bob", "rank", False), ("local", "retrain", True)]
