@@ -1,0 +1,80 @@
+"""The retrain configuration: one dataclass, a help string on every field (TRL style).
+
+Defaults fit the embedded 135M model on 2 CPU cores: ~200 pairs and 64 PPO episodes
+finish in well under 15 minutes (measured stage times are in the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class RetrainConfig:
+    seed: int = field(default=0, metadata={"help": "Seed for splits, sampling and training."})
+    heldout_fraction: float = field(default=0.15, metadata={"help": "Share of pairs/prompts held out for evaluation."})
+    max_pairs: int = field(default=200, metadata={"help": "Most preference pairs to train the reward model on."})
+    max_prompts: int = field(default=64, metadata={"help": "Most prompts for PPO."})
+    max_length: int = field(default=256, metadata={"help": "Token limit for reward-model and SFT sequences."})
+    # SFT
+    sft_epochs: float = field(default=1.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
+    sft_learning_rate: float = field(default=2e-5, metadata={"help": "SFT learning rate."})
+    # reward model
+    rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs over the training pairs."})
+    rm_learning_rate: float = field(default=3e-5, metadata={"help": "Reward-model learning rate."})
+    rm_batch_size: int = field(default=4, metadata={"help": "Pairs per reward-model step."})
+    accuracy_gate: float = field(default=0.6, metadata={"help": "Stop unless held-out pairwise accuracy exceeds this."})
+    # PPO
+    ppo_episodes: int = field(default=64, metadata={"help": "Prompts answered and scored during PPO in total."})
+    ppo_batch_size: int = field(default=4, metadata={"help": "Episodes per PPO update."})
+    ppo_learning_rate: float = field(default=1e-6, metadata={"help": "Policy and value learning rate."})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty to the reference (the current model)."})
+    response_length: int = field(default=32, metadata={"help": "New tokens per PPO response."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Optimisation epochs per PPO batch."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
+    # evaluation
+    eval_prompts: int = field(default=16, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "New tokens per evaluation reply."})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "RetrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values or {}) - known
+        if unknown:
+            raise ValueError(f"Unknown retrain settings: {', '.join(sorted(unknown))}")
+        return cls(**(values or {}))
+
+    def validate(self) -> "RetrainConfig":
+        checks = [(0 < self.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
+                  (self.max_pairs >= 4, "max_pairs must be at least 4"),
+                  (self.ppo_episodes >= self.ppo_batch_size, "ppo_episodes must be >= ppo_batch_size"),
+                  (self.ppo_episodes % self.ppo_batch_size == 0, "ppo_episodes must be a multiple of ppo_batch_size"),
+                  (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
+                  (self.kl_coef >= 0, "kl_coef must be >= 0"),
+                  (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    for f in fields(RetrainConfig):
+        kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])
+
+
+def config_from_args(args: argparse.Namespace) -> RetrainConfig:
+    return RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)}).validate()
+
+
+def trainer_precision() -> dict:
+    """bf16 only on CUDA that supports it: on these CPUs bf16 matmuls are ~100x slower."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"bf16": bool(cuda and torch.cuda.is_bf16_supported()), "fp16": False, "use_cpu": not cuda}

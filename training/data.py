@@ -1,0 +1,100 @@
+"""Stage 1, snapshot: export preferences, demonstrations and prompts, split off a held-out part.
+
+    python -m training.data --out data/runs/manual/data      # writes *.jsonl and prints the split
+
+Rows are split by a hash of their prompt, so the same prompt never lands on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from feedback.datasets import preference_rows, prompt_rows, sft_rows
+from feedback.db import default_url, make_engine, make_session_factory, session_scope
+from feedback.models import DataSnapshot
+
+
+@dataclass
+class Snapshot:
+    dir: Path
+    snapshot_id: int
+    counts: dict
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.jsonl"
+
+    def rows(self, name: str) -> list[dict]:
+        p = self.path(name)
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def _heldout(prompt, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _split(rows: list[dict], key: str, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    train = [r for r in rows if not _heldout(r[key], fraction, seed)]
+    held = [r for r in rows if _heldout(r[key], fraction, seed)]
+    if not held and len(train) >= 4:  # tiny datasets: still keep something to measure on
+        held, train = train[-max(1, len(train) // 5):], train[:-max(1, len(train) // 5)]
+    return train, held
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, seed: int, max_pairs: int,
+                  max_prompts: int) -> Snapshot:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with session_scope(session_factory) as s:
+        prefs, pref_refs, _ = preference_rows(s)
+        sft, sft_refs, _ = sft_rows(s)
+        prompts, prompt_refs, _ = prompt_rows(s)
+        pref_train, pref_held = _split(prefs, "prompt", heldout_fraction, seed)
+        rng.shuffle(pref_train)
+        pref_train = pref_train[:max_pairs]
+        pref_held = pref_held[:max(8, max_pairs // 4)]
+        sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
+        prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
+        rng.shuffle(prompt_train)
+        prompt_train = prompt_train[:max_prompts]
+        files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,
+                 "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held}
+        for name, rows in files.items():
+            _write(out_dir / f"{name}.jsonl", rows)
+        counts = {name: len(rows) for name, rows in files.items()}
+        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs}, counts=counts,
+                            path=str(out_dir))
+        s.add(snap)
+        s.flush()
+        return Snapshot(out_dir, snap.id, counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--url", default=default_url())
+    parser.add_argument("--heldout-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-pairs", type=int, default=200)
+    parser.add_argument("--max-prompts", type=int, default=64)
+    args = parser.parse_args()
+    snap = take_snapshot(session_factory=make_session_factory(make_engine(args.url)), out_dir=args.out,
+                         heldout_fraction=args.heldout_fraction, seed=args.seed, max_pairs=args.max_pairs,
+                         max_prompts=args.max_prompts)
+    print(f"snapshot {snap.snapshot_id} in {snap.dir}: {snap.counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Stage 4, PPO against the reward model (trl.experimental.ppo, trl==1.12.0).
+
+    python -m training.ppo --policy data/models/smollm2-135m-instruct --reward data/runs/x/reward \
+        --prompts prompts_train.jsonl --out data/runs/x/ppo
+
+Policy = the current chat model; reference = a frozen copy of it (the KL anchor); value
+model initialised from the reward model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from training.common import base_trainer_args, jsonl_dataset, lora_config, save_model_dir
+from training.config import RetrainConfig
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def prompt_dataset(prompts_path, tokenizer, max_prompt_tokens: int):
+    rows = jsonl_dataset(prompts_path)
+
+    def encode(row):
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return {"input_ids": list(ids)[-max_prompt_tokens:]}  # keep the end: the question being asked
+
+    return rows.map(encode, remove_columns=rows.column_names)
+
+
+def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig, callbacks=()) -> tuple[Path, dict]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_path), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_path))
+    ref = None if cfg.use_lora else AutoModelForCausalLM.from_pretrained(str(policy_path))
+    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
+    for m in (reward, value):
+        m.config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    dataset = prompt_dataset(prompts_path, tokenizer, max(16, cfg.max_length - cfg.response_length))
+    args = PPOConfig(total_episodes=cfg.ppo_episodes, per_device_train_batch_size=cfg.ppo_batch_size,
+                     gradient_accumulation_steps=1, num_mini_batches=1,
+                     local_rollout_forward_batch_size=cfg.ppo_batch_size, learning_rate=cfg.ppo_learning_rate,
+                     num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.response_length,
+                     temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, num_sample_generations=0,
+                     sft_model_path=str(policy_path), reward_model_path=str(reward_path),
+                     **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=dataset, callbacks=list(callbacks),
+                         peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "objective/rlhf_reward" in h]
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    tokenizer.padding_side = "right"
+    path = save_model_dir(trained, tokenizer, out_dir)
+    metrics = {"ppo_updates": len(history)}
+    if history:
+        metrics.update(ppo_reward_first=history[0]["objective/rlhf_reward"],
+                       ppo_reward_last=history[-1]["objective/rlhf_reward"], ppo_kl_last=history[-1]["objective/kl"])
+    return path, metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward", required=True)
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--episodes", type=int, default=RetrainConfig.ppo_episodes)
+    args = parser.parse_args()
+    path, metrics = run_ppo(args.policy, args.reward, args.prompts, args.out,
+                            RetrainConfig(ppo_episodes=args.episodes).validate())
+    print(f"saved PPO policy to {path}: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The whole loop: snapshot -> SFT -> reward model -> PPO -> evaluate -> register a version.
+
+    python -m training.retrain                       # from the configured database, default settings
+    python -m training.retrain --ppo-episodes 32     # any RetrainConfig field as a flag
+
+The app's Retrain button runs this same module in a separate process with --run-id; progress,
+metrics and errors go to the training_runs row, the log to data/runs/run-<id>/retrain.log.
+SIGTERM (Cancel) stops it cleanly. Nothing that serves users changes until an admin promotes
+the registered version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from feedback import training_repo as trepo
+from feedback.db import default_url, make_engine, make_session_factory, session_scope
+from training.config import RetrainConfig, add_config_args, config_from_args
+from training.progress import Reporter, ReporterCallback, RunCancelled
+
+log = logging.getLogger("training")
+STAGES = ("snapshot", "sft", "reward", "ppo", "evaluate", "register")
+
+
+class GateFailed(Exception):
+    """The reward model cannot rank held-out pairs well enough to steer PPO."""
+
+
+class NotEnoughData(Exception):
+    """Too little feedback to train on; the message says what to collect."""
+
+
+def _on_sigterm(signum, frame):
+    raise RunCancelled("cancelled by the admin")
+
+
+def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, moderator=None) -> dict:
+    """Execute every stage for an existing run row. Returns the metrics. Raises on failure."""
+    from training.data import take_snapshot
+    from training.evaluate import evaluate
+    from training.ppo import run_ppo
+    from training.reward import run_reward
+    from training.sft import run_sft
+
+    with session_scope(session_factory) as s:
+        current = trepo.active_version(session=s)
+        if current is None:
+            raise NotEnoughData("No model version is active; start the app once so it registers the base model.")
+        base_id, base_name, base_path = current.id, current.name, current.path
+    run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
+    reporter = Reporter(session_factory, run_id)
+    metrics: dict = {"base_version": base_name}
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, total: int = 1) -> float:
+        reporter.start_stage(f"{STAGES.index(name) + 1}/{len(STAGES)} {name}", total)
+        return time.monotonic()
+
+    t = stage("snapshot")
+    snap = take_snapshot(session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
+                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
+    metrics["data"] = snap.counts
+    timings["snapshot"] = time.monotonic() - t
+    if snap.counts["preferences_train"] < 4 or snap.counts["preferences_heldout"] < 1:
+        raise NotEnoughData(f"Only {snap.counts['preferences_train']} training and {snap.counts['preferences_heldout']} "
+                            "held-out preference pairs: rank more tasks or import pairs (need at least 8 in all).")
+
+    policy_path = Path(base_path)
+    if snap.counts["sft_train"]:
+        t = stage("sft")
+        policy_path = run_sft(base_path, snap.path("sft_train"), run_dir / "sft", cfg,
+                              callbacks=[ReporterCallback(reporter, reporter.stage)])
+        timings["sft"] = time.monotonic() - t
+
+    t = stage("reward")
+    reward_path, rm_metrics = run_reward(policy_path, snap.path("preferences_train"), snap.path("preferences_heldout"),
+                                         run_dir / "reward", cfg, callbacks=[ReporterCallback(reporter, reporter.stage)])
+    metrics.update(rm_metrics)
+    timings["reward"] = time.monotonic() - t
+    reporter.flush(force=True, metrics={**metrics, "timings_s": timings})
+    if not rm_metrics["rm_heldout_accuracy"] > cfg.accuracy_gate:
+        raise GateFailed(f"Reward model held-out accuracy {rm_metrics['rm_heldout_accuracy']:.2f} is not above the "
+                         f"gate {cfg.accuracy_gate:.2f}; a reward model that cannot rank must not steer PPO. "
+                         "Collect more (or more consistent) rankings and try again.")
+
+    prompts = snap.path("prompts_train") if snap.counts["prompts_train"] else _prompts_from_pairs(snap, run_dir)
+    t = stage("ppo")
+    ppo_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
+                                    callbacks=[ReporterCallback(reporter, reporter.stage)])
+    metrics.update(ppo_metrics)
+    timings["ppo"] = time.monotonic() - t
+
+    heldout_prompts = snap.rows("prompts_heldout") or [{"prompt": r["prompt"]} for r in snap.rows("preferences_heldout")]
+    texts = [r["messages"] for r in snap.rows("sft_heldout")] or \
+        [r["prompt"] + r["chosen"] for r in snap.rows("preferences_heldout")]
+    t = stage("evaluate", min(cfg.eval_prompts, len(heldout_prompts)))
+    metrics["eval"] = evaluate(base_path, ppo_path, reward_path, heldout_prompts, texts, cfg, moderator,
+                               progress=lambda i, n: reporter.advance(i))
+    timings["evaluate"] = time.monotonic() - t
+
+    t = stage("register")
+    name = f"run{run_id}-ppo"
+    final = Path(data_dir) / "versions" / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(ppo_path, final)  # atomic: the directory appears complete or not at all
+    timings["register"] = time.monotonic() - t
+    timings["total"] = time.monotonic() - started
+    metrics["timings_s"] = timings
+    with session_scope(session_factory) as s:
+        version = trepo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage="ppo",
+                                    metrics=metrics, config=cfg.to_dict(), snapshot_id=snap.snapshot_id,
+                                    training_run_id=run_id)
+        metrics["version_id"] = version.id
+    for leftover in ("sft",):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
+    reporter.close()
+    return metrics
+
+
+def _prompts_from_pairs(snap, run_dir: Path) -> Path:
+    path = run_dir / "data" / "prompts_from_pairs.jsonl"
+    with path.open("w") as f:
+        for row in snap.rows("preferences_train"):
+            f.write(json.dumps({"prompt": row["prompt"]}) + "\n")
+    return path
+
+
+def execute(run_id: int, cfg: RetrainConfig, session_factory, data_dir: Path, moderator=None) -> str:
+    """Run and record the outcome in the run row. Returns the final status."""
+    with session_scope(session_factory) as s:
+        r = trepo.get_run(session=s, run_id=run_id)
+        r.status, r.pid = "running", os.getpid()
+    try:
+        metrics = run(cfg, run_id, session_factory, data_dir, moderator)
+    except RunCancelled:
+        _finish(session_factory, run_id, "cancelled", "Cancelled by the admin; nothing was registered.")
+        return "cancelled"
+    except (GateFailed, NotEnoughData) as exc:
+        _finish(session_factory, run_id, "gated" if isinstance(exc, GateFailed) else "failed", str(exc))
+        return "gated" if isinstance(exc, GateFailed) else "failed"
+    except Exception as exc:  # record any crash for the admin, then re-raise for the log
+        log.error("training run %s failed:\n%s", run_id, traceback.format_exc())
+        _finish(session_factory, run_id, "failed", f"{exc.__class__.__name__}: {exc}. See the run log for details.")
+        raise
+    with session_scope(session_factory) as s:
+        trepo.finish_run(session=s, run_id=run_id, status="done", metrics=metrics, version_id=metrics["version_id"])
+    return "done"
+
+
+def _finish(session_factory, run_id: int, status: str, error: str) -> None:
+    log.warning("run %s %s: %s", run_id, status, error)
+    with session_scope(session_factory) as s:
+        trepo.finish_run(session=s, run_id=run_id, status=status, error=error)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-id", type=int, default=None, help="existing training_runs row (the app passes it)")
+    parser.add_argument("--url", default=default_url(), help="database URL")
+    parser.add_argument("--data-dir", default=os.environ.get("CHAT_DATA_DIR", "data"))
+    parser.add_argument("--config-json", default=None, help="RetrainConfig fields as JSON (overrides flags)")
+    add_config_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    cfg = RetrainConfig.from_dict(json.loads(args.config_json)).validate() if args.config_json else config_from_args(args)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    factory = make_session_factory(make_engine(args.url))
+    run_id = args.run_id
+    if run_id is None:
+        with session_scope(factory) as s:
+            current = trepo.active_version(session=s)
+            run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
+                                      base_version_id=current.id if current else None).id
+    from model.moderation import build_moderator
+
+    env = os.environ.get  # the same CHAT_* settings the app reads (training never imports app/)
+    moderator = build_moderator(env("CHAT_MODERATION_BACKENDS", "auto"), float(env("CHAT_MODERATION_THRESHOLD", "0.5")),
+                                env("CHAT_MODERATION_THRESHOLDS", ""), env("CHAT_MODERATION_RULES_FILE", ""),
+                                env("CHAT_DETOXIFY_CHECKPOINT", ""), env("CHAT_DETOXIFY_CONFIG_DIR", ""))
+    status = execute(run_id, cfg, factory, Path(args.data_dir), moderator)
+    print(f"run {run_id}: {status}")
+    sys.exit(0 if status in ("done", "gated", "cancelled") else 1)
+
+
+if __name__ == "__main__":
+    main()
