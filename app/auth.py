@@ -30,14 +30,17 @@ def caller_name(request) -> str:
     return name or LOCAL_USER
 
 
-def require_role(session_factory, user_name: str, roles: tuple[str, ...], action: str, detail: str = "") -> None:
-    """Raise PermissionDenied unless the user holds one of ``roles``; audit either way."""
+def require_role(session_factory, user_name: str, roles: tuple[str, ...], action: str, detail: str = "",
+                 audit_allowed: bool = True) -> None:
+    """Raise PermissionDenied unless the user holds one of ``roles``. Denials are always audited;
+    allowed calls too unless ``audit_allowed`` is False (read-only views polled every few seconds)."""
     with session_scope(session_factory) as s:
         user = repo.get_user(session=s, name=user_name)
         # Single-user local mode: the machine's owner (bound to 127.0.0.1, no logins) is the admin.
         # "local" is reserved: `python -m app.users` refuses to create a login with that name.
         role = "admin" if user_name == LOCAL_USER else (user.role if user else None)
         allowed = role in roles
-        repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
+        if audit_allowed or not allowed:
+            repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
     if not allowed:
         raise PermissionDenied(f"'{user_name}' may not {action}: this needs the {' or '.join(roles)} role.")

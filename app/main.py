@@ -32,7 +32,7 @@ def build_service(settings: Settings, engine=None):
     check_connection(db)
     factory = make_session_factory(db)
     if engine is None:
-        engine = load_engine(settings)
+        engine = load_engine(settings, factory)
     moderator = build_moderator(settings.moderation_backends, settings.moderation_threshold,
                                 settings.moderation_thresholds, settings.moderation_rules_file,
                                 settings.detoxify_checkpoint, settings.detoxify_config_dir)
@@ -45,9 +45,12 @@ def build_service(settings: Settings, engine=None):
     return ChatService(engine, factory, settings, moderator=moderator)
 
 
-def load_engine(settings: Settings):
+def load_engine(settings: Settings, session_factory):
+    """Load the promoted version if there is one, else the configured model (registered as base)."""
     import torch
 
+    from feedback import training_repo as trepo
+    from feedback.db import session_scope
     from model.engine import Engine
     from model.loader import ModelNotFoundError, resolve_model
 
@@ -60,13 +63,20 @@ def load_engine(settings: Settings):
         raise StartupError(str(exc)) from exc
     if resolved.converted_now:
         log.warning("converted %s to %s (one time)", resolved.name, resolved.path)
-    engine = Engine.from_path(resolved.path, resolved.name, device=settings.device,
+    with session_scope(session_factory) as s:
+        trepo.ensure_base_version(session=s, name=resolved.name, path=str(resolved.path))
+        active = trepo.active_version(session=s)
+        path, name = active.path, active.name
+    if not Path(path, "config.json").is_file():
+        log.warning("promoted version %s has no weights at %s; serving %s", name, path, resolved.name)
+        path, name = str(resolved.path), resolved.name
+    engine = Engine.from_path(path, name, device=settings.device,
                               max_concurrent=settings.max_concurrent, busy_wait_s=settings.busy_wait_s)
-    log.warning("model %s loaded in %.1f s", resolved.name, time.perf_counter() - start)
+    log.warning("model %s loaded in %.1f s", name, time.perf_counter() - start)
     return engine
 
 
-def create_app(service, worker=None):
+def create_app(service, worker=None, control=None):
     """FastAPI app with the Gradio UI mounted at /."""
     import gradio as gr
     from fastapi import FastAPI
@@ -81,7 +91,7 @@ def create_app(service, worker=None):
     def healthz():
         return {"status": "ok", "model": service.engine.version}
 
-    demo = build_demo(service, worker)
+    demo = build_demo(service, worker, control)
     demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
     return gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[],
                                 show_error=True)
@@ -99,9 +109,14 @@ def main() -> None:
         sys.exit(2)
     from app.candidates import CandidateWorker
 
+    from app.training_control import TrainingControl
+
+    control = TrainingControl(service)
+    if failed := control.recover():
+        log.warning("training runs %s were left running by a crash or kill; marked failed", failed)
     worker = CandidateWorker(service, k=settings.ranking_candidates)
     worker.start()
-    app = create_app(service, worker)
+    app = create_app(service, worker, control)
     print(f"Serving on http://{settings.host}:{settings.port}  (model: {service.engine.version})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 

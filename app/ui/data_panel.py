@@ -38,7 +38,7 @@ def build_data_panel(service) -> tuple:
     note = gr.Markdown(elem_id="data-note")
 
     def refresh(request: gr.Request):
-        if (msg := denied(service, request, ADMIN, "view data")) is not None:
+        if (msg := denied(service, request, ADMIN, "view data", view=True)) is not None:
             return msg
         return _counts_md(service)
 

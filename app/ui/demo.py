@@ -14,15 +14,19 @@ footer { display: none !important; }
 """
 
 
-def build_demo(service, worker=None) -> gr.Blocks:
+def build_demo(service, worker=None, control=None) -> gr.Blocks:
     """``worker``: the CandidateWorker that prepares ranking tasks (None = generate on demand only)."""
+    if control is None:
+        from app.training_control import TrainingControl
+
+        control = TrainingControl(service)
     with gr.Blocks(title="Feedback Chat") as demo:
         gr.Markdown("## Feedback Chat · a local model that learns from your votes")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 refresh_list, convs = build_chat_tab(service)
             build_ranking_tab(service, worker)
-            admin_refresh, admin_outputs = build_admin_tab(service)
+            admin_refresh, admin_outputs = build_admin_tab(service, control)
         demo.load(refresh_list, None, convs, api_visibility="private")
         demo.load(admin_refresh, None, admin_outputs, api_visibility="private")
     return demo

@@ -50,7 +50,7 @@ def build_moderation_panel(service) -> callable:
         save_tpl = gr.Button("Save template")
 
     def refresh(request: gr.Request):
-        if (msg := denied(service, request, ADMIN, "view moderation")) is not None:
+        if (msg := denied(service, request, ADMIN, "view moderation", view=True)) is not None:
             return msg, []
         return _summary(service), _queue_rows(service)
 

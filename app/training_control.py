@@ -1,0 +1,105 @@
+"""Start, cancel, promote and roll back: the admin's training actions, checked on the server.
+
+Training runs as a separate process (``python -m training.retrain --run-id N``) so chat keeps
+answering; promote swaps the serving engine in place without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from app.auth import require_role
+from feedback import training_repo as trepo
+from feedback.db import session_scope
+from training.config import RetrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrainingControl:
+    def __init__(self, service, engine_loader=None):
+        self.service = service
+        self.settings = service.settings
+        # How a version directory becomes an engine (tests pass a cheaper one).
+        self._load_engine = engine_loader or _default_loader(service)
+        self._procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def factory(self):
+        return self.service.session_factory
+
+    def recover(self) -> list[int]:
+        """At start-up: runs a crash or kill left 'running' are marked failed."""
+        with session_scope(self.factory) as s:
+            return trepo.fail_stale_runs(session=s)
+
+    def start(self, user: str, config: dict | None = None) -> int:
+        cfg = RetrainConfig.from_dict(config or {}).validate()  # bad settings fail before anything starts
+        require_role(self.factory, user, ("admin",), "start retrain", json.dumps(config or {}))
+        self._reap()
+        with session_scope(self.factory) as s:
+            trepo.fail_stale_runs(session=s)
+            current = trepo.active_version(session=s)
+            run = trepo.create_run(session=s, config=cfg.to_dict(), requested_by=user,
+                                   base_version_id=current.id if current else None)
+            run_id = run.id
+            log_path = Path(self.settings.data_dir).resolve() / "runs" / f"run-{run_id}" / "retrain.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            run.log_path = str(log_path)
+        env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "training.retrain", "--run-id", str(run_id), "--url", self.settings.db_url,
+               "--data-dir", str(Path(self.settings.data_dir).resolve()), "--config-json", json.dumps(cfg.to_dict())]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self._procs[run_id] = proc
+        with session_scope(self.factory) as s:
+            run = trepo.get_run(session=s, run_id=run_id)
+            run.pid = proc.pid
+        return run_id
+
+    def cancel(self, user: str, run_id: int) -> None:
+        require_role(self.factory, user, ("admin",), "cancel retrain", f"run {run_id}")
+        with session_scope(self.factory) as s:
+            run = trepo.get_run(session=s, run_id=run_id)
+            if run.status not in trepo.ACTIVE_STATUSES:
+                raise trepo.ValidationError(f"Run {run_id} is {run.status}; only a running run can be cancelled.")
+            run.status = "cancelling"
+            pid = run.pid
+        if pid and trepo.pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+
+    def promote(self, user: str, version_id: int, action: str = "promote") -> str:
+        """Serve ``version_id`` from now on. In-flight replies finish on the old engine."""
+        require_role(self.factory, user, ("admin",), f"{action} model", f"version {version_id}")
+        with session_scope(self.factory) as s:
+            version = trepo.get_version(session=s, version_id=version_id)
+            path, name = version.path, version.name
+        engine = self._load_engine(path, name)  # load first: a broken version never replaces a working one
+        with session_scope(self.factory) as s:
+            trepo.activate_version(session=s, version_id=version_id)
+        self.service.swap_engine(engine)
+        return name
+
+    def rollback(self, user: str, version_id: int) -> str:
+        return self.promote(user, version_id, action="roll back")
+
+    def _reap(self) -> None:
+        for run_id, proc in list(self._procs.items()):
+            if proc.poll() is not None:
+                del self._procs[run_id]
+
+
+def _default_loader(service):
+    def load(path: str, name: str):
+        from model.engine import Engine
+
+        s = service.settings
+        return Engine.from_path(path, name, device=s.device, max_concurrent=s.max_concurrent, busy_wait_s=s.busy_wait_s)
+
+    return load

@@ -1,0 +1,160 @@
+"""Admin: Retrain button, live progress and plots, Cancel, runs and versions side by side,
+Promote and Roll back. Every action is checked for the admin role on the server."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from app.auth import PermissionDenied, caller_name
+from app.ui.guard import ADMIN, denied
+from feedback import training_repo as trepo
+from feedback.db import session_scope
+from feedback.repository import NotFoundError, ValidationError
+from feedback.stats import data_counts
+from training.config import RetrainConfig
+
+VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "RM acc", "reward new/cur", "win rate", "KL",
+                   "len new/cur", "ppl new/cur", "flag rate", "created"]
+RUN_HEADERS = ["run", "status", "stage", "step", "by", "version", "error", "started"]
+PLOT_STAGES = {"reward": ("loss", "accuracy"), "ppo": ("reward", "kl")}
+
+
+def _fmt(x, nd=2):
+    return "" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def _version_rows(s) -> list[list]:
+    rows = []
+    names = {v.id: v.name for v in trepo.list_versions(session=s)}
+    for v in trepo.list_versions(session=s):
+        m, e = v.metrics or {}, (v.metrics or {}).get("eval", {})
+        rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""),
+                     _fmt(m.get("rm_heldout_accuracy")),
+                     f"{_fmt(e.get('reward_new'))} / {_fmt(e.get('reward_current'))}" if e else "",
+                     _fmt(e.get("win_rate")), _fmt(e.get("kl_to_current"), 3),
+                     f"{_fmt(e.get('length_new'), 1)} / {_fmt(e.get('length_current'), 1)}" if e else "",
+                     f"{_fmt(e.get('ppl_new'), 1)} / {_fmt(e.get('ppl_current'), 1)}" if e else "",
+                     f"{_fmt(e.get('flag_rate_new'))} / {_fmt(e.get('flag_rate_current'))}" if e else "",
+                     v.created_at.strftime("%Y-%m-%d %H:%M")])
+    return rows
+
+
+def _progress_md(run) -> str:
+    if run is None:
+        return "No training run yet. Press **Retrain** to start one."
+    eta = f" · about {run.eta_s / 60:.1f} min left in this stage" if run.eta_s else ""
+    text = (f"**Run {run.id}: {run.status}** · stage {run.stage or '—'} · step {run.step} of {run.total}{eta}")
+    if run.error:
+        text += f"  \n{run.error}"
+    if run.status == "done" and run.metrics.get("timings_s"):
+        text += "  \nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run.metrics["timings_s"].items())
+    return text
+
+
+def _plot_frame(run, stage: str) -> pd.DataFrame:
+    keys = PLOT_STAGES[stage]
+    points = [{"step": h["step"], "metric": k, "value": h[k]} for h in (run.history if run else [])
+              if stage in h.get("stage", "") for k in keys if k in h]
+    return pd.DataFrame(points or [{"step": 0, "metric": keys[0], "value": 0.0}])
+
+
+def build_training_panel(service, control) -> tuple:
+    data_md = gr.Markdown(elem_id="train-data")
+    with gr.Row():
+        rm_epochs = gr.Number(value=RetrainConfig.rm_epochs, label="Reward-model epochs")
+        rm_lr = gr.Number(value=RetrainConfig.rm_learning_rate, label="Reward-model learning rate")
+        episodes = gr.Number(value=RetrainConfig.ppo_episodes, label="PPO episodes", precision=0)
+        ppo_lr = gr.Number(value=RetrainConfig.ppo_learning_rate, label="PPO learning rate")
+        kl = gr.Number(value=RetrainConfig.kl_coef, label="KL coefficient")
+        gate = gr.Number(value=RetrainConfig.accuracy_gate, label="Accuracy gate")
+        lora = gr.Checkbox(value=RetrainConfig.use_lora, label="LoRA")
+    with gr.Row():
+        retrain = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
+        cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
+    progress = gr.Markdown(elem_id="train-progress")
+    with gr.Row():
+        rm_plot = gr.LinePlot(x="step", y="value", color="metric", title="Reward model: loss and accuracy", height=250)
+        ppo_plot = gr.LinePlot(x="step", y="value", color="metric", title="PPO: reward and KL", height=250)
+    versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, label="Model versions (new vs current)",
+                            elem_id="versions-table")
+    with gr.Row():
+        version_id = gr.Number(label="Version id", precision=0)
+        promote = gr.Button("Promote", elem_id="promote-btn")
+        rollback = gr.Button("Roll back to this version", elem_id="rollback-btn")
+    note = gr.Markdown(elem_id="train-note")
+    runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, label="Training runs")
+    timer = gr.Timer(2.0)
+
+    def refresh(request: gr.Request):
+        if (msg := denied(service, request, ADMIN, "view training", view=True)) is not None:
+            return msg, msg, _plot_frame(None, "reward"), _plot_frame(None, "ppo"), [], []
+        with session_scope(service.session_factory) as s:
+            c = data_counts(session=s)
+            recent = trepo.list_runs(session=s)
+            latest = recent[0] if recent else None
+            sources = ", ".join(f"{k}: {v}" for k, v in c["pairs_by_source"].items()) or "none"
+            data = (f"**Data available:** {c['pairs']} preference pairs ({sources}) · "
+                    f"{c['demonstrations']} demonstrations · {c['prompts']} prompts · serving "
+                    f"**{service.engine.version}**")
+            run_rows = [[r.id, r.status, r.stage or "", f"{r.step}/{r.total}", r.requested_by or "",
+                         r.version_id or "", (r.error or "")[:120], r.started_at.strftime("%Y-%m-%d %H:%M")]
+                        for r in recent]
+            return (data, _progress_md(latest), _plot_frame(latest, "reward"), _plot_frame(latest, "ppo"),
+                    _version_rows(s), run_rows)
+
+    def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, request: gr.Request):
+        config = dict(rm_epochs=float(rm_ep), rm_learning_rate=float(rm_rate), ppo_episodes=int(eps),
+                      ppo_learning_rate=float(ppo_rate), kl_coef=float(kl_c), accuracy_gate=float(gate_v),
+                      use_lora=bool(use_lora))
+        try:
+            run_id = control.start(caller_name(request), config)
+        except PermissionDenied as exc:
+            return f"Denied: {exc}"
+        except (ValueError, ValidationError) as exc:
+            return f"⚠ {exc}"
+        return f"Run {run_id} started. Chat keeps answering while it trains."
+
+    def on_cancel(request: gr.Request):
+        with session_scope(service.session_factory) as s:
+            run = trepo.active_run(session=s)
+            run_id = run.id if run else None
+        if run_id is None:
+            if (msg := denied(service, request, ADMIN, "cancel retrain")) is not None:
+                return msg
+            return "No run is in progress."
+        try:
+            control.cancel(caller_name(request), run_id)
+        except PermissionDenied as exc:
+            return f"Denied: {exc}"
+        except (ValidationError, NotFoundError) as exc:
+            return f"⚠ {exc}"
+        return f"Cancelling run {run_id}…"
+
+    def on_switch(vid, rollback_: bool, request: gr.Request):
+        try:
+            fn = control.rollback if rollback_ else control.promote
+            name = fn(caller_name(request), int(vid or 0))
+        except PermissionDenied as exc:
+            return f"Denied: {exc}"
+        except (ValidationError, NotFoundError, OSError) as exc:
+            return f"⚠ {exc}"
+        return f"Now serving **{name}**. Replies already streaming finish on the previous version."
+
+    def on_promote(vid, request: gr.Request):
+        return on_switch(vid, False, request)
+
+    def on_rollback(vid, request: gr.Request):
+        return on_switch(vid, True, request)
+
+    def pick_version(evt: gr.SelectData):
+        return evt.row_value[0] if evt.row_value else None
+
+    outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs]
+    retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora], note, api_name="retrain")
+    cancel.click(on_cancel, None, note, api_name="cancel_retrain")
+    promote.click(on_promote, [version_id], note, api_name="promote")
+    rollback.click(on_rollback, [version_id], note, api_name="rollback")
+    versions.select(pick_version, None, version_id, api_visibility="private")
+    timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
+    return refresh, outputs

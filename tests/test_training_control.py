@@ -1,0 +1,113 @@
+"""The admin's training actions: roles, a killed run, promote and roll back while serving."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app.auth import PermissionDenied
+from app.service import ChatService
+from app.training_control import TrainingControl
+from feedback import repository as repo
+from feedback import training_repo as trepo
+from feedback.models import AuditLog, Message, ModelVersion, TrainingRun
+from tests.fakes import ScriptedEngine
+from tests.test_training import FAST
+from tests.tiny_model import build_tiny_model
+from tests.training_data import seed_preferences
+
+
+def _service(session_factory, settings, engine=None):
+    return ChatService(engine or ScriptedEngine(version="tiny-base"), session_factory, settings)
+
+
+def test_non_admin_cannot_start_and_nothing_starts(session_factory, settings, tiny_model_dir):
+    seed_preferences(session_factory, tiny_model_dir)
+    with session_factory.begin() as s:
+        repo.get_or_create_user(session=s, name="bob", role="annotator")
+    control = TrainingControl(_service(session_factory, settings))
+    with pytest.raises(PermissionDenied, match="needs the admin role"):
+        control.start("bob", FAST)
+    for action in (lambda: control.cancel("bob", 1), lambda: control.promote("bob", 1),
+                   lambda: control.rollback("bob", 1)):
+        with pytest.raises(PermissionDenied):
+            action()
+    with session_factory() as s:
+        assert s.scalar(select(func.count(TrainingRun.id))) == 0
+        denied = s.scalars(select(AuditLog).where(AuditLog.allowed.is_(False))).all()
+        assert [a.action for a in denied] == ["start retrain", "cancel retrain", "promote model", "roll back model"]
+
+
+def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settings, tiny_model_dir):
+    seed_preferences(session_factory, tiny_model_dir)
+    control = TrainingControl(_service(session_factory, settings))
+    run_id = control.start("local", {**FAST, "ppo_episodes": 4000, "ppo_batch_size": 4})
+    with pytest.raises(Exception):
+        control.start("local", FAST)  # only one run at a time
+    deadline = time.time() + 240
+    while True:
+        with session_factory() as s:
+            run = s.get(TrainingRun, run_id)
+            if run.stage and "ppo" in run.stage and run.step >= 2:
+                pid = run.pid
+                break
+            assert run.status in ("queued", "running"), (run.status, run.error, Path(run.log_path).read_text()[-2000:])
+        assert time.time() < deadline, "PPO never started"
+        time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    control._procs[run_id].wait(timeout=30)
+    assert control.recover() == [run_id]
+    with session_factory() as s:
+        run = s.get(TrainingRun, run_id)
+        assert run.status == "failed" and "killed" in run.error
+        assert [v.name for v in s.scalars(select(ModelVersion))] == ["tiny-base"]
+        assert trepo.active_version(session=s).name == "tiny-base"
+    versions = Path(settings.data_dir) / "versions"
+    visible = [p for p in versions.iterdir() if not p.name.startswith(".")] if versions.exists() else []
+    assert visible == []
+
+
+def test_cancel_stops_a_run(session_factory, settings, tiny_model_dir):
+    seed_preferences(session_factory, tiny_model_dir)
+    control = TrainingControl(_service(session_factory, settings))
+    run_id = control.start("local", {**FAST, "ppo_episodes": 4000})
+    deadline = time.time() + 240
+    while True:
+        with session_factory() as s:
+            if (s.get(TrainingRun, run_id).stage or "").endswith("ppo"):
+                break
+        assert time.time() < deadline
+        time.sleep(0.3)
+    control.cancel("local", run_id)
+    control._procs[run_id].wait(timeout=60)
+    with session_factory() as s:
+        run = s.get(TrainingRun, run_id)
+        assert run.status == "cancelled" and s.scalar(select(func.count(ModelVersion.id))) == 1
+
+
+def test_promote_and_roll_back_swap_the_serving_engine(session_factory, settings, tiny_model_dir, tmp_path):
+    from model.engine import Engine
+
+    seed_preferences(session_factory, tiny_model_dir)
+    new_dir = build_tiny_model(tmp_path / "v2", seed=7)
+    with session_factory.begin() as s:
+        base = trepo.active_version(session=s)
+        new = trepo.add_version(session=s, name="run1-ppo", path=str(new_dir), parent_id=base.id, stage="ppo",
+                                metrics={}, config={}, snapshot_id=None, training_run_id=None)
+        base_id, new_id = base.id, new.id
+    service = _service(session_factory, settings, Engine.from_path(tiny_model_dir, "tiny-base", device="cpu"))
+    control = TrainingControl(service)
+    in_flight = service.send("alice", "Hello before the swap")
+    next(in_flight)  # a reply has started on the old engine
+    assert control.promote("local", new_id) == "run1-ppo"
+    old_reply = list(in_flight)[-1]
+    new_reply = list(service.send("alice", "Hello after the swap"))[-1]
+    assert control.rollback("local", base_id) == "tiny-base"
+    back = list(service.send("alice", "Hello after the roll back"))[-1]
+    with session_factory() as s:
+        versions = [s.get(Message, r.assistant_message_id).model_version for r in (old_reply, new_reply, back)]
+        assert versions == ["tiny-base", "run1-ppo", "tiny-base"]
+        assert trepo.active_version(session=s).id == base_id
