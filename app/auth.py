@@ -44,3 +44,34 @@ def require_role(session_factory, user_name: str, roles: tuple[str, ...], action
             repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
     if not allowed:
         raise PermissionDenied(f"'{user_name}' may not {action}: this needs the {' or '.join(roles)} role.")
+
+
+def hash_secret(secret: str) -> str:
+    from argon2 import PasswordHasher
+
+    return PasswordHasher().hash(secret)
+
+
+def verify_secret(stored_hash: str | None, secret: str) -> bool:
+    from argon2 import PasswordHasher
+    from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+    if not stored_hash or not isinstance(secret, str):
+        return False
+    try:
+        return PasswordHasher().verify(stored_hash, secret)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def login_checker(session_factory):
+    """The callable Gradio's login calls: (name, password) -> bool."""
+
+    def check(name: str, password: str) -> bool:
+        with session_scope(session_factory) as s:
+            user = repo.get_user(session=s, name=name)
+            ok = user is not None and verify_secret(user.password_hash, password)
+            repo.audit(session=s, user_name=name, action="login", allowed=ok)
+        return ok
+
+    return check

@@ -91,10 +91,13 @@ def create_app(service, worker=None, control=None):
     def healthz():
         return {"status": "ok", "model": service.engine.version}
 
+    from app.auth import auth_enabled, login_checker
+
     demo = build_demo(service, worker, control)
     demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
-    return gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[],
-                                show_error=True)
+    auth = login_checker(service.session_factory) if auth_enabled(service.session_factory) else None
+    return gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[], show_error=True,
+                               auth=auth, auth_message="Log in with the account your admin created.")
 
 
 def main() -> None:
@@ -109,8 +112,16 @@ def main() -> None:
         sys.exit(2)
     from app.candidates import CandidateWorker
 
+    from app.auth import auth_enabled
     from app.training_control import TrainingControl
 
+    if not auth_enabled(service.session_factory):
+        if not settings.is_local_bind:
+            print(f"\nCannot start: binding to {settings.host} needs logins, and no user has one yet.\n"
+                  "Create the admin first:  python -m app.users add NAME --role admin\n", file=sys.stderr)
+            sys.exit(2)
+        print("Single-user local mode: no logins, you are the admin. To add logins and roles:\n"
+              "  python -m app.users add NAME --role admin", flush=True)
     control = TrainingControl(service)
     if failed := control.recover():
         log.warning("training runs %s were left running by a crash or kill; marked failed", failed)

@@ -148,3 +148,18 @@ def audit(*, session: Session, user_name: str | None, action: str, allowed: bool
     session.add(row)
     session.flush()
     return row
+
+
+def set_role(*, session: Session, name: str, role: str) -> User:
+    if role not in ROLES:
+        raise ValidationError(f"role must be one of {', '.join(ROLES)}")
+    user = get_user(session=session, name=name)
+    if user is None:
+        raise NotFoundError(f"No user named {name}.")
+    user.role = role
+    session.flush()
+    return user
+
+
+def list_users(*, session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.name)))

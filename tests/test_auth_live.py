@@ -1,0 +1,65 @@
+"""Logins and roles enforced on the server, called directly through the Gradio API."""
+
+import pytest
+from gradio_client import Client
+from sqlalchemy import create_engine, text
+
+from app.users import add_user, new_api_key
+from feedback import repository as repo
+from feedback.db import make_engine, make_session_factory, migrate
+from tests.live_app import live_app
+
+
+@pytest.fixture
+def users_db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    add_user(factory, "alice", "user", "alice-password")
+    add_user(factory, "root", "admin", "root-password")
+    yield factory
+    engine.dispose()
+
+
+def test_users_cli_validation(users_db):
+    with pytest.raises(repo.ValidationError, match="exists already"):
+        add_user(users_db, "alice", "user", "another-password")
+    with pytest.raises(repo.ValidationError, match="at least 8"):
+        add_user(users_db, "carol", "user", "short")
+    with pytest.raises(repo.ValidationError, match="not a valid user name"):
+        add_user(users_db, "local", "admin", "long-enough")
+    assert new_api_key(users_db, "alice").startswith("sk-fc-")
+    with users_db() as s:
+        alice = repo.get_user(session=s, name="alice")
+        assert alice.password_hash.startswith("$argon2") and alice.api_key_hash.startswith("$argon2")
+
+
+def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
+    with live_app(tmp_path, tiny_model_dir) as url:
+        with pytest.raises(Exception):
+            Client(url + "/", verbose=False)  # no login, no API
+        with pytest.raises(Exception):
+            Client(url + "/", auth=("alice", "wrong-password"), verbose=False)
+        alice = Client(url + "/", auth=("alice", "alice-password"), verbose=False)
+        note = alice.predict(1.0, 3e-5, 64, 1e-6, 0.05, 0.6, False, api_name="/retrain")
+        assert note.startswith("Denied") and "admin role" in note
+        assert alice.predict(1, api_name="/promote").startswith("Denied")
+        assert alice.predict(1, api_name="/review_correct")[0].startswith("Denied")
+        ranked = alice.predict("ABCD", "", "ok", "ok", "ok", "ok", api_name="/rank_submit")
+        assert ranked.startswith("Denied")
+        _, history, _, _ = alice.predict("Hi", [], "", 0.0, 0.9, 50, 4, 1.1, api_name="/send")
+        assert history[0]["role"] == "user"
+        root = Client(url + "/", auth=("root", "root-password"), verbose=False)
+        data = root.predict(api_name="/admin_refresh")
+        assert "Data available" in data[0]
+    engine = create_engine(f"sqlite:///{tmp_path / 'chat.db'}")
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT count(*) FROM training_runs")).scalar()
+        denied = conn.execute(text("SELECT user_name, action FROM audit_log WHERE allowed = 0 AND action != 'login'"
+                                   " ORDER BY id")).all()
+        owners = conn.execute(text("SELECT u.name FROM conversations c JOIN users u ON u.id = c.owner_id")).all()
+    engine.dispose()
+    assert runs == 0
+    assert [a for _, a in denied] == ["start retrain", "promote model", "review moderation", "rank"]
+    assert owners == [("alice",)]
