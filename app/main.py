@@ -87,6 +87,10 @@ def create_app(service, worker=None, control=None):
     api = FastAPI(title="Feedback Chat")
     api.state.service = service
 
+    from app.api import build_router
+
+    api.include_router(build_router(service))
+
     @api.get("/healthz")
     def healthz():
         return {"status": "ok", "model": service.engine.version}

@@ -37,6 +37,10 @@ class ChatUpdate:
     done: bool = False
     blocked: bool = False
     status: str = "streaming"
+    finish_reason: str | None = None  # stop | length | cancelled | content_filter (final update only)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_version: str | None = None
 
 
 class ChatService:
@@ -117,6 +121,27 @@ class ChatService:
             conv_id, user_msg_id = conv.id, user_msg.id
         yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
 
+    def complete(self, user_name: str, messages: list[dict], params: SamplingParams | None = None,
+                 cancel_key: str | None = None) -> Iterator[ChatUpdate]:
+        """A stateless API call: log the given messages as a new conversation, answer the last one."""
+        if not messages or messages[-1].get("role") != "user":
+            raise ChatError("The last message must come from the user.")
+        text = self._validate(user_name, messages[-1].get("content", ""))
+        params = self._check_params(params)
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            conv = repo.create_conversation(session=s, owner=user, system_prompt=system, title="API: " + _title(text))
+            parent = None
+            for m in messages[:-1]:
+                if m["role"] != "system":
+                    parent = repo.add_message(session=s, conversation=conv, role=m["role"], content=m["content"],
+                                              parent=parent)
+            user_msg = repo.add_message(session=s, conversation=conv, role="user", content=text, parent=parent,
+                                        status="pending")
+            conv_id, user_msg_id = conv.id, user_msg.id
+        yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
+
     def regenerate(self, user_name: str, conversation_id: int, params: SamplingParams | None = None,
                    cancel_key: str | None = None) -> Iterator[ChatUpdate]:
         """A new reply to the last user message: a sibling of the old one, both kept."""
@@ -151,7 +176,8 @@ class ChatService:
                                          content=template, parent=user_msg, status="blocked",
                                          moderation="flagged", model_version=None)
                 reply_id = reply.id
-            yield ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked")
+            yield ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked",
+                             finish_reason="content_filter", model_version=engine.version)
             return
         if verdict is not None:
             self._set_moderation(user_msg_id, "pass")
@@ -210,7 +236,10 @@ class ChatService:
                 # The original flagged text stays in the database for review only.
                 self.moderator.attach(session=s, verdict=out_verdict, message_id=reply_id)
         yield ChatUpdate(conv_id, final, user_msg_id, reply_id, done=True, blocked=flagged,
-                         status="blocked" if flagged else status)
+                         status="blocked" if flagged else status,
+                         finish_reason="content_filter" if flagged else st.finish_reason,
+                         prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                         model_version=engine.version)
 
     # helpers -----------------------------------------------------------------------------
     def _moderate(self, text, direction, user_id, message_id, log_pass=True):

@@ -40,11 +40,12 @@ def add_user(session_factory, name: str, role: str, password: str) -> None:
 
 
 def new_api_key(session_factory, name: str) -> str:
-    key = "sk-fc-" + secrets.token_urlsafe(24)
     with session_scope(session_factory) as s:
         user = repo.get_user(session=s, name=name)
         if user is None:
             raise repo.NotFoundError(f"No user named {name}.")
+        # The user id in the key finds the one hash to check; the secret part is never stored.
+        key = f"sk-fc-{user.id}." + secrets.token_urlsafe(24)
         user.api_key_hash = hash_secret(key)
     return key
 

@@ -1,0 +1,172 @@
+"""OpenAI-compatible HTTP API: POST /v1/chat/completions (streaming or not), GET /v1/models.
+
+It goes through the same ChatService as the browser (moderation, logging, limits). When
+logins are on, each call needs a per-user API key (``python -m app.users api-key NAME``)
+as ``Authorization: Bearer sk-fc-...``. Errors use OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from app.auth import LOCAL_USER, auth_enabled, verify_secret
+from app.service import ChatError
+from feedback import repository as repo
+from feedback import training_repo as trepo
+from feedback.db import session_scope
+from model.engine import SamplingParams
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(default=0.3, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0, le=4096)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=4096)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int | None = None
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": code}})
+
+
+def _caller(request: Request, service) -> str | None:
+    """The user an API key belongs to; LOCAL_USER in single-user local mode; None if refused."""
+    if not auth_enabled(service.session_factory):
+        return LOCAL_USER
+    header = request.headers.get("authorization", "")
+    key = header.removeprefix("Bearer ").strip()
+    if not key.startswith("sk-fc-") or "." not in key:
+        return None
+    user_id = key.removeprefix("sk-fc-").split(".", 1)[0]
+    if not user_id.isdigit():
+        return None
+    with session_scope(service.session_factory) as s:
+        from feedback.models import User
+
+        user = s.get(User, int(user_id))
+        return user.name if user is not None and verify_secret(user.api_key_hash, key) else None
+
+
+def _known_models(service) -> list[str]:
+    with session_scope(service.session_factory) as s:
+        names = [v.name for v in trepo.list_versions(session=s)]
+    return [service.engine.version] + [n for n in names if n != service.engine.version]
+
+
+def build_router(service) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models(request: Request):
+        if await run_in_threadpool(_caller, request, service) is None:
+            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
+                         "authentication_error", code="invalid_api_key")
+        names = await run_in_threadpool(_known_models, service)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "local"}
+                                           for n in names]}
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        user = await run_in_threadpool(_caller, request, service)
+        if user is None:
+            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
+                         "authentication_error", code="invalid_api_key")
+        try:
+            body = ChatRequest.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as exc:
+            return error(400, f"The body is not valid JSON: {exc.msg}")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            return error(400, f"Invalid '{param}': {first['msg']}", param=param)
+        if body.model and body.model not in await run_in_threadpool(_known_models, service):
+            return error(400, f"Unknown model '{body.model}'. GET /v1/models lists the available ones.",
+                         param="model", code="model_not_found")
+        if body.model and body.model != service.engine.version:
+            return error(400, f"Model '{body.model}' exists but is not the one being served "
+                              f"('{service.engine.version}'); an admin can promote it.", param="model")
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=0,
+                                max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
+                                repetition_penalty=1.1, seed=body.seed, stop=stop)
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            updates = service.complete(user, messages, params)
+            first = await run_in_threadpool(next, updates)
+        except ChatError as exc:
+            return error(429 if "busy" in str(exc) or "a minute" in str(exc) else 400, str(exc))
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if not body.stream:
+            final = first
+            try:
+                async for up in iterate_in_threadpool(updates):
+                    final = up
+            except ChatError as exc:
+                return error(503, str(exc), "server_error")
+            return {"id": cid, "object": "chat.completion", "created": created, "model": final.model_version,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
+                                 "finish_reason": _finish(final)}],
+                    "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
+                              "total_tokens": final.prompt_tokens + final.completion_tokens}}
+        return StreamingResponse(_sse(cid, created, service.engine.version, first, updates),
+                                 media_type="text/event-stream")
+
+    return router
+
+
+def _finish(update) -> str:
+    return {"cancelled": "stop", None: "stop"}.get(update.finish_reason, update.finish_reason)
+
+
+async def _chain(first, updates):
+    yield first
+    async for up in iterate_in_threadpool(updates):
+        yield up
+
+
+async def _sse(cid, created, model, first, updates):
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                      "model": model, "choices": [{"index": 0, "delta": delta,
+                                                                   "finish_reason": finish}]}) + "\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    sent, last = "", first
+    try:
+        async for up in _chain(first, updates):
+            last = up
+            if up.done and up.blocked:
+                # Only checked text was ever sent. If moderation replaced the reply at the end, what
+                # was sent stays and the stream ends with finish_reason "content_filter".
+                piece = "" if sent else up.text
+            else:
+                piece = up.text[len(sent):] if up.text.startswith(sent) else ""
+            if piece:
+                sent += piece
+                yield chunk({"content": piece})
+        yield chunk({}, _finish(last))
+    except ChatError as exc:
+        yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error"}}) + "\n\n"
+    yield "data: [DONE]\n\n"

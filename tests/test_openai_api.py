@@ -1,0 +1,73 @@
+"""The OpenAI-compatible API through the official `openai` client against the running app."""
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.users import add_user, new_api_key
+from feedback.db import make_engine, make_session_factory, migrate
+from tests.live_app import live_app
+
+
+@pytest.fixture(scope="module")
+def api_app(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    url = f"sqlite:///{tmp / 'chat.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    add_user(factory, "dev", "user", "dev-password")
+    key = new_api_key(factory, "dev")
+    engine.dispose()
+    with live_app(tmp, tiny_model_dir) as base:
+        yield base, key, tmp
+
+
+def test_non_streaming_and_logged(api_app, tiny_model_dir):
+    base, key, tmp = api_app
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key)
+    [model] = [m.id for m in client.models.list().data][:1]
+    assert model == tiny_model_dir.name
+    out = client.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "Hello API"}],
+                                         max_tokens=6, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens > 0 and out.model == model
+    engine = create_engine(f"sqlite:///{tmp / 'chat.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT m.role, m.content FROM messages m JOIN conversations c ON "
+                                 "c.id = m.conversation_id JOIN users u ON u.id = c.owner_id WHERE u.name='dev' "
+                                 "ORDER BY m.id")).all()
+    engine.dispose()
+    assert rows[0] == ("user", "Hello API") and rows[1][0] == "assistant"
+
+
+def test_streaming_chunks(api_app):
+    base, key, _ = api_app
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key)
+    stream = client.chat.completions.create(model=None or openai.NOT_GIVEN, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=8, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_bad_requests_get_openai_errors(api_app):
+    base, key, _ = api_app
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    cases = [dict(messages=[]), dict(messages=[{"role": "user", "content": 5}]),
+             dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0),
+             dict(messages=[{"role": "user", "content": "hi"}], model="gpt-17"),
+             dict(messages=[{"role": "user", "content": "hi"}], temperature="hot"),
+             dict(messages=[{"role": "user", "content": ""}])]
+    for body in cases:
+        body.setdefault("model", openai.NOT_GIVEN)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**body)
+        assert info.value.body["message"], body
+    raw = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {key}"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="sk-fc-1.wrong", max_retries=0).models.list()
