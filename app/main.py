@@ -91,6 +91,12 @@ def create_app(service, worker=None, control=None):
 
     api.include_router(build_router(service))
 
+    @api.get("/metrics")
+    def metrics():
+        from fastapi.responses import Response
+
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
     @api.get("/healthz")
     def healthz():
         return {"status": "ok", "model": service.engine.version}

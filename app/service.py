@@ -45,6 +45,9 @@ class ChatUpdate:
 
 class ChatService:
     def __init__(self, engine, session_factory, settings, moderator=None):
+        from app.metrics import ChatMetrics
+
+        self.metrics = ChatMetrics()
         self._engine = engine
         self.session_factory = session_factory
         self.settings = settings
@@ -159,6 +162,25 @@ class ChatService:
 
     # the pipeline ------------------------------------------------------------------------
     def _reply(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
+        """The pipeline, counted in /metrics."""
+        m = self.metrics
+        m.in_flight.inc()
+        outcome = "error"
+        try:
+            for up in self._pipeline(user_name, conv_id, user_msg_id, params, cancel_key):
+                if up.done:
+                    outcome = "blocked" if up.blocked else up.status
+                    m.tokens.inc(up.completion_tokens)
+                    m.prompt_tokens.inc(up.prompt_tokens)
+                yield up
+        except GeneratorExit:
+            outcome = "disconnected"
+            raise
+        finally:
+            m.in_flight.dec()
+            m.requests.labels(outcome).inc()
+
+    def _pipeline(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
         engine = self._engine  # pinned for this reply: a promote mid-stream does not affect it
         with session_scope(self.session_factory) as s:
             user_msg = repo.get_message(session=s, message_id=user_msg_id)
@@ -222,6 +244,9 @@ class ChatService:
         flagged = out_verdict is not None and out_verdict.flagged
         final = self.moderator.template("out", out_verdict.category) if flagged else full
         st = gen.stats
+        if st.ttft_ms is not None:
+            self.metrics.ttft.observe(st.ttft_ms / 1000)
+        self.metrics.latency.observe(st.latency_ms / 1000)
         with session_scope(self.session_factory) as s:
             user_msg = repo.get_message(session=s, message_id=user_msg_id)
             user_msg.status = "answered"
@@ -246,6 +271,8 @@ class ChatService:
         if self.moderator is None:
             return None
         verdict = self.moderator.check(text, direction=direction)
+        if verdict.flagged:
+            self.metrics.flags.labels(direction).inc()
         if message_id is not None and (log_pass or verdict.flagged):
             with session_scope(self.session_factory) as s:
                 self.moderator.attach(session=s, verdict=verdict, message_id=message_id, user_id=user_id)

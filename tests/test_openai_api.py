@@ -71,3 +71,14 @@ def test_bad_requests_get_openai_errors(api_app):
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="sk-fc-1.wrong", max_retries=0).models.list()
+
+
+def test_metrics_endpoint_counts_requests(api_app):
+    base, key, _ = api_app
+    openai.OpenAI(base_url=base + "/v1", api_key=key).chat.completions.create(
+        model=openai.NOT_GIVEN, messages=[{"role": "user", "content": "count me"}], max_tokens=3)
+    body = httpx.get(base + "/metrics").text
+    assert "chat_requests_total{outcome=" in body
+    assert "chat_time_to_first_token_seconds_bucket" in body and "chat_in_flight 0.0" in body
+    tokens = [line for line in body.splitlines() if line.startswith("chat_completion_tokens_total")]
+    assert tokens and float(tokens[0].split()[-1]) > 0

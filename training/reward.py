@@ -35,8 +35,9 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     scores: list[float] = []
     model.eval()
-    side = tokenizer.padding_side
+    side, cut = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "right"  # sequence classification reads the last non-pad token
+    tokenizer.truncation_side = "left"  # long dialogues lose their start, never the reply being judged
     try:
         for i in range(0, len(texts), batch_size):
             batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
@@ -44,7 +45,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
             with torch.inference_mode():
                 scores.extend(model(**batch).logits[:, 0].float().tolist())
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut
     return scores
 
 
@@ -63,7 +64,6 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
 
     model, tokenizer = load_reward_model(model_path)
     heldout = [json.loads(line) for line in Path(heldout_path).read_text().splitlines() if line.strip()]
-    before = pairwise_accuracy(model, tokenizer, heldout, cfg.max_length)
     args = RewardConfig(num_train_epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate,
                         per_device_train_batch_size=cfg.rm_batch_size, max_length=cfg.max_length,
                         **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
@@ -73,7 +73,7 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
     trained = trainer.model
     after = pairwise_accuracy(trained, tokenizer, heldout, cfg.max_length)
     path = save_model_dir(trained, tokenizer, out_dir)
-    metrics = {"rm_heldout_accuracy": after, "rm_heldout_accuracy_before": before, "rm_heldout_pairs": len(heldout),
+    metrics = {"rm_heldout_accuracy": after, "rm_heldout_pairs": len(heldout),
                "rm_train_loss": float(result.training_loss)}
     return path, metrics
 
