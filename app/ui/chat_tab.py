@@ -83,9 +83,13 @@ def build_chat_tab(service) -> None:
             yield first
             yield from updates
 
+        # Clear the box once: later yields leave it alone, so a user can type the next message
+        # while this reply is still streaming.
+        box_update = ""
         for rows, rids, cid, note in stream_reply(chain(), history, row_ids, cid):
-            yield "", rows, rids, cid, note, gr.update()
-        yield "", rows, rids, cid, note, refresh_list(request, cid)
+            yield box_update, rows, rids, cid, note, gr.update()
+            box_update = gr.update()
+        yield gr.update(), rows, rids, cid, note, refresh_list(request, cid)
 
     def on_regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request: gr.Request):
         if cid is None or not history:

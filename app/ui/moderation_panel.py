@@ -26,7 +26,8 @@ def _summary(service) -> str:
         c = mrepo.moderation_counts(session=s)
     mod = service.moderator
     backends = ", ".join(mod.backend_names) if mod else "none (moderation off)"
-    thr = f"default threshold {mod.default_threshold}" + (f", overrides {mod.thresholds}" if mod and mod.thresholds else "")
+    thr = "" if mod is None else f"default threshold {mod.default_threshold}" + (
+        f", overrides {mod.thresholds}" if mod.thresholds else "")
     return (f"**Active backends:** {backends} · {thr}  \n"
             f"**Checked:** {c['checked']} · **flagged inputs:** {c['flagged_in']} · **flagged outputs:** "
             f"{c['flagged_out']} · **backend errors (blocked):** {c['errors']}  \n"
