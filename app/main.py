@@ -51,8 +51,7 @@ def load_engine(settings: Settings, session_factory):
 
     from feedback import training_repo as trepo
     from feedback.db import session_scope
-    from model.engine import Engine
-    from model.loader import ModelNotFoundError, resolve_model
+    from model.loader import ModelNotFoundError, build_engine, resolve_model
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -70,8 +69,8 @@ def load_engine(settings: Settings, session_factory):
     if not Path(path, "config.json").is_file():
         log.warning("promoted version %s has no weights at %s; serving %s", name, path, resolved.name)
         path, name = str(resolved.path), resolved.name
-    engine = Engine.from_path(path, name, device=settings.device,
-                              max_concurrent=settings.max_concurrent, busy_wait_s=settings.busy_wait_s)
+    engine = build_engine(path, name, settings.engine, settings.device, settings.max_concurrent, settings.max_queue,
+                          settings.busy_wait_s)
     log.warning("model %s loaded in %.1f s", name, time.perf_counter() - start)
     return engine
 

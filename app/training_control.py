@@ -97,9 +97,9 @@ class TrainingControl:
 
 def _default_loader(service):
     def load(path: str, name: str):
-        from model.engine import Engine
+        from model.loader import build_engine
 
         s = service.settings
-        return Engine.from_path(path, name, device=s.device, max_concurrent=s.max_concurrent, busy_wait_s=s.busy_wait_s)
+        return build_engine(path, name, s.engine, s.device, s.max_concurrent, s.max_queue, s.busy_wait_s)
 
     return load

@@ -157,3 +157,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def build_engine(path, version: str, kind: str = "batched", device: str = "auto", max_concurrent: int = 16,
+                 max_queue: int = 64, busy_wait_s: float = 30.0):
+    """The serving engine for a model directory: ``batched`` or ``simple`` (one generate per request)."""
+    from model.batching import BatchedEngine
+    from model.engine import Engine
+
+    if kind == "batched":
+        return BatchedEngine.from_path(path, version, device=device, max_batch=max_concurrent, max_queue=max_queue,
+                                       busy_wait_s=busy_wait_s)
+    if kind == "simple":
+        return Engine.from_path(path, version, device=device, max_concurrent=max_concurrent, busy_wait_s=busy_wait_s)
+    raise ValueError(f"Unknown engine '{kind}': use batched or simple")

@@ -23,3 +23,14 @@ def test_greedy_capital_of_france(real_engine):
                                        SamplingParams(temperature=0, max_new_tokens=24))
     assert "Paris" in text
     assert stats.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_batched_engine_on_real_model_matches(real_engine):
+    from model.batching import BatchedEngine
+
+    batched = BatchedEngine(real_engine.model, real_engine.tokenizer, version=real_engine.version, max_batch=4)
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text, _ = batched.generate(messages, params)
+    assert "Paris" in text and text == real_engine.generate(messages, params)[0]

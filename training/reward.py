@@ -85,8 +85,11 @@ def main() -> None:
     parser.add_argument("--heldout", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=float, default=RetrainConfig.rm_epochs)
+    parser.add_argument("--learning-rate", type=float, default=RetrainConfig.rm_learning_rate)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     args = parser.parse_args()
-    path, metrics = run_reward(args.model, args.train, args.heldout, args.out, RetrainConfig(rm_epochs=args.epochs))
+    cfg = RetrainConfig(rm_epochs=args.epochs, rm_learning_rate=args.learning_rate, use_lora=args.lora)
+    path, metrics = run_reward(args.model, args.train, args.heldout, args.out, cfg)
     print(f"saved reward model to {path}: {metrics}")
 
 
