@@ -55,6 +55,7 @@ class ChatService:
         self._cancels: dict[str, threading.Event] = {}
         self._recent: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
+        self._known_users: set[str] = set()
 
     # engine hot swap ---------------------------------------------------------------------
     @property
@@ -64,6 +65,22 @@ class ChatService:
     def swap_engine(self, engine) -> None:
         """Replies already streaming hold a reference to the old engine and finish on it."""
         self._engine = engine
+
+    def _ensure_user(self, name: str) -> None:
+        """Create the user row in its own transaction: a user's first requests may arrive at
+        once, and only one insert can win (the others see it on retry)."""
+        if name in self._known_users:
+            return
+        from sqlalchemy.exc import IntegrityError
+
+        for _ in range(3):
+            try:
+                with session_scope(self.session_factory) as s:
+                    repo.get_or_create_user(session=s, name=name)
+                break
+            except IntegrityError:
+                continue
+        self._known_users.add(name)
 
     # queries -----------------------------------------------------------------------------
     def conversations(self, user_name: str) -> list[tuple[str, int]]:
@@ -104,6 +121,7 @@ class ChatService:
         """Post a user message and stream the assistant reply. Raises ChatError before any write."""
         text = self._validate(user_name, text)
         params = self._check_params(params)
+        self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
             if conversation_id is None:
@@ -132,6 +150,7 @@ class ChatService:
         text = self._validate(user_name, messages[-1].get("content", ""))
         params = self._check_params(params)
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
             conv = repo.create_conversation(session=s, owner=user, system_prompt=system, title="API: " + _title(text))

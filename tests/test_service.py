@@ -151,3 +151,25 @@ def test_backend_error_fails_closed(session_factory, settings):
     with session_factory() as s:
         ev = s.scalars(select(ModerationEvent)).one()
         assert ev.decision == "error" and "classifier crashed" in ev.error
+
+
+def test_first_requests_of_a_new_user_at_once(session_factory, settings):
+    """Found by bench/load.py: concurrent first requests raced on creating the user row."""
+    import threading
+
+    service = ChatService(ScriptedEngine("ok"), session_factory, settings)
+    errors = []
+
+    def send(i):
+        try:
+            list(service.send("newcomer", f"hello {i}"))
+        except Exception as exc:  # collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _count(session_factory) == 16

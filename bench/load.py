@@ -1,0 +1,122 @@
+"""Load test over loopback: simulated users chat through the OpenAI-compatible API (streaming).
+
+    python -m bench.load                                # 30 users x 60 s on a fast fake engine,
+                                                        # then 4 users x 60 s on the real model
+    python -m bench.load --fake-users 30 --fake-seconds 20 --real-users 4 --real-seconds 30
+
+Reports requests, lost messages (sent but not in the database), server errors, refusals
+(busy / rate limit, which are answers, not errors) and time to first token p50/p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def simulate(base: str, users: int, seconds: float) -> dict:
+    sent, ok, refused, errors, ttfts = [0], [0], [0], [0], []
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def user(i: int):
+        with httpx.Client(timeout=120) as client:
+            n = 0
+            while time.time() < stop_at:
+                n += 1
+                body = {"messages": [{"role": "user", "content": f"user {i} message {n}: tell me something"}],
+                        "max_tokens": 24, "stream": True}
+                start = time.perf_counter()
+                first = None
+                with lock:
+                    sent[0] += 1
+                try:
+                    with client.stream("POST", base + "/v1/chat/completions", json=body) as res:
+                        if res.status_code in (400, 429):
+                            with lock:
+                                refused[0] += 1
+                            time.sleep(0.5)
+                            continue
+                        if res.status_code >= 500:
+                            with lock:
+                                errors[0] += 1
+                            continue
+                        for line in res.iter_lines():
+                            if line.startswith("data: {") and first is None and '"content": "' in line \
+                                    and '"content": ""' not in line:
+                                first = time.perf_counter() - start
+                            if line.startswith("data: {") and '"error"' in json.loads(line[6:]):
+                                with lock:
+                                    errors[0] += 1
+                    with lock:
+                        ok[0] += 1
+                        if first is not None:
+                            ttfts.append(first)
+                except httpx.HTTPError:
+                    with lock:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
+    return {"sent": sent[0], "completed": ok[0], "refused": refused[0], "errors": errors[0],
+            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p95": q[18]}
+
+
+def run_case(name: str, engine, users: int, seconds: float) -> None:
+    from sqlalchemy import func, select
+
+    from app.service import ChatService
+    from app.settings import Settings
+    from feedback.db import make_engine, make_session_factory, migrate
+    from feedback.models import Message
+    from tests.inprocess_app import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'load.db'}"
+        migrate(url)
+        factory = make_session_factory(make_engine(url))
+        settings = Settings(data_dir=tmp, database_url=url, messages_per_minute=0, max_queue=256)
+        with serve(ChatService(engine, factory, settings)) as base:
+            r = simulate(base, users, seconds)
+        with factory() as s:
+            logged = s.scalar(select(func.count(Message.id)).where(Message.role == "user")) or 0
+    lost = r["completed"] - logged if logged < r["completed"] else 0
+    print(f"| {name} | {users} | {seconds:.0f} | {r['sent']} | {r['completed']} | {lost} | {r['errors']} | "
+          f"{r['refused']} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |", flush=True)
+
+
+def main() -> None:
+    from model.batching import BatchedEngine
+    from model.loader import load_model, resolve_model
+    from tests.fakes import ScriptedEngine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fake-users", type=int, default=30)
+    parser.add_argument("--fake-seconds", type=float, default=60)
+    parser.add_argument("--real-users", type=int, default=4)
+    parser.add_argument("--real-seconds", type=float, default=60)
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args()
+    print("| engine | users | seconds | requests | completed | lost | server errors | refused | TTFT p50 s | "
+          "TTFT p95 s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    run_case("fake (instant)", ScriptedEngine("a fast fake reply with a few words"), args.fake_users, args.fake_seconds)
+    if args.real_users:
+        resolved = resolve_model("embedded", Path(args.data_dir))
+        model, tok = load_model(resolved.path, "cpu")
+        run_case(f"{resolved.name} (batched)", BatchedEngine(model, tok, version=resolved.name, max_batch=16),
+                 args.real_users, args.real_seconds)
+
+
+if __name__ == "__main__":
+    main()
