@@ -30,6 +30,14 @@ def caller_name(request) -> str:
     return name or LOCAL_USER
 
 
+def role_of(session_factory, user_name: str) -> str | None:
+    if user_name == LOCAL_USER:
+        return "admin"
+    with session_scope(session_factory) as s:
+        user = repo.get_user(session=s, name=user_name)
+        return user.role if user else None
+
+
 def require_role(session_factory, user_name: str, roles: tuple[str, ...], action: str, detail: str = "",
                  audit_allowed: bool = True) -> None:
     """Raise PermissionDenied unless the user holds one of ``roles``. Denials are always audited;

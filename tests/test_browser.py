@@ -59,3 +59,45 @@ def test_annotator_ranks_one_task(tiny_model_dir, tmp_path):
     [(order,)] = _db_rows(tmp_path, "SELECT \"order\" FROM rankings")
     groups = json.loads(order)
     assert [len(g) for g in groups] == [1, 2, 1]
+
+
+def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_path):
+    from app.users import add_user
+    from feedback.db import make_engine, make_session_factory, migrate
+    from tests.training_data import seed_preferences
+
+    url_db = f"sqlite:///{tmp_path / 'chat.db'}"
+    migrate(url_db)
+    engine = make_engine(url_db)
+    factory = make_session_factory(engine)
+    add_user(factory, "alice", "user", "alice-password")
+    add_user(factory, "root", "admin", "root-password")
+    seed_preferences(factory, tiny_model_dir)
+    engine.dispose()
+
+    def login(page, url, name, password):
+        page.goto(url)
+        page.get_by_label("username").fill(name)
+        page.get_by_label("password").fill(password)
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#chat-input textarea", timeout=30000)
+        page.wait_for_timeout(1500)
+
+    with live_app(tmp_path, tiny_model_dir) as url:
+        with browser_page("login-user") as page:
+            login(page, url, "alice", "alice-password")
+            assert page.get_by_role("tab", name="Admin").count() == 0
+            assert page.get_by_role("tab", name="Rank").count() == 0
+            page.fill("#chat-input textarea", "hi as alice")
+            page.click("#send-btn")
+            page.locator("#chatbot").get_by_text("hi as alice").wait_for(timeout=30000)
+        with browser_page("login-admin") as page:
+            login(page, url, "root", "root-password")
+            page.get_by_role("tab", name="Admin").click()
+            page.get_by_label("PPO episodes").fill("8")
+            page.click("#retrain-btn")
+            page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1')",
+                                   timeout=60000)
+            page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
+                                   timeout=120000)
+            page.screenshot(path=str(tmp_path / "admin-progress.png"), full_page=True)

@@ -10,8 +10,8 @@ from app.ui.training_panel import build_training_panel
 
 
 def build_admin_tab(service, control) -> tuple:
-    """Returns (refresh function, its outputs) so the page load can fill the tab."""
-    with gr.Tab("Admin", id="admin"):
+    """Returns (tab, refresh function, its outputs) so the page load can show and fill the tab."""
+    with gr.Tab("Admin", id="admin", visible=False) as tab:
         refresh_btn = gr.Button("Refresh", size="sm")
         with gr.Tab("Training"):
             refresh_train, train_outputs = build_training_panel(service, control)
@@ -25,4 +25,4 @@ def build_admin_tab(service, control) -> tuple:
         return (*refresh_train(request), refresh_data(request), *refresh_mod(request))
 
     refresh_btn.click(refresh, None, outputs, api_name="admin_refresh")
-    return refresh, outputs
+    return tab, refresh, outputs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.auth import caller_name, role_of
+
 from app.ui.admin_tab import build_admin_tab
 from app.ui.chat_tab import build_chat_tab
 from app.ui.ranking_tab import build_ranking_tab
@@ -25,8 +27,15 @@ def build_demo(service, worker=None, control=None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 refresh_list, convs = build_chat_tab(service)
-            build_ranking_tab(service, worker)
-            admin_refresh, admin_outputs = build_admin_tab(service, control)
+            rank_tab = build_ranking_tab(service, worker)
+            admin_tab, admin_refresh, admin_outputs = build_admin_tab(service, control)
+
+        def show_tabs_for_role(request: gr.Request):
+            # Convenience only: every handler behind these tabs checks the role on the server.
+            role = role_of(service.session_factory, caller_name(request))
+            return gr.update(visible=role in ("annotator", "admin")), gr.update(visible=role == "admin")
+
+        demo.load(show_tabs_for_role, None, [rank_tab, admin_tab], api_visibility="private")
         demo.load(refresh_list, None, convs, api_visibility="private")
         demo.load(admin_refresh, None, admin_outputs, api_visibility="private")
     return demo

@@ -30,7 +30,7 @@ FLAG_CHOICES = ["ok", *arepo.FLAG_KINDS]
 def build_ranking_tab(service, worker=None) -> None:
     k = service.settings.ranking_candidates
     labels = list(arepo.LABELS[:k])
-    with gr.Tab("Rank", id="rank") as tab:
+    with gr.Tab("Rank", id="rank", visible=False) as tab:
         with gr.Row():
             status = gr.Markdown(elem_id="rank-status")
             load_btn = gr.Button("Load next task", size="sm", scale=0, elem_id="rank-load")
@@ -129,4 +129,5 @@ def build_ranking_tab(service, worker=None) -> None:
     # One progress bar on the context box instead of an overlay on every component.
     load_btn.click(load_next, None, outputs, api_name="rank_next", show_progress_on=[context])
     tab.select(load_next, None, outputs, api_visibility="private", show_progress_on=[context])
+    return tab
 
