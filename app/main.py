@@ -86,7 +86,23 @@ def create_app(service, worker=None, control=None):
     api = FastAPI(title="Feedback Chat")
     api.state.service = service
 
+    from urllib.parse import urlparse
+
+    from fastapi.responses import JSONResponse
+
     from app.api import build_router
+
+    @api.middleware("http")
+    async def same_origin_only(request, call_next):
+        # A page on another site must not act for a logged-in user (CSRF): browsers send Origin
+        # on cross-site POSTs, so refuse any state-changing request whose Origin is not us.
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null":
+            if urlparse(origin).netloc != request.headers.get("host"):
+                return JSONResponse(status_code=403, content={"error": {
+                    "message": "Cross-origin request refused.", "type": "permission_error", "param": None,
+                    "code": "foreign_origin"}})
+        return await call_next(request)
 
     api.include_router(build_router(service))
 

@@ -100,6 +100,18 @@ class ChatService:
                     for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
             return msgs, conv.system_prompt
 
+    def my_data(self, user_name: str) -> dict:
+        with session_scope(self.session_factory) as s:
+            return repo.export_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
+
+    def delete_my_data(self, user_name: str) -> dict[str, int]:
+        with session_scope(self.session_factory) as s:
+            return repo.delete_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
+
+    def set_opt_out(self, user_name: str, opted_out: bool) -> None:
+        with session_scope(self.session_factory) as s:
+            repo.get_or_create_user(session=s, name=user_name).opted_out = bool(opted_out)
+
     # commands ----------------------------------------------------------------------------
     def stop(self, key: str) -> None:
         event = self._cancels.get(key)

@@ -163,3 +163,44 @@ def set_role(*, session: Session, name: str, role: str) -> User:
 
 def list_users(*, session: Session) -> list[User]:
     return list(session.scalars(select(User).order_by(User.name)))
+
+
+def export_user_data(*, session: Session, user: User) -> dict:
+    """Everything we hold about one user, as plain JSON-able data."""
+    from feedback.models import Demonstration, Ranking
+
+    convs = []
+    for conv in list_conversations(session=session, owner=user, limit=100_000):
+        convs.append({"id": conv.id, "title": conv.title, "system_prompt": conv.system_prompt,
+                      "created_at": conv.created_at.isoformat(),
+                      "messages": [{"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content,
+                                    "status": m.status, "model_version": m.model_version,
+                                    "created_at": m.created_at.isoformat()} for m in conv.messages]})
+    votes = session.scalars(select(Vote).where(Vote.user_id == user.id)).all()
+    rankings = session.scalars(select(Ranking).where(Ranking.annotator_id == user.id)).all()
+    demos = session.scalars(select(Demonstration).where(Demonstration.author_id == user.id)).all()
+    return {"user": {"name": user.name, "role": user.role, "opted_out": user.opted_out,
+                     "created_at": user.created_at.isoformat()},
+            "conversations": convs,
+            "votes": [{"message_id": v.message_id, "value": v.value, "reason": v.reason, "comment": v.comment}
+                      for v in votes],
+            "rankings": [{"task_id": r.task_id, "order": r.order, "flags": r.flags, "skipped": r.skipped}
+                         for r in rankings],
+            "demonstrations": [{"task_id": d.task_id, "content": d.content} for d in demos]}
+
+
+def delete_user_data(*, session: Session, user: User) -> dict[str, int]:
+    """Delete a user's conversations, votes, rankings, demonstrations and chat-derived tasks.
+    The account stays (so they can keep using the app); future training exports no longer
+    contain any of it."""
+    from sqlalchemy import delete
+
+    from feedback.models import Demonstration, Ranking, RankingTask
+
+    counts = {}
+    for model, column in ((Vote, Vote.user_id), (Ranking, Ranking.annotator_id),
+                          (Demonstration, Demonstration.author_id), (RankingTask, RankingTask.owner_id),
+                          (Conversation, Conversation.owner_id)):
+        counts[model.__tablename__] = session.execute(delete(model).where(column == user.id)).rowcount
+    session.flush()
+    return counts

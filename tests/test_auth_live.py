@@ -63,3 +63,21 @@ def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
     assert runs == 0
     assert [a for _, a in denied] == ["start retrain", "promote model", "review moderation", "rank"]
     assert owners == [("alice",)]
+
+
+def test_foreign_origin_cannot_act(session_factory, settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.service import ChatService
+    from tests.fakes import ScriptedEngine
+
+    client = TestClient(create_app(ChatService(ScriptedEngine(), session_factory, settings)))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    evil = client.post("/v1/chat/completions", json=body, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403 and evil.json()["error"]["code"] == "foreign_origin"
+    join = client.post("/gradio_api/queue/join", json={}, headers={"Origin": "https://evil.example"})
+    assert join.status_code == 403
+    same = client.post("/v1/chat/completions", json=body, headers={"Origin": "http://testserver"})
+    assert same.status_code == 200
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # API clients send no Origin

@@ -173,3 +173,28 @@ def test_first_requests_of_a_new_user_at_once(session_factory, settings):
         t.join()
     assert errors == []
     assert _count(session_factory) == 16
+
+
+def test_user_exports_and_deletes_their_data(session_factory, settings, tmp_path):
+    from feedback.datasets import export
+
+    service = ChatService(ScriptedEngine("ok"), session_factory, settings)
+    a = list(service.send("alice", "one"))[-1]
+    b = list(service.regenerate("alice", a.conversation_id))[-1]
+    service.vote("alice", a.assistant_message_id, 1)
+    service.vote("alice", b.assistant_message_id, -1)
+    list(service.send("bob", "bob's"))
+    data = service.my_data("alice")
+    assert [m["content"] for m in data["conversations"][0]["messages"]] == ["one", "ok", "ok"]
+    assert sorted(v["value"] for v in data["votes"]) == [-1, 1]
+    service.set_opt_out("alice", True)
+    with session_factory() as s:
+        assert repo.get_user(session=s, name="alice").opted_out
+    service.set_opt_out("alice", False)
+    with session_factory.begin() as s:
+        assert export(session=s, kind="preferences", out=tmp_path / "p.jsonl").counts["pairs"] == 1
+    counts = service.delete_my_data("alice")
+    assert counts["conversations"] == 1 and counts["votes"] == 2
+    assert service.my_data("alice")["conversations"] == [] and service.conversations("bob")
+    with session_factory.begin() as s:
+        assert export(session=s, kind="preferences", out=tmp_path / "p.jsonl").counts["pairs"] == 0

@@ -42,6 +42,13 @@ def build_chat_tab(service) -> None:
                 top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k")
                 max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
                 rep = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+            with gr.Accordion("Your data", open=False):
+                opt_out = gr.Checkbox(label="Keep my conversations and votes out of model training",
+                                      elem_id="opt-out")
+                with gr.Row():
+                    export_btn = gr.Button("Download all my data (JSON)", size="sm")
+                    delete_btn = gr.Button("Delete all my data", size="sm", variant="stop", elem_id="delete-data")
+                my_file = gr.File(label="Your data", interactive=False, visible=False)
     conv_id = gr.State(None)   # the open conversation
     ids = gr.State([])         # message id for each chatbot row (None while streaming)
     voted = gr.State(None)     # (message_id, value) awaiting an optional reason
@@ -142,6 +149,28 @@ def build_chat_tab(service) -> None:
             return [], [], None, "", f"⚠ {exc}"
         rows = [{"role": m["role"], "content": m["content"]} for m in msgs]
         return rows, [m["id"] for m in msgs], int(selected), system_prompt, ""
+
+    def on_opt_out(value, request: gr.Request):
+        service.set_opt_out(caller_name(request), value)
+        return "Your data is now left out of training." if value else "Your data may be used for training."
+
+    def on_export(request: gr.Request):
+        import json
+        import tempfile
+
+        data = service.my_data(caller_name(request))
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="my-chat-data-", delete=False) as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+        return gr.update(value=f.name, visible=True)
+
+    def on_delete(request: gr.Request):
+        counts = service.delete_my_data(caller_name(request))
+        return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None)
+
+    opt_out.input(on_opt_out, [opt_out], hint, api_name="opt_out")
+    export_btn.click(on_export, None, my_file, api_name="export_my_data")
+    delete_btn.click(on_delete, None, [chatbot, ids, conv_id, hint, convs], api_name="delete_my_data",
+                     js="() => { if (!confirm('Delete all your conversations, votes and rankings?')) throw new Error('kept'); }")
 
     send_inputs = [box, chatbot, ids, conv_id, system, *sampling]
     send_outputs = [box, chatbot, ids, conv_id, hint, convs]
