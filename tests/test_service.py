@@ -178,14 +178,15 @@ def test_first_requests_of_a_new_user_at_once(session_factory, settings):
 def test_user_exports_and_deletes_their_data(session_factory, settings, tmp_path):
     from feedback.datasets import export
 
-    service = ChatService(ScriptedEngine("ok"), session_factory, settings)
+    replies = iter(["ok", "better", "fine"])
+    service = ChatService(ScriptedEngine(lambda m: next(replies)), session_factory, settings)
     a = list(service.send("alice", "one"))[-1]
     b = list(service.regenerate("alice", a.conversation_id))[-1]
     service.vote("alice", a.assistant_message_id, 1)
     service.vote("alice", b.assistant_message_id, -1)
     list(service.send("bob", "bob's"))
     data = service.my_data("alice")
-    assert [m["content"] for m in data["conversations"][0]["messages"]] == ["one", "ok", "ok"]
+    assert [m["content"] for m in data["conversations"][0]["messages"]] == ["one", "ok", "better"]
     assert sorted(v["value"] for v in data["votes"]) == [-1, 1]
     service.set_opt_out("alice", True)
     with session_factory() as s:
