@@ -11,8 +11,11 @@ from feedback.repository import NotFoundError, ValidationError
 REVIEW_VERDICTS = ("correct", "false_positive")
 
 
-def flagged_events(*, session: Session, limit: int = 100, unreviewed_only: bool = False) -> list[ModerationEvent]:
-    stmt = select(ModerationEvent).where(ModerationEvent.decision.in_(("flag", "error")))
+def flagged_events(*, session: Session, limit: int = 100, unreviewed_only: bool = False,
+                   include_passed: bool = False) -> list[ModerationEvent]:
+    stmt = select(ModerationEvent)
+    if not include_passed:
+        stmt = stmt.where(ModerationEvent.decision.in_(("flag", "error")))
     if unreviewed_only:
         stmt = stmt.where(ModerationEvent.review.is_(None))
     return list(session.scalars(stmt.order_by(ModerationEvent.id.desc()).limit(limit)))

@@ -10,15 +10,15 @@ from feedback import moderation_repo as mrepo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
 
-QUEUE_HEADERS = ["id", "when", "direction", "category", "max score", "backend", "review", "text"]
+QUEUE_HEADERS = ["id", "when", "direction", "decision", "category", "max score", "backend", "review", "text"]
 
 
-def _queue_rows(service) -> list[list]:
+def _queue_rows(service, include_passed: bool = False) -> list[list]:
     with session_scope(service.session_factory) as s:
-        return [[e.id, e.created_at.strftime("%Y-%m-%d %H:%M"), e.direction, e.category or "",
+        return [[e.id, e.created_at.strftime("%Y-%m-%d %H:%M"), e.direction, e.decision, e.category or "",
                  round(max((v for b in e.scores.values() for v in b.values()), default=0.0), 3),
                  e.backend, e.review or "—", e.text[:300]]
-                for e in mrepo.flagged_events(session=s)]
+                for e in mrepo.flagged_events(session=s, include_passed=include_passed)]
 
 
 def _summary(service) -> str:
@@ -36,6 +36,7 @@ def _summary(service) -> str:
 
 def build_moderation_panel(service) -> callable:
     summary = gr.Markdown(elem_id="moderation-summary")
+    show_all = gr.Checkbox(label="Show passed checks too", value=False)
     queue = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="moderation-queue",
                          label="Flagged messages, newest first (never shown to other users)")
     with gr.Row():
@@ -64,6 +65,13 @@ def build_moderation_panel(service) -> callable:
         except (NotFoundError, ValidationError) as exc:
             return f"⚠ {exc}", gr.update(), gr.update()
         return f"Event {int(eid)} marked {verdict.replace('_', ' ')}.", _summary(service), _queue_rows(service)
+
+    def toggle(all_events, request: gr.Request):
+        if (msg := denied(service, request, ADMIN, "view moderation", view=True)) is not None:
+            return []
+        return _queue_rows(service, all_events)
+
+    show_all.change(toggle, [show_all], queue, api_visibility="private")
 
     def show_template(d, c):
         return service.moderator.template(d, None if c in ("", "*") else c) if service.moderator else ""
