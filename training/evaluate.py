@@ -55,6 +55,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     new = Engine.from_path(new_path, "new", device="cpu" if not _cuda() else "auto")
     rm, rm_tok = load_reward_model(reward_path)
     prompts = prompts[:cfg.eval_prompts]
+    texts = texts[:cfg.eval_prompts]  # perplexity on as many held-out texts as prompts: bounded time
     replies = {"current": [], "new": []}
     lengths = {"current": [], "new": []}
     kls = []
