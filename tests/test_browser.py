@@ -101,3 +101,16 @@ def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_p
             page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
                                    timeout=120000)
             page.screenshot(path=str(tmp_path / "admin-progress.png"), full_page=True)
+    # The run is a separate process that outlives the app on purpose; stop it with the test.
+    import os
+    import signal
+
+    from feedback.training_repo import pid_alive
+    from sqlalchemy import create_engine, text as sql
+
+    db = create_engine(url_db)
+    with db.connect() as conn:
+        pid = conn.execute(sql("SELECT pid FROM training_runs WHERE id = 1")).scalar()
+    db.dispose()
+    if pid and pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
