@@ -3,19 +3,12 @@
 import threading
 
 import pytest
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import create_engine, func, select, text
 
 from feedback import repository as repo
 from feedback.db import downgrade, make_engine, make_session_factory, migrate, session_scope
 from feedback.models import Base, Message, Vote
-
-
-def _tables(url):
-    engine = create_engine(url)
-    try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
-    finally:
-        engine.dispose()
+from tests.test_migrations import _tables
 
 
 @pytest.mark.postgres
