@@ -31,7 +31,8 @@ class RetrainConfig:
     ppo_learning_rate: float = field(default=1e-6, metadata={"help": "Policy and value learning rate."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty to the reference (the current model)."})
     response_length: int = field(default=32, metadata={"help": "New tokens per PPO response."})
-    ppo_epochs: int = field(default=2, metadata={"help": "Optimisation epochs per PPO batch."})
+    ppo_max_prompt_tokens: int = field(default=128, metadata={"help": "PPO keeps the last N prompt tokens (cost grows with it)."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Optimisation epochs per PPO batch."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
     # evaluation
     eval_prompts: int = field(default=16, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
