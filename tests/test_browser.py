@@ -91,26 +91,32 @@ def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_p
             page.fill("#chat-input textarea", "hi as alice")
             page.click("#send-btn")
             page.locator("#chatbot").get_by_text("hi as alice").wait_for(timeout=30000)
-        with browser_page("login-admin") as page:
-            login(page, url, "root", "root-password")
-            page.get_by_role("tab", name="Admin").click()
-            page.get_by_label("PPO episodes").fill("8")
-            page.click("#retrain-btn")
-            page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1')",
-                                   timeout=60000)
-            page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
-                                   timeout=120000)
-            page.screenshot(path=str(tmp_path / "admin-progress.png"), full_page=True)
-    # The run is a separate process that outlives the app on purpose; stop it with the test.
+        try:
+            with browser_page("login-admin") as page:
+                login(page, url, "root", "root-password")
+                page.get_by_role("tab", name="Admin").click()
+                page.get_by_label("PPO episodes").fill("8")
+                page.click("#retrain-btn")
+                page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1')",
+                                       timeout=60000)
+                page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
+                                       timeout=120000)
+        finally:
+            _kill_run(url_db)  # the run is a separate process that outlives the app on purpose
+
+
+def _kill_run(url_db: str) -> None:
     import os
     import signal
 
-    from feedback.training_repo import pid_alive
     from sqlalchemy import create_engine, text as sql
+
+    from feedback.training_repo import pid_alive
 
     db = create_engine(url_db)
     with db.connect() as conn:
-        pid = conn.execute(sql("SELECT pid FROM training_runs WHERE id = 1")).scalar()
+        pids = [p for (p,) in conn.execute(sql("SELECT pid FROM training_runs")).all() if p]
     db.dispose()
-    if pid and pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ from feedback.datasets import export, scrub
 from feedback.importer import ImportFileError, import_file, parse_hh
 from feedback.models import DataSnapshot, ImportedPair, RankingTask
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_sample.jsonl"
+HH = Path(__file__).resolve().parent / "data" / "hh_harmless_sample.jsonl"
 
 
 def test_import_shared_hh_sample(session):

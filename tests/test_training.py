@@ -57,3 +57,14 @@ def test_config_validation():
         RetrainConfig(ppo_episodes=10, ppo_batch_size=4).validate()
     with pytest.raises(ValueError, match="Unknown retrain settings"):
         RetrainConfig.from_dict({"nope": 1})
+
+
+def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_model_dir):
+    """Regression: with fewer prompts than one PPO batch, TRL's loader looped forever."""
+    from feedback import annotation_repo as arepo
+
+    seed_preferences(session_factory, tiny_model_dir)
+    with session_factory.begin() as s:
+        arepo.add_task(session=s, context=[{"role": "user", "content": "hi as alice"}], source="chat")
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
+    assert status == "done", run.error

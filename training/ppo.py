@@ -46,6 +46,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
         m.config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     dataset = prompt_dataset(prompts_path, tokenizer, cfg.ppo_max_prompt_tokens)
+    if len(dataset) < cfg.ppo_batch_size:  # PPOTrainer would loop forever over an empty loader
+        raise ValueError(f"PPO needs at least {cfg.ppo_batch_size} prompts; {prompts_path} has {len(dataset)}.")
     args = PPOConfig(total_episodes=cfg.ppo_episodes, per_device_train_batch_size=cfg.ppo_batch_size,
                      gradient_accumulation_steps=1, num_mini_batches=1,
                      local_rollout_forward_batch_size=cfg.ppo_batch_size, learning_rate=cfg.ppo_learning_rate,

@@ -93,7 +93,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                          f"gate {cfg.accuracy_gate:.2f}; a reward model that cannot rank must not steer PPO. "
                          "Collect more (or more consistent) rankings and try again.")
 
-    prompts = snap.path("prompts_train") if snap.counts["prompts_train"] else _prompts_from_pairs(snap, run_dir)
+    prompts = _ppo_prompts(snap, run_dir, cfg)
     t = stage("ppo")
     ppo_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
                                     callbacks=[ReporterCallback(reporter, reporter.stage)])
@@ -127,11 +127,26 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     return metrics
 
 
-def _prompts_from_pairs(snap, run_dir: Path) -> Path:
-    path = run_dir / "data" / "prompts_from_pairs.jsonl"
+def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:
+    """Logged/imported prompts first, topped up with the training pairs' prompts (deduplicated).
+
+    PPO's data loader drops incomplete batches and then loops forever over nothing, so fewer
+    prompts than one batch is refused here with a clear message instead of a hang.
+    """
+    rows, seen = [], set()
+    for row in snap.rows("prompts_train") + [{"prompt": r["prompt"]} for r in snap.rows("preferences_train")]:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    rows = rows[:max(cfg.max_prompts, cfg.ppo_batch_size)]
+    if len(rows) < cfg.ppo_batch_size:
+        raise NotEnoughData(f"PPO needs at least {cfg.ppo_batch_size} prompts (one batch); there are {len(rows)}. "
+                            "Chat or import more prompts.")
+    path = run_dir / "data" / "prompts_ppo.jsonl"
     with path.open("w") as f:
-        for row in snap.rows("preferences_train"):
-            f.write(json.dumps({"prompt": row["prompt"]}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
