@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from feedback import annotation_repo as arepo
 from feedback.db import session_scope
@@ -68,8 +69,18 @@ class CandidateWorker:
                     made += self._make(task_id, context, i)
             return made
 
+    def _foreground_engine_free(self, timeout_s: float = 30.0) -> None:
+        """Chat comes first: wait while any chat reply is being generated."""
+        deadline = time.monotonic() + timeout_s
+        while self.service.in_flight() > 0 and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.2)
+
     def _make(self, task_id: int, context: list[dict], i: int) -> int:
-        engine = self.service.engine
+        self._foreground_engine_free()
+        serving = self.service.engine
+        # Outside the chat batcher (same weights): a long candidate must never hold a chat
+        # reply back until its batch finishes.
+        engine = serving.unbatched() if hasattr(serving, "unbatched") else serving
         params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=task_id * 100 + i,
                                 **VARIANTS[i % len(VARIANTS)])
         text, _ = engine.generate(context, params)

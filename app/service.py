@@ -57,6 +57,10 @@ class ChatService:
         self._lock = threading.Lock()
         self._known_users: set[str] = set()
 
+    def in_flight(self) -> int:
+        """Chat replies being generated right now (background work waits for zero)."""
+        return int(self.metrics.in_flight._value.get())
+
     # engine hot swap ---------------------------------------------------------------------
     @property
     def engine(self):

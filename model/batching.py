@@ -42,6 +42,10 @@ class BatchedEngine(Engine):
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
+    def unbatched(self) -> Engine:
+        """A plain engine over the same weights, for background work that must not join batches."""
+        return Engine(self.model, self.tokenizer, version=self.version, max_concurrent=1)
+
     @property
     def queue_length(self) -> int:
         return self._queue.qsize()

@@ -174,9 +174,13 @@ def build_chat_tab(service) -> None:
 
     send_inputs = [box, chatbot, ids, conv_id, system, *sampling]
     send_outputs = [box, chatbot, ids, conv_id, hint, convs]
-    send.click(on_send, send_inputs, send_outputs, api_name="send", concurrency_limit=None)
-    box.submit(on_send, send_inputs, send_outputs, api_visibility="private", concurrency_limit=None)
-    regen.click(on_regen, [chatbot, ids, conv_id, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate")
+    # Progress shows on the chat only, not on the message box or the conversation list.
+    send.click(on_send, send_inputs, send_outputs, api_name="send", concurrency_limit=None,
+               show_progress_on=[chatbot])
+    box.submit(on_send, send_inputs, send_outputs, api_visibility="private", concurrency_limit=None,
+               show_progress_on=[chatbot])
+    regen.click(on_regen, [chatbot, ids, conv_id, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate",
+                show_progress_on=[chatbot])
     stop.click(on_stop, None, None, api_name="stop")
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
     save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
