@@ -99,8 +99,12 @@ def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_p
                 page.click("#retrain-btn")
                 page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1')",
                                        timeout=60000)
-                page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
-                                       timeout=120000)
+                # A tiny model may finish within one refresh: progress or the finished run both count.
+                page.wait_for_function("/step [1-9]|Run 1: done/.test("
+                                       "document.querySelector('#train-progress').innerText)", timeout=180000)
+                page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1: done')",
+                                       timeout=180000)
+                page.locator("#versions-table").get_by_text("run1-ppo").wait_for(timeout=30000)
         finally:
             _kill_run(url_db)  # the run is a separate process that outlives the app on purpose
 

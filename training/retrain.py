@@ -114,6 +114,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(ppo_path, final)  # atomic: the directory appears complete or not at all
     timings["register"] = time.monotonic() - t
+    reporter.advance()
     timings["total"] = time.monotonic() - started
     metrics["timings_s"] = timings
     with session_scope(session_factory) as s:
