@@ -147,12 +147,3 @@ def done_today(*, session: Session, annotator: User) -> int:
     since = datetime.now(timezone.utc) - timedelta(hours=24)
     return session.scalar(select(func.count(Ranking.id)).where(Ranking.annotator_id == annotator.id,
                                                                Ranking.created_at >= since)) or 0
-
-
-def add_demonstration(*, session: Session, context: list[dict], content: str, author: User | None) -> Demonstration:
-    if not content.strip():
-        raise ValidationError("A demonstration needs text.")
-    demo = Demonstration(context=context, content=content.strip(), author_id=author.id if author else None)
-    session.add(demo)
-    session.flush()
-    return demo

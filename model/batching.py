@@ -46,10 +46,6 @@ class BatchedEngine(Engine):
         """A plain engine over the same weights, for background work that must not join batches."""
         return Engine(self.model, self.tokenizer, version=self.version, max_concurrent=1)
 
-    @property
-    def queue_length(self) -> int:
-        return self._queue.qsize()
-
     def stream(self, messages, params=None, cancel=None) -> Generation:
         params = (params or SamplingParams()).validate()
         req = _Request(messages, params, cancel or threading.Event(), GenerationStats())

@@ -37,10 +37,6 @@ class Verdict:
     def backend(self) -> str:
         return ",".join(self.scores) or "none"
 
-    @property
-    def max_score(self) -> float:
-        return max((v for s in self.scores.values() for v in s.values()), default=0.0)
-
 
 class Moderator:
     def __init__(self, backends, default_threshold: float = 0.5, thresholds: dict[str, float] | None = None,
