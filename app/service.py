@@ -21,11 +21,18 @@ from typing import Iterator
 from feedback import repository as repo
 from feedback.db import session_scope
 from feedback.models import Message
-from model.engine import EngineBusyError, SamplingParams
+from model.engine import ContextTooLongError, EngineBusyError, SamplingParams
 
 
 class ChatError(Exception):
-    """A refusal the user should read (too long, rate limited, busy, not found...)."""
+    """A refusal the user should read (too long, rate limited, busy, not found...).
+
+    ``status`` is the HTTP status the API answers with: 400 the request, 429 come back later,
+    503 the server failed."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -68,7 +75,9 @@ class ChatService:
 
     def swap_engine(self, engine) -> None:
         """Replies already streaming hold a reference to the old engine and finish on it."""
-        self._engine = engine
+        old, self._engine = self._engine, engine
+        if old is not engine and hasattr(old, "retire"):
+            old.retire()  # frees its memory once those replies are done
 
     def _ensure_user(self, name: str) -> None:
         """Create the user row in its own transaction: a user's first requests may arrive at
@@ -263,12 +272,12 @@ class ChatService:
                     yield ChatUpdate(conv_id, shown, user_msg_id)
             if cancel.is_set() and (out_verdict is None or not out_verdict.flagged):
                 status = "stopped"
-        except EngineBusyError as exc:
+        except (EngineBusyError, ContextTooLongError) as exc:
             self._finish_failed(user_msg_id, str(exc))
-            raise ChatError(str(exc)) from exc
+            raise ChatError(str(exc), 429 if isinstance(exc, EngineBusyError) else 400) from exc
         except Exception as exc:
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
-            raise ChatError("The model failed while answering; the error is logged. Please try again.") from exc
+            raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
         finally:
             if cancel_key:
                 self._cancels.pop(cancel_key, None)
@@ -351,7 +360,7 @@ class ChatService:
             while q and now - q[0] > 60:
                 q.popleft()
             if len(q) >= limit:
-                raise ChatError(f"You can send {limit} messages a minute; wait {60 - (now - q[0]):.0f} s.")
+                raise ChatError(f"You can send {limit} messages a minute; wait {60 - (now - q[0]):.0f} s.", 429)
             q.append(now)
 
     @staticmethod

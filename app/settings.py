@@ -31,11 +31,13 @@ class Settings:
     database_url: str = field(default="", metadata={"help": "SQLAlchemy URL; empty = SQLite in data_dir."})
     model: str = field(default="embedded", metadata={"help": "embedded, a HF directory, a .gguf file or a hub id."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), cpu or cuda."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch and llama.cpp; 0 = all cores."})
     max_message_chars: int = field(default=8000, metadata={"help": "Longer user messages are refused."})
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation."})
     messages_per_minute: int = field(default=30, metadata={"help": "Messages one user may send a minute; 0 = no limit."})
-    engine: str = field(default="batched", metadata={"help": "batched (requests share forward passes) or simple."})
+    engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers) or simple."})
+    gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, same quality) or f32."})
+    context_tokens: int = field(default=2048, metadata={"help": "llama.cpp context per conversation, in tokens."})
     max_queue: int = field(default=64, metadata={"help": "Requests waiting for the model; more get 'busy, try again'."})
     max_concurrent: int = field(default=16, metadata={"help": "Replies generated at the same time (the batch size)."})
     busy_wait_s: float = field(default=30.0, metadata={"help": "How long a request waits for a free slot."})
@@ -70,3 +72,10 @@ def load_settings(env_file: str | None = ".env", **overrides) -> Settings:
         values["database_url"] = os.environ.get("DATABASE_URL", "")
     values.update(overrides)
     return Settings(**values)
+
+
+def engine_options(settings: Settings) -> dict:
+    """The keyword arguments model.loader.build_engine takes from the settings."""
+    return dict(kind=settings.engine, device=settings.device, max_concurrent=settings.max_concurrent,
+                max_queue=settings.max_queue, busy_wait_s=settings.busy_wait_s, threads=settings.threads,
+                gguf_type=settings.gguf_type, context_tokens=settings.context_tokens)

@@ -97,9 +97,9 @@ class TrainingControl:
 
 def _default_loader(service):
     def load(path: str, name: str):
+        from app.settings import engine_options
         from model.loader import build_engine
 
-        s = service.settings
-        return build_engine(path, name, s.engine, s.device, s.max_concurrent, s.max_queue, s.busy_wait_s)
+        return build_engine(path, name, **engine_options(service.settings))
 
     return load

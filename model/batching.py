@@ -33,6 +33,8 @@ class _Request:
 
 
 class BatchedEngine(Engine):
+    backend = "transformers-batched"
+
     def __init__(self, model, tokenizer, version: str = "unversioned", max_batch: int = 16, max_queue: int = 64,
                  busy_wait_s: float = 30.0, **kw):
         kw.pop("max_concurrent", None)

@@ -24,6 +24,10 @@ class EngineBusyError(RuntimeError):
     """Every generation slot is taken and none freed up within the wait limit."""
 
 
+class ContextTooLongError(ValueError):
+    """The prompt does not fit the model's context window; the message says what to do."""
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.3  # SmolLM2 rambles at higher temperatures
@@ -92,6 +96,8 @@ class Generation:
 
 class Engine:
     """In-process transformers engine. Thread-safe: each call decodes in its own thread."""
+
+    backend = "transformers"
 
     def __init__(self, model, tokenizer, version: str = "unversioned", max_concurrent: int = 4,
                  busy_wait_s: float = 30.0, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
@@ -225,8 +231,12 @@ def main() -> None:
     args = parser.parse_args()
     resolved = resolve_model(args.model, Path(args.data_dir))
     engine = Engine.from_path(resolved.path, resolved.name)
-    gen = engine.stream([{"role": "user", "content": args.prompt}],
-                        SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+    print_reply(engine, args.prompt, SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+
+
+def print_reply(engine, prompt: str, params: SamplingParams) -> None:
+    """Stream one reply to the terminal, then its token count and speed (the CLIs' output)."""
+    gen = engine.stream([{"role": "user", "content": prompt}], params)
     for delta in gen:
         print(delta, end="", flush=True)
     s = gen.stats

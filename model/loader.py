@@ -159,15 +159,47 @@ if __name__ == "__main__":
     main()
 
 
-def build_engine(path, version: str, kind: str = "batched", device: str = "auto", max_concurrent: int = 16,
-                 max_queue: int = 64, busy_wait_s: float = 30.0):
-    """The serving engine for a model directory: ``batched`` or ``simple`` (one generate per request)."""
+def llamacpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def build_engine(path, version: str, kind: str = "auto", device: str = "auto", max_concurrent: int = 16,
+                 max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, gguf_type: str = "q8_0",
+                 context_tokens: int = 2048):
+    """The serving engine for a model directory.
+
+    ``llamacpp``: the checkpoint as a GGUF (written once next to it) served by llama.cpp with
+    continuous batching, the fastest path on CPU (see bench/serving.py). ``batched``: transformers
+    with static batching (CUDA when present, any architecture). ``simple``: one ``generate`` per
+    request. ``auto``: llamacpp on CPU when the checkpoint exports to GGUF, else batched.
+    """
+    import logging
+
     from model.batching import BatchedEngine
     from model.engine import Engine
 
+    if kind in ("auto", "llamacpp"):
+        wanted = kind == "llamacpp"
+        if not llamacpp_available():
+            if wanted:
+                raise ModelNotFoundError("engine 'llamacpp' needs llama-cpp-python: run `make setup`")
+        elif wanted or pick_device(device) == "cpu":
+            from model.gguf_export import GGUFExportError, ensure_gguf
+            from model.llamacpp import LlamaCppEngine
+
+            try:
+                gguf = ensure_gguf(path, gguf_type)
+            except (GGUFExportError, OSError, KeyError) as exc:
+                if wanted:
+                    raise
+                logging.getLogger(__name__).warning("serving %s with transformers: no GGUF (%s)", version, exc)
+            else:
+                return LlamaCppEngine(gguf, version, max_batch=max_concurrent, max_queue=max_queue,
+                                      busy_wait_s=busy_wait_s, threads=threads, context_tokens=context_tokens)
+        kind = "batched"
     if kind == "batched":
         return BatchedEngine.from_path(path, version, device=device, max_batch=max_concurrent, max_queue=max_queue,
                                        busy_wait_s=busy_wait_s)
     if kind == "simple":
         return Engine.from_path(path, version, device=device, max_concurrent=max_concurrent, busy_wait_s=busy_wait_s)
-    raise ValueError(f"Unknown engine '{kind}': use batched or simple")
+    raise ValueError(f"Unknown engine '{kind}': use auto, llamacpp, batched or simple")

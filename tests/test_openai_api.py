@@ -82,3 +82,27 @@ def test_metrics_endpoint_counts_requests(api_app):
     assert "chat_time_to_first_token_seconds_bucket" in body and "chat_in_flight 0.0" in body
     tokens = [line for line in body.splitlines() if line.startswith("chat_completion_tokens_total")]
     assert tokens and float(tokens[0].split()[-1]) > 0
+
+
+@pytest.mark.slow
+def test_openai_client_chats_with_the_real_model_on_llamacpp(tmp_path):
+    """The default serving path end to end: embedded model -> Q8_0 GGUF -> llama.cpp engine."""
+    from model.loader import resolve_model
+    from tests.test_llamacpp import CACHE
+
+    converted = resolve_model("embedded", CACHE).path
+    with live_app(tmp_path, converted, timeout=180, CHAT_CONTEXT_TOKENS=512) as base:
+        health = httpx.get(base + "/healthz").json()
+        assert health["backend"] == "llama.cpp"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused-without-logins")
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        out = client.chat.completions.create(model=health["model"], messages=question, max_tokens=24, temperature=0)
+        assert "Paris" in out.choices[0].message.content
+        chunks = list(client.chat.completions.create(messages=question, max_tokens=24, temperature=0, stream=True,
+                                                     model=health["model"]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="too long"):
+            client.chat.completions.create(model=health["model"], max_tokens=8,
+                                           messages=[{"role": "user", "content": "word " * 1000}])
+        metrics = httpx.get(base + "/metrics").text
+        assert "chat_time_to_first_token_seconds_count" in metrics
