@@ -1,8 +1,9 @@
 """Load test over loopback: simulated users chat through the OpenAI-compatible API (streaming).
 
     python -m bench.load                                # 30 users x 60 s on a fast fake engine,
-                                                        # then 4 users x 60 s on the real model
+                                                        # then 16 users x 60 s on the real model
     python -m bench.load --fake-users 30 --fake-seconds 20 --real-users 4 --real-seconds 30
+    python -m bench.load --fake-users 0 --engine batched  # the transformers engine instead
 
 Reports requests, lost messages (sent but not in the database), server errors, refusals
 (busy / rate limit, which are answers, not errors) and time to first token p50/p95.
@@ -97,25 +98,31 @@ def run_case(name: str, engine, users: int, seconds: float) -> None:
 
 
 def main() -> None:
-    from model.batching import BatchedEngine
-    from model.loader import load_model, resolve_model
+    from model.loader import build_engine, resolve_model
     from tests.fakes import ScriptedEngine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fake-users", type=int, default=30)
     parser.add_argument("--fake-seconds", type=float, default=60)
-    parser.add_argument("--real-users", type=int, default=4)
+    parser.add_argument("--real-users", type=int, default=16)
     parser.add_argument("--real-seconds", type=float, default=60)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--engine", default="auto", help="auto (llama.cpp on CPU), llamacpp, batched or simple")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print("| engine | users | seconds | requests | completed | lost | server errors | refused | TTFT p50 s | "
           "TTFT p95 s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    run_case("fake (instant)", ScriptedEngine("a fast fake reply with a few words"), args.fake_users, args.fake_seconds)
+    if args.fake_users:
+        run_case("fake (instant)", ScriptedEngine("a fast fake reply with a few words"), args.fake_users,
+                 args.fake_seconds)
     if args.real_users:
+        import torch
+
+        torch.set_num_threads(args.threads)
         resolved = resolve_model("embedded", Path(args.data_dir))
-        model, tok = load_model(resolved.path, "cpu")
-        run_case(f"{resolved.name} (batched)", BatchedEngine(model, tok, version=resolved.name, max_batch=16),
-                 args.real_users, args.real_seconds)
+        engine = build_engine(resolved.path, resolved.name, kind=args.engine, device="cpu", max_concurrent=16,
+                              threads=args.threads)
+        run_case(f"{resolved.name} ({engine.backend})", engine, args.real_users, args.real_seconds)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,29 @@
-"""Serving benchmark: plain transformers `generate` (baseline) vs our batched engine, same run.
+"""Serving benchmark: the baseline, llama.cpp as its users run it, and our engines, in one run.
 
-    python -m bench.serving                      # embedded model, 1/4/8/16 concurrent users
-    python -m bench.serving --users 1 4 --max-new-tokens 32
+    python -m bench.serving                          # all engines, 1/4/8/16 concurrent users
+    python -m bench.serving --users 1 16 --engines peer ours --max-new-tokens 32
+    python -m bench.serving --skip-quality --skip-cold-start
 
-Prints one table: aggregate decode tokens/s, time to first token p50/p95, peak RSS, and the
-ratio of ours to the baseline at each concurrency; then checks that both give the same
-greedy answers (same weights, so any difference would be a bug, not a quality trade-off).
+Engines (same SmolLM2-135M-Instruct, same prompts, greedy):
+  baseline    transformers ``generate``, float32, one call per request (threads)
+  batched     our transformers engine with static batching, float32
+  peer        llama-cpp-python's ``Llama`` on the shipped Q4_1 GGUF, one request at a time,
+              as its own server runs it
+  ours-q4_1   our llama.cpp engine (continuous batching) on the shipped Q4_1 GGUF
+  ours        our llama.cpp engine on the Q8_0 GGUF we export (the default serving path)
+
+Prints one table (aggregate tokens/s, time to first token p50/p95, peak RSS, ratio to the
+baseline and to the peer), then quality next to speed: perplexity on a fixed held-out text
+for float32 and each GGUF, and greedy answers to fixed prompts; then cold start (a fresh
+process, engine load to first token).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +31,7 @@ from pathlib import Path
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU does.",
            "Give me three tips for better sleep.", "What is 12 times 7?", "Name a famous painter and one painting.",
            "How do plants make food?", "Translate 'good morning' into Spanish."]
+ENGINES = ("baseline", "batched", "peer", "ours-q4_1", "ours")
 
 
 class PeakRSS:
@@ -45,21 +58,68 @@ class PeakRSS:
         self._t.join()
 
 
+class LlamaPeer:
+    """llama-cpp-python's high-level API behind one lock, as ``llama_cpp.server`` serves it."""
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.lock = threading.Lock()
+
+    def stream(self, messages, params):
+        from model.engine import Generation, GenerationStats
+
+        stats, cancel = GenerationStats(), threading.Event()
+
+        def deltas():
+            start = time.perf_counter()
+            with self.lock:
+                chunks = self.llm.create_chat_completion(
+                    [{"role": "system", "content": "You are a helpful assistant."}, *messages], stream=True,
+                    temperature=params.temperature, top_k=1, max_tokens=params.max_new_tokens,
+                    repeat_penalty=params.repetition_penalty)
+                for chunk in chunks:
+                    text = chunk["choices"][0]["delta"].get("content") or ""
+                    if text:
+                        stats.completion_tokens += 1  # llama-cpp-python streams one token per chunk
+                        if stats.ttft_ms is None:
+                            stats.ttft_ms = (time.perf_counter() - start) * 1000
+                        yield text
+            stats.latency_ms = (time.perf_counter() - start) * 1000
+
+        return Generation(deltas(), stats, cancel)
+
+    def generate(self, messages, params):
+        gen = self.stream(messages, params)
+        for _ in gen:
+            pass
+        return gen.text, gen.stats
+
+
 def run_load(engine, users: int, max_new_tokens: int) -> dict:
+    """``users`` threads chat at once, each sending max(2, 16 // users) prompts one after another:
+    a sustained load (new requests arrive while others decode), at least 16 answers per level."""
     from model.engine import SamplingParams
 
-    ttfts, tokens, errors = [], [], []
+    ttfts, tokens, decode_rates, errors = [], [], [], []
+    rounds = max(2, 16 // users)
 
     def one(i: int):
-        try:
-            params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
-            gen = engine.stream([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], params)
-            for _ in gen:
-                pass
-            ttfts.append(gen.stats.ttft_ms / 1000)
-            tokens.append(gen.stats.completion_tokens)
-        except Exception as exc:  # counted and reported in the table
-            errors.append(exc)
+        for j in range(rounds):
+            try:
+                params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
+                prompt = PROMPTS[(i + j * users) % len(PROMPTS)]
+                gen = engine.stream([{"role": "user", "content": prompt}], params)
+                for _ in gen:
+                    pass
+                st = gen.stats
+                ttfts.append(st.ttft_ms / 1000)
+                tokens.append(st.completion_tokens)
+                if st.completion_tokens > 1 and st.latency_ms > st.ttft_ms:
+                    decode_rates.append((st.completion_tokens - 1) / ((st.latency_ms - st.ttft_ms) / 1000))
+            except Exception as exc:  # counted and reported in the table
+                errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(users)]
     with PeakRSS() as rss:
@@ -71,7 +131,24 @@ def run_load(engine, users: int, max_new_tokens: int) -> dict:
         wall = time.perf_counter() - start
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [ttfts[0]] * 19 if ttfts else [float("nan")] * 19
     return {"tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p95": q[18], "rss_mb": rss.peak / 2**20, "errors": len(errors)}
+            "ttft_p95": q[18], "rss_mb": rss.peak / 2**20, "errors": len(errors),
+            "decode": statistics.median(decode_rates) if decode_rates else float("nan")}
+
+
+def cold_start(engine: str, model_dir: Path, threads: int) -> float:
+    """Seconds from a new Python process to the first streamed token (weights already converted)."""
+    code = (
+        "import time,sys; t0=float(sys.argv[1]);"
+        "from model.loader import build_engine; from model.engine import SamplingParams;"
+        f"e=build_engine(sys.argv[2], 'cold', kind='{engine}', threads={threads}, max_concurrent=16);"
+        "g=e.stream([{'role':'user','content':'Hi'}], SamplingParams(temperature=0, max_new_tokens=4));"
+        "next(iter(g)); print(time.time()-t0)")
+    out = subprocess.run([sys.executable, "-c", code, str(time.time()), str(model_dir)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:  # the reading is printed before exit; how the process exits afterwards does not matter here
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"cold start run failed: {out.stderr[-2000:]}") from None
 
 
 def main() -> None:
@@ -79,39 +156,84 @@ def main() -> None:
 
     from model.batching import BatchedEngine
     from model.engine import Engine, SamplingParams
-    from model.loader import load_model, resolve_model
+    from model.gguf_export import ensure_gguf
+    from model.llamacpp import LlamaCppEngine
+    from model.loader import embedded_gguf_path, load_model, resolve_model
+    from model.perplexity import heldout_texts, perplexity_gguf, perplexity_hf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-cold-start", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    resolved = resolve_model(args.model, Path(args.data_dir))
+    torch.set_num_threads(args.threads)
+    resolved = resolve_model("embedded", Path(args.data_dir))
+    q8 = ensure_gguf(resolved.path, "q8_0")
+    q41 = embedded_gguf_path()
     model, tok = load_model(resolved.path, "cpu")
-    baseline = Engine(model, tok, version="baseline", max_concurrent=max(args.users), busy_wait_s=600)
-    ours = BatchedEngine(model, tok, version="batched", max_batch=max(args.users), busy_wait_s=600)
-    run_load(ours, 2, 4)  # warm up both paths once
-    run_load(baseline, 1, 4)
-    print(f"\n{resolved.name}, float32, {torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, "
-          f"greedy; {time.strftime('%Y-%m-%d %H:%M')}\n")
-    header = ("| users | engine | tokens/s | TTFT p50 s | TTFT p95 s | peak RSS MB | errors | tok/s vs baseline |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(header)
+    top = max(args.users)
+    factories = {
+        "baseline": lambda: Engine(model, tok, version="baseline", max_concurrent=top, busy_wait_s=900),
+        "batched": lambda: BatchedEngine(model, tok, version="batched", max_batch=top, busy_wait_s=900),
+        "peer": lambda: LlamaPeer(q41, args.threads),
+        "ours-q4_1": lambda: LlamaCppEngine(q41, "ours-q4_1", max_batch=top, threads=args.threads, busy_wait_s=900),
+        "ours": lambda: LlamaCppEngine(q8, "ours", max_batch=top, threads=args.threads, busy_wait_s=900),
+    }
+    labels = {"baseline": "transformers generate f32 (baseline)", "batched": "transformers batched f32 (ours)",
+              "peer": "llama-cpp-python Llama Q4_1 (peer)", "ours-q4_1": "llama.cpp continuous batching Q4_1 (ours)",
+              "ours": "llama.cpp continuous batching Q8_0 (ours, default)"}
+    engines = {name: factories[name]() for name in args.engines}
+    for e in engines.values():  # warm up every path once
+        run_load(e, 1, 4)
+    print(f"\n{resolved.name}, {args.threads} threads, {args.max_new_tokens} new tokens, greedy, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+    print("| users | engine | tokens/s (all users) | decode tok/s per user | TTFT p50 s | TTFT p95 s | peak RSS MB "
+          "| errors | tokens/s vs baseline | vs peer |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for users in args.users:
-        base = run_load(baseline, users, args.max_new_tokens)
-        mine = run_load(ours, users, args.max_new_tokens)
-        for name, r in (("baseline generate", base), ("batched (ours)", mine)):
-            ratio = r["tok_s"] / base["tok_s"]
-            print(f"| {users} | {name} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | "
-                  f"{r['rss_mb']:.0f} | {r['errors']} | {ratio:.2f}x |", flush=True)
-    params = SamplingParams(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
-    same = sum(baseline.generate([{"role": "user", "content": p}], params)[0] ==
-               ours.generate([{"role": "user", "content": p}], params)[0] for p in PROMPTS[:4])
-    print(f"\ngreedy answers identical on {same}/4 fixed prompts (same float32 weights: no quantization)")
+        results = {name: run_load(e, users, args.max_new_tokens) for name, e in engines.items()}
+        for name, r in results.items():
+            base = results.get("baseline", {}).get("tok_s")
+            peer = results.get("peer", {}).get("tok_s")
+            vs_base = f"{r['tok_s'] / base:.2f}x" if base else "-"
+            vs_peer = f"{r['tok_s'] / peer:.2f}x" if peer else "-"
+            print(f"| {users} | {labels[name]} | {r['tok_s']:.1f} | {r['decode']:.1f} | {r['ttft_p50']:.2f} | "
+                  f"{r['ttft_p95']:.2f} | "
+                  f"{r['rss_mb']:.0f} | {r['errors']} | {vs_base} | {vs_peer} |", flush=True)
+
+    if not args.skip_quality:
+        texts = heldout_texts()
+        ppl = {"float32 (transformers)": perplexity_hf(model, tok, texts),
+               "Q4_1 GGUF (shipped)": perplexity_gguf(q41, texts, tok, args.threads),
+               "Q8_0 GGUF (ours)": perplexity_gguf(q8, texts, tok, args.threads)}
+        ref = ppl["float32 (transformers)"]
+        print(f"\nPerplexity on {len(texts)} held-out HH texts (same token ids):\n\n| weights | perplexity | vs float32 |\n"
+              "| --- | --- | --- |")
+        for name, value in ppl.items():
+            print(f"| {name} | {value:.3f} | {100 * (value / ref - 1):+.2f}% |")
+        params = SamplingParams(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
+        f32 = Engine(model, tok, version="f32")
+        ours = engines.get("ours") or factories["ours"]()
+        print("\nGreedy answers, 24 tokens (float32 transformers vs our Q8_0 llama.cpp):\n")
+        same = 0
+        for p in PROMPTS[:4]:
+            a = f32.generate([{"role": "user", "content": p}], params)[0]
+            b = ours.generate([{"role": "user", "content": p}], params)[0]
+            same += a == b
+            print(f"- {p!r}\n  f32:  {a!r}\n  q8_0: {b!r}  {'(same)' if a == b else '(differs)'}")
+        print(f"\nidentical on {same}/4 prompts")
+
+    if not args.skip_cold_start:
+        for e in engines.values():
+            if hasattr(e, "close"):
+                e.close()
+        print("\nCold start, new process to first token (weights already converted):\n\n| engine | seconds |\n"
+              "| --- | --- |")
+        for kind in ("llamacpp", "batched"):
+            print(f"| {kind} | {cold_start(kind, resolved.path, args.threads):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
