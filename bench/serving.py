@@ -122,6 +122,7 @@ def run_load(engine, users: int, max_new_tokens: int) -> dict:
                 errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(users)]
+    before = dict(getattr(engine, "counters", {}))
     with PeakRSS() as rss:
         start = time.perf_counter()
         for t in threads:
@@ -130,7 +131,9 @@ def run_load(engine, users: int, max_new_tokens: int) -> dict:
             t.join()
         wall = time.perf_counter() - start
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [ttfts[0]] * 19 if ttfts else [float("nan")] * 19
-    return {"tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
+    after = getattr(engine, "counters", {})
+    steps = {k: after[k] - before[k] for k in after}
+    return {"steps": steps, "wall": wall, "tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
             "ttft_p95": q[18], "rss_mb": rss.peak / 2**20, "errors": len(errors),
             "decode": statistics.median(decode_rates) if decode_rates else float("nan")}
 
@@ -193,6 +196,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| users | engine | tokens/s (all users) | decode tok/s per user | TTFT p50 s | TTFT p95 s | peak RSS MB "
           "| errors | tokens/s vs baseline | vs peer |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    step_rows = []
     for users in args.users:
         results = {name: run_load(e, users, args.max_new_tokens) for name, e in engines.items()}
         for name, r in results.items():
@@ -203,6 +207,17 @@ def main() -> None:
             print(f"| {users} | {labels[name]} | {r['tok_s']:.1f} | {r['decode']:.1f} | {r['ttft_p50']:.2f} | "
                   f"{r['ttft_p95']:.2f} | "
                   f"{r['rss_mb']:.0f} | {r['errors']} | {vs_base} | {vs_peer} |", flush=True)
+            if r["steps"].get("steps"):
+                step_rows.append((users, name, r))
+    if step_rows:  # where our scheduler's time went: is llama.cpp busy, and with how many rows?
+        print("\nOur llama.cpp scheduler, per load level:\n\n| users | engine | forward passes | decode rows per pass "
+              "| prompt tokens fed | wall in llama_decode | wall sampling + streaming | decode rows per second "
+              "of llama_decode |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for users, name, r in step_rows:
+            c = r["steps"]
+            print(f"| {users} | {name} | {c['steps']} | {c['decode_rows'] / c['steps']:.1f} | {c['prefill_tokens']} | "
+                  f"{100 * c['decode_s'] / r['wall']:.0f}% | {100 * c['sample_s'] / r['wall']:.0f}% | "
+                  f"{c['decode_rows'] / c['decode_s']:.0f} |")
 
     if not args.skip_quality:
         texts = heldout_texts()

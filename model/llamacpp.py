@@ -102,6 +102,9 @@ class LlamaCppEngine:
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
         self._free = list(range(max_batch))
         self._active: list[_Request] = []
+        # Where scheduler time goes (read by bench/serving.py): forward passes, rows decoded,
+        # prompt tokens fed, seconds inside llama_decode and inside sampling/detokenizing.
+        self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "decode_s": 0.0, "sample_s": 0.0}
         self._closed = threading.Event()
         self._retiring = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llama-batcher", daemon=True)
@@ -275,6 +278,7 @@ class LlamaCppEngine:
         for r in self._active:
             if not r.pending:
                 add(r.last, r, True)
+        decoding = n
         for r in self._active:  # prefill in admission order with what is left of the step
             if r.pending and n < self.step_tokens:
                 take = r.pending[: self.step_tokens - n]
@@ -284,13 +288,21 @@ class LlamaCppEngine:
         if n == 0:
             return
         b.n_tokens = n
+        c = self.counters
+        c["steps"] += 1
+        c["decode_rows"] += decoding
+        c["prefill_tokens"] += n - decoding
+        t0 = time.perf_counter()
         rc = ll.llama_decode(self._ctx, b)
+        t1 = time.perf_counter()
+        c["decode_s"] += t1 - t0
         if rc != 0:
             raise RuntimeError(f"llama.cpp decode failed (code {rc})")
         for r, idx in wants_logits:
             tok = ll.llama_sampler_sample(r.sampler, self._ctx, idx)
             r.last = tok
             self._emit(r, tok)
+        c["sample_s"] += time.perf_counter() - t1
 
     def _emit(self, r: _Request, tok: int) -> None:
         ll = _lib()

@@ -31,7 +31,12 @@ def engine():
 
 
 def test_answers_and_reports_stats(engine):
+    before = dict(engine.counters)
     text, stats = ask(engine, PROMPTS[0])
+    fed = engine.counters["prefill_tokens"] - before["prefill_tokens"]
+    rows = engine.counters["decode_rows"] - before["decode_rows"]
+    assert fed == stats.prompt_tokens  # the whole prompt went through llama_decode once
+    assert rows == stats.completion_tokens - 1 + (stats.finish_reason == "stop")  # then one row per new token
     assert "Paris" in text
     assert stats.prompt_tokens > 10 and 0 < stats.completion_tokens <= 20
     assert stats.ttft_ms is not None and stats.latency_ms >= stats.ttft_ms
