@@ -74,7 +74,7 @@ def simulate(base: str, users: int, seconds: float) -> dict:
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p95": q[18]}
 
 
-def run_case(name: str, engine, users: int, seconds: float) -> None:
+def run_case(name: str, engine, users: int, seconds: float, moderation: str = "auto") -> None:
     from sqlalchemy import func, select
 
     from app.service import ChatService
@@ -87,7 +87,8 @@ def run_case(name: str, engine, users: int, seconds: float) -> None:
         url = f"sqlite:///{Path(tmp) / 'load.db'}"
         migrate(url)
         factory = make_session_factory(make_engine(url))
-        settings = Settings(data_dir=tmp, database_url=url, messages_per_minute=0, max_queue=256)
+        settings = Settings(data_dir=tmp, database_url=url, messages_per_minute=0, max_queue=256,
+                            moderation_backends=moderation)
         with serve(ChatService(engine, factory, settings)) as base:
             r = simulate(base, users, seconds)
         with factory() as s:
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--engine", default="auto", help="auto (llama.cpp on CPU), llamacpp, batched or simple")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--moderation", default="auto",
+                        help="moderation backends for the real-model case (auto = with detoxify; 'rules' = cheap)")
     args = parser.parse_args()
     print("| engine | users | seconds | requests | completed | lost | server errors | refused | TTFT p50 s | "
           "TTFT p95 s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -122,7 +125,8 @@ def main() -> None:
         resolved = resolve_model("embedded", Path(args.data_dir))
         engine = build_engine(resolved.path, resolved.name, kind=args.engine, device="cpu", max_concurrent=16,
                               threads=args.threads)
-        run_case(f"{resolved.name} ({engine.backend})", engine, args.real_users, args.real_seconds)
+        run_case(f"{resolved.name} ({engine.backend}, moderation {args.moderation})", engine, args.real_users,
+                 args.real_seconds, args.moderation)
 
 
 if __name__ == "__main__":
