@@ -38,6 +38,9 @@ class Settings:
     engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers) or simple."})
     gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, same quality) or f32."})
     context_tokens: int = field(default=2048, metadata={"help": "llama.cpp context per conversation, in tokens."})
+    prefix_cache: int = field(default=-1, metadata={"help": (
+        "Finished replies whose llama.cpp KV cache is kept so the next turn skips re-reading the history "
+        "(-1 = one per concurrent slot, 0 = off: seeded replies then repeat exactly on quantized weights).")})
     max_queue: int = field(default=64, metadata={"help": "Requests waiting for the model; more get 'busy, try again'."})
     max_concurrent: int = field(default=16, metadata={"help": "Replies generated at the same time (the batch size)."})
     busy_wait_s: float = field(default=30.0, metadata={"help": "How long a request waits for a free slot."})
@@ -78,4 +81,5 @@ def engine_options(settings: Settings) -> dict:
     """The keyword arguments model.loader.build_engine takes from the settings."""
     return dict(kind=settings.engine, device=settings.device, max_concurrent=settings.max_concurrent,
                 max_queue=settings.max_queue, busy_wait_s=settings.busy_wait_s, threads=settings.threads,
-                gguf_type=settings.gguf_type, context_tokens=settings.context_tokens)
+                gguf_type=settings.gguf_type, context_tokens=settings.context_tokens,
+                prefix_cache=settings.prefix_cache)

@@ -14,7 +14,8 @@ Engines (same SmolLM2-135M-Instruct, same prompts, greedy):
 
 Prints one table (aggregate tokens/s, time to first token p50/p95, peak RSS, ratio to the
 baseline and to the peer), then quality next to speed: perplexity on a fixed held-out text
-for float32 and each GGUF, and greedy answers to fixed prompts; then cold start (a fresh
+for float32 and each GGUF, and greedy answers to fixed prompts; then time to first token
+turn by turn in one conversation with the prefix cache off and on; then cold start (a fresh
 process, engine load to first token).
 """
 
@@ -154,6 +155,32 @@ def cold_start(engine: str, model_dir: Path, threads: int) -> float:
         raise RuntimeError(f"cold start run failed: {out.stderr[-2000:]}") from None
 
 
+def multi_turn(gguf: Path, threads: int, turns: int = 5) -> None:
+    """Time to first token turn by turn in one growing conversation, prefix cache off vs on."""
+    from model.engine import SamplingParams
+    from model.llamacpp import LlamaCppEngine
+
+    params = SamplingParams(temperature=0, max_new_tokens=64, repetition_penalty=1.0)
+    question = "Here is some context about my garden: " + "tomatoes, beans and roses grow by the fence. " * 20
+    rows = []
+    for cache in (0, -1):
+        engine = LlamaCppEngine(gguf, "multi-turn", max_batch=4, threads=threads, prefix_cache=cache)
+        messages, ttfts, prompt_tokens = [], [], []
+        for t in range(turns):
+            messages.append({"role": "user", "content": question if t == 0 else f"Tell me more, part {t}."})
+            reply, st = engine.generate(messages, params)
+            messages.append({"role": "assistant", "content": reply})
+            ttfts.append(st.ttft_ms / 1000)
+            prompt_tokens.append(st.prompt_tokens)
+        engine.close()
+        rows.append((prompt_tokens, ttfts))
+    print("\nOne conversation turn by turn (Q8_0, history re-sent each turn, 64 new tokens):\n\n"
+          "| turn | prompt tokens | TTFT s, prefix cache off | TTFT s, on | speed-up |\n| --- | --- | --- | --- | --- |")
+    for t in range(turns):
+        off, on = rows[0][1][t], rows[1][1][t]
+        print(f"| {t + 1} | {rows[0][0][t]} | {off:.2f} | {on:.2f} | {off / on:.1f}x |")
+
+
 def main() -> None:
     import torch
 
@@ -172,6 +199,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--skip-multi-turn", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     resolved = resolve_model("embedded", Path(args.data_dir))
@@ -240,6 +268,9 @@ def main() -> None:
             same += a == b
             print(f"- {p!r}\n  f32:  {a!r}\n  q8_0: {b!r}  {'(same)' if a == b else '(differs)'}")
         print(f"\nidentical on {same}/4 prompts")
+
+    if not args.skip_multi_turn:
+        multi_turn(q8, args.threads)
 
     if not args.skip_cold_start:
         for e in engines.values():

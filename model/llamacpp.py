@@ -8,7 +8,11 @@ C API directly (``llama_decode`` on a multi-sequence ``llama_batch``) with a sch
   new user gets a first token after one step, not after the current batch ends;
 * each request owns a KV-cache sequence (dropped when it finishes) and a native sampler chain
   (repetition penalty, top-k, top-p, temperature, seeded) so users never share randomness;
-* the queue is bounded; a request that waits longer than ``busy_wait_s`` gets EngineBusyError.
+* the queue is bounded; a request that waits longer than ``busy_wait_s`` gets EngineBusyError;
+* prefix cache: a finished reply's KV cache is kept (up to ``prefix_cache`` of them, least
+  recently used dropped first, all dropped when memory runs short). The next turn of that
+  conversation, or any prompt sharing its start (the system prompt), shares those cells
+  instead of recomputing them: a long conversation's next first token does not re-read it.
 
 Try it:
 
@@ -23,6 +27,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +55,7 @@ class _Request:
     seq: int = -1
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed to the model
     pos: int = 0
+    fed: list[int] = field(default_factory=list)  # tokens whose KV this request's sequence holds
     last: int = -1  # the token sampled last step, fed next step
     max_new: int = 0
     sampler: object = None
@@ -64,7 +70,7 @@ class LlamaCppEngine:
 
     def __init__(self, gguf_path: str | Path, version: str = "unversioned", max_batch: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, context_tokens: int = 2048,
-                 step_tokens: int = 512, kv_unified: bool = True, flash_attn: int = -1,
+                 step_tokens: int = 512, kv_unified: bool = True, flash_attn: int = -1, prefix_cache: int = -1,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         ll = _lib()
         self.path = Path(gguf_path)
@@ -76,6 +82,8 @@ class LlamaCppEngine:
         self.busy_wait_s = busy_wait_s
         self.context_tokens = context_tokens
         self.step_tokens = step_tokens
+        # Sharing cells between sequences needs the unified KV pool; -1 = one cached prefix per slot.
+        self.prefix_cache = 0 if not kv_unified else max_batch if prefix_cache < 0 else prefix_cache
         _quiet_logs()
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
@@ -86,7 +94,7 @@ class LlamaCppEngine:
         # One KV pool shared by all sequences (measured faster here than per-sequence streams at 16
         # users); sized so that every running request can reach context_tokens.
         cparams.n_ctx = context_tokens * max_batch
-        cparams.n_seq_max = max_batch
+        cparams.n_seq_max = max_batch + self.prefix_cache
         cparams.kv_unified = kv_unified
         cparams.flash_attn_type = flash_attn  # -1 auto, 0 off, 1 on
         cparams.n_batch = cparams.n_ubatch = step_tokens
@@ -100,11 +108,13 @@ class LlamaCppEngine:
         self._batch = ll.llama_batch_init(step_tokens, 0, 1)
         self._template = _chat_template(self._model)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
-        self._free = list(range(max_batch))
+        self._free = list(range(max_batch + self.prefix_cache))
+        self._cached: OrderedDict[int, list[int]] = OrderedDict()  # finished seq id -> tokens in its KV
         self._active: list[_Request] = []
         # Where scheduler time goes (read by bench/serving.py): forward passes, rows decoded,
         # prompt tokens fed, seconds inside llama_decode and inside sampling/detokenizing.
-        self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "decode_s": 0.0, "sample_s": 0.0}
+        self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "reused_tokens": 0, "decode_s": 0.0,
+                         "sample_s": 0.0}
         self._closed = threading.Event()
         self._retiring = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llama-batcher", daemon=True)
@@ -197,6 +207,7 @@ class LlamaCppEngine:
                 except BaseException as exc:  # hand the error to everyone running, start clean
                     for r in list(self._active):
                         self._release(r, error=exc)
+                    self._drop_cached(len(self._cached))
         finally:
             for r in list(self._active):
                 self._release(r, error=RuntimeError("the model was unloaded; please try again"))
@@ -205,7 +216,7 @@ class LlamaCppEngine:
             ll.llama_model_free(self._model)
 
     def _admit(self, block: bool) -> None:
-        while self._free:
+        while len(self._active) < self.max_batch:
             try:
                 req = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
             except queue.Empty:
@@ -231,8 +242,39 @@ class LlamaCppEngine:
             req.max_new = min(req.params.max_new_tokens, limit - len(prompt))
             req.sampler = self._make_sampler(req.params, prompt)
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            if not self._free:
+                self._drop_cached(1)
             req.seq = self._free.pop(0)
+            self._reuse_prefix(req)
             self._active.append(req)
+
+    # prefix cache ---------------------------------------------------------------------------
+    def _reuse_prefix(self, req: _Request) -> None:
+        """Share the KV cells of the cached sequence with the longest common start."""
+        prompt, best, best_len = req.pending, None, 0
+        for seq, tokens in self._cached.items():
+            n = _common_prefix(tokens, prompt)
+            if n > best_len:
+                best, best_len = seq, n
+        best_len = min(best_len, len(prompt) - 1)  # feed at least one token: it gives the logits
+        if best is None or best_len < 8:
+            return
+        ll = _lib()
+        ll.llama_memory_seq_cp(self._mem, best, req.seq, 0, best_len)
+        self._cached.move_to_end(best)
+        req.fed, req.pending, req.pos = prompt[:best_len], prompt[best_len:], best_len
+        self.counters["reused_tokens"] += best_len
+
+    def _drop_cached(self, n: int) -> int:
+        """Forget the ``n`` least recently used cached prefixes; returns how many were dropped."""
+        ll = _lib()
+        dropped = 0
+        while self._cached and dropped < n:
+            seq, _ = self._cached.popitem(last=False)
+            ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._free.append(seq)
+            dropped += 1
+        return dropped
 
     def _make_sampler(self, p: SamplingParams, prompt: list[int]):
         ll = _lib()
@@ -266,6 +308,7 @@ class LlamaCppEngine:
             b.token[n], b.pos[n], b.n_seq_id[n] = tok, r.pos, 1
             b.seq_id[n][0] = r.seq
             b.logits[n] = logits
+            r.fed.append(tok)
             if logits:
                 wants_logits.append((r, n))
             r.pos += 1
@@ -294,10 +337,13 @@ class LlamaCppEngine:
         c["prefill_tokens"] += n - decoding
         t0 = time.perf_counter()
         rc = ll.llama_decode(self._ctx, b)
+        while rc == 1 and self._drop_cached(max(1, len(self._cached) // 2)):  # 1: no room in the KV cache
+            rc = ll.llama_decode(self._ctx, b)
         t1 = time.perf_counter()
         c["decode_s"] += t1 - t0
         if rc != 0:
-            raise RuntimeError(f"llama.cpp decode failed (code {rc})")
+            raise RuntimeError(f"llama.cpp decode failed (code {rc}): the KV cache is full" if rc == 1
+                               else f"llama.cpp decode failed (code {rc})")
         for r, idx in wants_logits:
             tok = ll.llama_sampler_sample(r.sampler, self._ctx, idx)
             r.last = tok
@@ -335,13 +381,31 @@ class LlamaCppEngine:
         ll = _lib()
         if r in self._active:
             self._active.remove(r)
-            ll.llama_memory_seq_rm(self._mem, r.seq, -1, -1)
             ll.llama_sampler_free(r.sampler)
-            self._free.append(r.seq)
+            if self.prefix_cache and error is None and r.fed:
+                for seq, tokens in list(self._cached.items()):  # a cached start this one extends is redundant
+                    if len(tokens) <= len(r.fed) and r.fed[:len(tokens)] == tokens:
+                        del self._cached[seq]
+                        ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                        self._free.append(seq)
+                self._cached[r.seq] = r.fed  # keep its KV: the next turn starts with these tokens
+                if len(self._cached) > self.prefix_cache:
+                    self._drop_cached(1)
+            else:
+                ll.llama_memory_seq_rm(self._mem, r.seq, -1, -1)
+                self._free.append(r.seq)
         r.stats.latency_ms = (time.perf_counter() - r.submitted) * 1000
         if error is not None:
             r.out.put(error)
         r.out.put(_DONE)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _piece(vocab, tok: int) -> bytes:

@@ -165,7 +165,7 @@ def llamacpp_available() -> bool:
 
 def build_engine(path, version: str, kind: str = "auto", device: str = "auto", max_concurrent: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, gguf_type: str = "q8_0",
-                 context_tokens: int = 2048):
+                 context_tokens: int = 2048, prefix_cache: int = -1):
     """The serving engine for a model directory.
 
     ``llamacpp``: the checkpoint as a GGUF (written once next to it) served by llama.cpp with
@@ -195,7 +195,8 @@ def build_engine(path, version: str, kind: str = "auto", device: str = "auto", m
                 logging.getLogger(__name__).warning("serving %s with transformers: no GGUF (%s)", version, exc)
             else:
                 return LlamaCppEngine(gguf, version, max_batch=max_concurrent, max_queue=max_queue,
-                                      busy_wait_s=busy_wait_s, threads=threads, context_tokens=context_tokens)
+                                      busy_wait_s=busy_wait_s, threads=threads, context_tokens=context_tokens,
+                                      prefix_cache=prefix_cache)
         kind = "batched"
     if kind == "batched":
         return BatchedEngine.from_path(path, version, device=device, max_batch=max_concurrent, max_queue=max_queue,
