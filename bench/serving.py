@@ -22,6 +22,7 @@ process, engine load to first token).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU does.",
            "Give me three tips for better sleep.", "What is 12 times 7?", "Name a famous painter and one painting.",
            "How do plants make food?", "Translate 'good morning' into Spanish."]
+REQUEST_IDS = itertools.count(1)  # next() on it is atomic in CPython: safe from the user threads
 ENGINES = ("baseline", "batched", "peer", "ours-q4_1", "ours")
 
 
@@ -110,7 +112,9 @@ def run_load(engine, users: int, max_new_tokens: int) -> dict:
         for j in range(rounds):
             try:
                 params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
-                prompt = PROMPTS[(i + j * users) % len(PROMPTS)]
+                # every request distinct at its start, so no engine gets a cached prompt for free
+                # (only the shared system prompt is common, as on a real server)
+                prompt = f"Request {next(REQUEST_IDS)}. {PROMPTS[(i + j * users) % len(PROMPTS)]}"
                 gen = engine.stream([{"role": "user", "content": prompt}], params)
                 for _ in gen:
                     pass

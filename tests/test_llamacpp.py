@@ -225,14 +225,12 @@ def test_prefix_cache_changes_nothing_on_float32_weights(f32_gguf):
     fresh = LlamaCppEngine(f32_gguf, "fresh", max_batch=2, threads=2, context_tokens=1024, prefix_cache=0)
     try:
         params = SamplingParams(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
-        messages_a, messages_b = [], []
+        messages = []
         for text in TURNS:
-            messages_a.append({"role": "user", "content": text})
-            messages_b.append({"role": "user", "content": text})
-            a, b = cached.generate(messages_a, params)[0], fresh.generate(messages_b, params)[0]
-            assert a == b
-            messages_a.append({"role": "assistant", "content": a})
-            messages_b.append({"role": "assistant", "content": b})
+            messages.append({"role": "user", "content": text})
+            reply = cached.generate(messages, params)[0]
+            assert reply == fresh.generate(messages, params)[0]
+            messages.append({"role": "assistant", "content": reply})
         assert cached.counters["reused_tokens"] > 100 and fresh.counters["reused_tokens"] == 0
     finally:
         cached.close()
