@@ -1,4 +1,5 @@
-"""Prometheus metrics at /metrics: requests, tokens, time to first token, latency, queue, flags.
+"""Prometheus metrics at /metrics: requests, tokens, time to first token, latency, queue, flags,
+and the serving engine's own counters (forward passes, rows per pass, reused prompt tokens).
 
 Each app gets its own registry so tests (and several apps in one process) never collide.
 """
@@ -6,6 +7,33 @@ Each app gets its own registry so tests (and several apps in one process) never 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+# engine.counters key -> (metric name, help); engines without counters export nothing
+ENGINE_COUNTERS = {
+    "steps": ("chat_engine_forward_passes", "Forward passes of the serving engine"),
+    "decode_rows": ("chat_engine_decode_rows", "Reply tokens decoded (rows / passes = users sharing a pass)"),
+    "prefill_tokens": ("chat_engine_prompt_tokens_read", "Prompt tokens the model read"),
+    "reused_tokens": ("chat_engine_prompt_tokens_reused", "Prompt tokens taken from the prefix cache instead"),
+    "decode_s": ("chat_engine_forward_seconds", "Seconds inside the engine's forward passes"),
+}
+
+
+class EngineCollector:
+    """Reads the engine's counters at scrape time; the engine is looked up each time because
+    a retrained version swaps it (its counters then start again from zero, a normal reset)."""
+
+    def __init__(self, get_engine):
+        self.get_engine = get_engine
+
+    def collect(self):
+        engine = self.get_engine()
+        counters = getattr(engine, "counters", None) or {}
+        for key, (name, doc) in ENGINE_COUNTERS.items():
+            if key in counters:
+                family = CounterMetricFamily(name, doc, labels=["version", "backend"])
+                family.add_metric([str(engine.version), getattr(engine, "backend", "")], counters[key])
+                yield family
 
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -25,6 +53,9 @@ class ChatMetrics:
                                registry=self.registry)
         self.flags = Counter("chat_moderation_flags", "Messages blocked by moderation", ["direction"],
                              registry=self.registry)
+
+    def watch_engine(self, get_engine) -> None:
+        self.registry.register(EngineCollector(get_engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

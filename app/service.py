@@ -56,6 +56,7 @@ class ChatService:
 
         self.metrics = ChatMetrics()
         self._engine = engine
+        self.metrics.watch_engine(lambda: self._engine)
         self.session_factory = session_factory
         self.settings = settings
         self.moderator = moderator

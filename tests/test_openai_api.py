@@ -1,5 +1,7 @@
 """The OpenAI-compatible API through the official `openai` client against the running app."""
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -106,3 +108,7 @@ def test_openai_client_chats_with_the_real_model_on_llamacpp(tmp_path):
                                            messages=[{"role": "user", "content": "word " * 1000}])
         metrics = httpx.get(base + "/metrics").text
         assert "chat_time_to_first_token_seconds_count" in metrics
+        # the same question twice: the second read its prompt from the prefix cache
+        reused = re.search(r'chat_engine_prompt_tokens_reused_total\{backend="llama.cpp",version="[^"]+"\} (\S+)',
+                           metrics)
+        assert reused and float(reused.group(1)) > 10, metrics
