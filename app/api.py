@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from app.auth import LOCAL_USER, auth_enabled, verify_secret
 from app.service import ChatError
-from feedback import repository as repo
 from feedback import training_repo as trepo
 from feedback.db import session_scope
 from model.engine import SamplingParams
@@ -42,6 +41,11 @@ class ChatRequest(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = None
+
+
+def _chat_error(exc) -> JSONResponse:
+    """A ChatError as OpenAI's error body: its status says whose fault it was."""
+    return error(exc.status, str(exc), "server_error" if exc.status >= 500 else "invalid_request_error")
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -115,7 +119,7 @@ def build_router(service) -> APIRouter:
             updates = service.complete(user, messages, params)
             first = await run_in_threadpool(next, updates)
         except ChatError as exc:
-            return error(exc.status, str(exc), "server_error" if exc.status == 503 else "invalid_request_error")
+            return _chat_error(exc)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not body.stream:
@@ -124,7 +128,7 @@ def build_router(service) -> APIRouter:
                 async for up in iterate_in_threadpool(updates):
                     final = up
             except ChatError as exc:
-                return error(exc.status, str(exc), "server_error" if exc.status == 503 else "invalid_request_error")
+                return _chat_error(exc)
             return {"id": cid, "object": "chat.completion", "created": created, "model": final.model_version,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
                                  "finish_reason": _finish(final)}],

@@ -14,21 +14,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from model.engine import Engine, EngineBusyError, Generation, GenerationStats, SamplingParams, _first_stop
-
-_DONE = object()
+from model.engine import DONE, Engine, Generation, GenerationStats, QueuedRequest, SamplingParams, _first_stop
 
 
 @dataclass
-class _Request:
-    messages: list[dict]
-    params: SamplingParams
-    cancel: threading.Event
-    stats: GenerationStats
-    out: queue.Queue = field(default_factory=queue.Queue)
-    submitted: float = field(default_factory=time.perf_counter)
+class _Request(QueuedRequest):
     ids: list[int] = field(default_factory=list)
-    text: str = ""
     generator: object = None
 
 
@@ -51,26 +42,9 @@ class BatchedEngine(Engine):
     def stream(self, messages, params=None, cancel=None) -> Generation:
         params = (params or SamplingParams()).validate()
         req = _Request(messages, params, cancel or threading.Event(), GenerationStats())
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise EngineBusyError("The model is busy with other users; please try again in a moment.") from None
-        return Generation(self._drain(req), req.stats, req.cancel)
-
-    def _drain(self, req: _Request):
-        deadline = req.submitted + self.busy_wait_s
-        while True:
-            timeout = max(0.01, deadline - time.perf_counter()) if req.stats.ttft_ms is None else 300
-            try:
-                item = req.out.get(timeout=timeout)
-            except queue.Empty:
-                req.cancel.set()
-                raise EngineBusyError("The model is busy with other users; please try again in a moment.") from None
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        req.submit(self._queue)
+        # started = its first token is out (a batch is prefilled as a whole)
+        return Generation(req.drain(self.busy_wait_s, lambda r: r.stats.ttft_ms is not None), req.stats, req.cancel)
 
     # the scheduler ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -81,7 +55,7 @@ class BatchedEngine(Engine):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            batch = [r for r in batch if not r.cancel.is_set() or r.out.put(_DONE)]
+            batch = [r for r in batch if not r.cancel.is_set() or r.out.put(DONE)]
             if not batch:
                 continue
             try:
@@ -89,7 +63,7 @@ class BatchedEngine(Engine):
             except BaseException as exc:  # hand the error to every waiting caller
                 for r in batch:
                     r.out.put(exc)
-                    r.out.put(_DONE)
+                    r.out.put(DONE)
 
     def _run_batch(self, batch: list[_Request]) -> None:
         import torch
@@ -183,5 +157,5 @@ class BatchedEngine(Engine):
             return True
         st.finish_reason = done_reason
         st.latency_ms = (time.perf_counter() - r.submitted) * 1000
-        r.out.put(_DONE)
+        r.out.put(DONE)
         return False

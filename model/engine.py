@@ -12,6 +12,7 @@ Try it:
 from __future__ import annotations
 
 import argparse
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,50 @@ class Generation:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+
+# Requests handed to a scheduler thread (model.batching, model.llamacpp) ---------------------
+DONE = object()  # the scheduler puts this on a request's queue when the reply has ended
+BUSY_MESSAGE = "The model is busy with other users; please try again in a moment."
+
+
+@dataclass
+class QueuedRequest:
+    """One reply asked of a scheduler thread; the scheduler puts text deltas, an exception or
+    DONE on ``out``, and the caller's generator (``drain``) reads them."""
+
+    messages: list[dict]
+    params: SamplingParams
+    cancel: threading.Event
+    stats: GenerationStats
+    out: queue.Queue = field(default_factory=queue.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    text: str = ""
+
+    def submit(self, to: queue.Queue) -> None:
+        try:
+            to.put_nowait(self)
+        except queue.Full:
+            raise EngineBusyError(BUSY_MESSAGE) from None
+
+    def drain(self, busy_wait_s: float, started) -> Iterator[str]:
+        """Yield the reply's deltas. Until ``started(self)`` the request may wait ``busy_wait_s``
+        for a slot, then it is cancelled with EngineBusyError; after that, 300 s of silence is."""
+        deadline = self.submitted + busy_wait_s
+        while True:
+            waiting = not started(self)
+            try:
+                item = self.out.get(timeout=max(0.01, deadline - time.perf_counter()) if waiting else 300)
+            except queue.Empty:
+                if waiting and started(self):  # got a slot just as the wait ran out
+                    continue
+                self.cancel.set()
+                raise EngineBusyError(BUSY_MESSAGE) from None
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 class Engine:

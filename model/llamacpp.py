@@ -31,11 +31,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.engine import (DEFAULT_SYSTEM_PROMPT, ContextTooLongError, EngineBusyError, Generation, GenerationStats,
-                          SamplingParams, _first_stop)
-
-_DONE = object()
-_BUSY = "The model is busy with other users; please try again in a moment."
+from model.engine import (DEFAULT_SYSTEM_PROMPT, DONE, ContextTooLongError, Engine, EngineBusyError, Generation,
+                          GenerationStats, QueuedRequest, SamplingParams, _first_stop)
 
 
 def _lib():
@@ -45,21 +42,14 @@ def _lib():
 
 
 @dataclass
-class _Request:
-    messages: list[dict]
-    params: SamplingParams
-    cancel: threading.Event
-    stats: GenerationStats
-    out: queue.Queue = field(default_factory=queue.Queue)
-    submitted: float = field(default_factory=time.perf_counter)
-    seq: int = -1
+class _Request(QueuedRequest):
+    seq: int = -1  # its KV-cache sequence once admitted
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed to the model
     pos: int = 0
     fed: list[int] = field(default_factory=list)  # tokens whose KV this request's sequence holds
     last: int = -1  # the token sampled last step, fed next step
     max_new: int = 0
     sampler: object = None
-    text: str = ""
     decoder: object = None
 
 
@@ -127,17 +117,10 @@ class LlamaCppEngine:
         if self._retiring.is_set():
             raise EngineBusyError("The model is being switched to a new version; please try again in a moment.")
         req = _Request(messages, params, cancel or threading.Event(), GenerationStats())
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise EngineBusyError(_BUSY) from None
-        return Generation(self._drain(req), req.stats, req.cancel)
+        req.submit(self._queue)
+        return Generation(req.drain(self.busy_wait_s, lambda r: r.seq >= 0), req.stats, req.cancel)
 
-    def generate(self, messages: list[dict], params: SamplingParams | None = None):
-        gen = self.stream(messages, params)
-        for _ in gen:
-            pass
-        return gen.text, gen.stats
+    generate = Engine.generate  # stream, then return the text and stats
 
     def build_prompt(self, messages: list[dict]) -> str:
         if not messages or messages[0].get("role") != "system":
@@ -174,24 +157,6 @@ class LlamaCppEngine:
         except queue.Full:
             pass  # a full queue means the scheduler is awake anyway
 
-    # the caller's side ----------------------------------------------------------------------
-    def _drain(self, req: _Request):
-        deadline = req.submitted + self.busy_wait_s
-        while True:
-            timeout = max(0.01, deadline - time.perf_counter()) if req.seq < 0 and not req.text else 300
-            try:
-                item = req.out.get(timeout=timeout)
-            except queue.Empty:
-                if req.seq >= 0:  # admitted in the meantime: keep waiting for its tokens
-                    continue
-                req.cancel.set()
-                raise EngineBusyError(_BUSY) from None
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
     # the scheduler --------------------------------------------------------------------------
     def _loop(self) -> None:
         ll = _lib()
@@ -225,7 +190,7 @@ class LlamaCppEngine:
                 return
             block = False
             if req.cancel.is_set():
-                req.out.put(_DONE)
+                req.out.put(DONE)
                 continue
             try:
                 prompt = self.tokenize(self.build_prompt(req.messages))
@@ -253,7 +218,7 @@ class LlamaCppEngine:
         """Share the KV cells of the cached sequence with the longest common start."""
         prompt, best, best_len = req.pending, None, 0
         for seq, tokens in self._cached.items():
-            n = _common_prefix(tokens, prompt)
+            n = len(os.path.commonprefix([tokens, prompt]))  # works on any sequences, token lists too
             if n > best_len:
                 best, best_len = seq, n
         best_len = min(best_len, len(prompt) - 1)  # feed at least one token: it gives the logits
@@ -397,15 +362,7 @@ class LlamaCppEngine:
         r.stats.latency_ms = (time.perf_counter() - r.submitted) * 1000
         if error is not None:
             r.out.put(error)
-        r.out.put(_DONE)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+        r.out.put(DONE)
 
 
 def _piece(vocab, tok: int) -> bytes:
