@@ -36,7 +36,7 @@ class Settings:
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation."})
     messages_per_minute: int = field(default=30, metadata={"help": "Messages one user may send a minute; 0 = no limit."})
     engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers) or simple."})
-    gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, same quality) or f32."})
+    gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, within 1% perplexity), f16 or f32."})
     context_tokens: int = field(default=2048, metadata={"help": "llama.cpp context per conversation, in tokens."})
     prefix_cache: int = field(default=-1, metadata={"help": (
         "Finished replies whose llama.cpp KV cache is kept so the next turn skips re-reading the history "
