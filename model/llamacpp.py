@@ -76,6 +76,7 @@ class LlamaCppEngine:
         self.prefix_cache = 0 if not kv_unified else max_batch if prefix_cache < 0 else prefix_cache
         _quiet_logs()
         ll.llama_backend_init()
+        _warn_if_openmp()
         mparams = ll.llama_model_default_params()
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
@@ -385,6 +386,20 @@ def _chat_template(model):
         raise RuntimeError("this GGUF has no chat template (tokenizer.chat_template); use a chat/instruct model")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(raw.decode())
+
+
+def uses_openmp() -> bool:
+    """Whether this llama.cpp build runs its threads through OpenMP (ours should not)."""
+    return b"OPENMP = 1" in _lib().llama_print_system_info()
+
+
+def _warn_if_openmp() -> None:
+    if uses_openmp():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "llama.cpp was built with OpenMP: it shares libgomp with torch in this process and decodes "
+            "about 2x slower. Rebuild it with `make setup` (it compiles llama-cpp-python with GGML_OPENMP=OFF).")
 
 
 _LOG_CB = None

@@ -182,6 +182,14 @@ def test_prefix_cache_gives_way_when_memory_runs_short():
         e.close()
 
 
+def test_llamacpp_is_built_without_openmp():
+    # The Makefile compiles llama-cpp-python with GGML_OPENMP=OFF. An OpenMP build shares libgomp
+    # with torch (moderation) in the server process and decodes ~2x slower (bench/serving.py).
+    from model.llamacpp import uses_openmp
+
+    assert not uses_openmp(), "llama-cpp-python was built with OpenMP; run `make setup` to rebuild it"
+
+
 def test_missing_or_broken_gguf(tmp_path):
     with pytest.raises(FileNotFoundError):
         LlamaCppEngine(tmp_path / "nope.gguf")
