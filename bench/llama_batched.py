@@ -18,84 +18,86 @@ from pathlib import Path
 
 
 class LlamaBatched:
-    """One GGUF loaded once; ``run`` generates for a list of prompts in a fresh context."""
+    """One GGUF and one context (cleared between batches), like the ``batched`` example."""
 
-    def __init__(self, gguf: Path, threads: int = 2):
+    def __init__(self, gguf: Path, threads: int = 2, max_users: int = 16, context_tokens: int = 512,
+                 step_tokens: int = 512):
         import llama_cpp as ll
 
-        from model.llamacpp import _quiet_logs
+        from model.llamacpp import _chat_template, _quiet_logs
 
         _quiet_logs()
         ll.llama_backend_init()
         self.model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
-        self.threads = threads
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = max_users * context_tokens
+        cparams.n_seq_max, cparams.kv_unified = max_users, True
+        cparams.n_batch = cparams.n_ubatch = step_tokens
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        self.batch = ll.llama_batch_init(step_tokens, 0, 1)
+        self.step_tokens = step_tokens
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.template = _chat_template(self.model)
         self.run(["Hi"], 4)  # warm up: the first pass after loading pages the weights in
 
-    def run(self, prompts: list[str], max_new_tokens: int = 64) -> dict:
-        return batched_generate(self.model, prompts, max_new_tokens, self.threads)
-
-    def close(self) -> None:
+    def tokenize(self, prompt: str) -> list[int]:
         import llama_cpp as ll
 
-        ll.llama_model_free(self.model)
-
-
-def batched_generate(model, prompts: list[str], max_new_tokens: int = 64, threads: int = 2) -> dict:
-    """Generate for all ``prompts`` at once; aggregate tokens/s and the time to the first tokens."""
-    import llama_cpp as ll
-
-    from model.llamacpp import _chat_template
-
-    vocab = ll.llama_model_get_vocab(model)
-    template = _chat_template(model)
-    tokens = []
-    for p in prompts:
-        text = template.render(messages=[{"role": "system", "content": "You are a helpful assistant."},
-                                         {"role": "user", "content": p}], add_generation_prompt=True)
+        text = self.template.render(messages=[{"role": "system", "content": "You are a helpful assistant."},
+                                              {"role": "user", "content": prompt}], add_generation_prompt=True)
         data = text.encode()
         buf = (ll.llama_token * (len(data) + 8))()
-        tokens.append(list(buf[: ll.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)]))
-    n_prompt = sum(len(t) for t in tokens)
-    cparams = ll.llama_context_default_params()
-    cparams.n_ctx = n_prompt + len(prompts) * (max_new_tokens + 1)
-    cparams.n_seq_max, cparams.kv_unified = len(prompts), True
-    cparams.n_batch = cparams.n_ubatch = max(n_prompt, 512)
-    cparams.n_threads = cparams.n_threads_batch = threads
-    ctx = ll.llama_init_from_model(model, cparams)
-    batch = ll.llama_batch_init(max(n_prompt, len(prompts)), 0, 1)
-    n_vocab = ll.llama_vocab_n_tokens(vocab)
-    try:
+        return list(buf[: ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)])
+
+    def run(self, prompts: list[str], max_new_tokens: int = 64) -> dict:
+        """Generate for all ``prompts`` at once; aggregate tokens/s and the time to the first tokens."""
+        import llama_cpp as ll
+
+        from model.llamacpp import _piece
+
+        tokens = [self.tokenize(p) for p in prompts]
+        n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
         start = time.perf_counter()
-        rows = [(tok, pos, seq, pos == len(t) - 1) for seq, t in enumerate(tokens) for pos, tok in enumerate(t)]
-        logit_row = _decode(ll, ctx, batch, rows)
+        # Prompts in chunks of one batch. Only the last decode call's logits survive, so every
+        # prompt's last token goes in a final call of its own (<= max_users rows).
+        rows = [(tok, pos, seq, False) for seq, t in enumerate(tokens) for pos, tok in enumerate(t[:-1])]
+        for i in range(0, len(rows), self.step_tokens):
+            _decode(ll, self.ctx, self.batch, rows[i:i + self.step_tokens])
+        logit_row = _decode(ll, self.ctx, self.batch, [(t[-1], len(t) - 1, seq, True) for seq, t in enumerate(tokens)])
         pos = [len(t) for t in tokens]
-        running, generated, first = set(range(len(prompts))), 0, None
-        per_seq = [0] * len(prompts)
+        new, pieces = [0] * len(prompts), [[] for _ in prompts]
+        running, first = set(range(len(prompts))), None
         while running:
             rows = []
             for seq in sorted(running):
-                tok = _argmax(ll.llama_get_logits_ith(ctx, logit_row[seq]), n_vocab)
-                if first is None:
-                    first = time.perf_counter() - start
-                if ll.llama_vocab_is_eog(vocab, tok):
+                tok = _argmax(ll.llama_get_logits_ith(self.ctx, logit_row[seq]), n_vocab)
+                first = first or time.perf_counter() - start
+                if ll.llama_vocab_is_eog(self.vocab, tok):
                     running.discard(seq)
                     continue
-                generated += 1
-                per_seq[seq] += 1
-                if per_seq[seq] >= max_new_tokens:
+                new[seq] += 1
+                pieces[seq].append(tok)
+                if new[seq] >= max_new_tokens:
                     running.discard(seq)
                     continue
                 rows.append((tok, pos[seq], seq, True))
                 pos[seq] += 1
             if rows:
-                logit_row = _decode(ll, ctx, batch, rows)
+                logit_row = _decode(ll, self.ctx, self.batch, rows)
         wall = time.perf_counter() - start
-    finally:
-        ll.llama_batch_free(batch)
-        ll.llama_free(ctx)
-    return {"tok_s": generated / wall, "ttft": first, "wall": wall, "tokens": generated}
+        texts = [b"".join(_piece(self.vocab, t) for t in p).decode(errors="replace") for p in pieces]
+        return {"tok_s": sum(new) / wall, "ttft": first, "wall": wall, "tokens": sum(new), "texts": texts}
+
+    def close(self) -> None:
+        import llama_cpp as ll
+
+        ll.llama_batch_free(self.batch)
+        ll.llama_free(self.ctx)
+        ll.llama_model_free(self.model)
 
 
 def _decode(ll, ctx, batch, rows) -> dict:

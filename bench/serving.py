@@ -185,6 +185,29 @@ def multi_turn(gguf: Path, threads: int, turns: int = 5) -> None:
         print(f"| {t + 1} | {rows[0][0][t]} | {off:.2f} | {on:.2f} | {off / on:.1f}x |")
 
 
+def reference(q41: Path, q8: Path, args, ours: dict) -> None:
+    """llama.cpp's own batched generation (bench/llama_batched.py) at each load, next to ours."""
+    from bench.llama_batched import LlamaBatched
+
+    runners = {"Q4_1": LlamaBatched(q41, args.threads), "Q8_0": LlamaBatched(q8, args.threads)}
+    print("\nllama.cpp's own batched generation (all prompts in one batch, every step decodes every running "
+          "reply; no scheduler), same prompts, same threads:\n\n| users | llama.cpp batched Q4_1 tok/s | TTFT s "
+          "| llama.cpp batched Q8_0 tok/s | TTFT s | ours Q8_0 vs batched Q4_1 | ours Q8_0 vs batched Q8_0 "
+          "| ours Q4_1 vs batched Q4_1 |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for users in args.users:
+        r = {}
+        for name, runner in runners.items():  # as many answers as the load test: max(2, 16 // users) batches
+            runs = [runner.run([f"Request {next(REQUEST_IDS)}. {PROMPTS[i % len(PROMPTS)]}" for i in range(users)],
+                               args.max_new_tokens) for _ in range(max(2, 16 // users))]
+            r[name] = (sum(x["tokens"] for x in runs) / sum(x["wall"] for x in runs),
+                       statistics.median(x["ttft"] for x in runs))
+        ratio = lambda ours_name, ref: f"{ours[users][ours_name] / r[ref][0]:.2f}x" if ours_name in ours.get(users, {}) else "-"
+        print(f"| {users} | {r['Q4_1'][0]:.1f} | {r['Q4_1'][1]:.2f} | {r['Q8_0'][0]:.1f} | {r['Q8_0'][1]:.2f} | "
+              f"{ratio('ours', 'Q4_1')} | {ratio('ours', 'Q8_0')} | {ratio('ours-q4_1', 'Q4_1')} |", flush=True)
+    for runner in runners.values():
+        runner.close()
+
+
 def main() -> None:
     import torch
 
@@ -204,6 +227,7 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument("--skip-multi-turn", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="skip llama.cpp's own batched generation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     resolved = resolve_model("embedded", Path(args.data_dir))
@@ -228,9 +252,10 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| users | engine | tokens/s (all users) | decode tok/s per user | TTFT p50 s | TTFT p95 s | peak RSS MB "
           "| errors | tokens/s vs baseline | vs peer |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    step_rows = []
+    step_rows, ours = [], {}
     for users in args.users:
         results = {name: run_load(e, users, args.max_new_tokens) for name, e in engines.items()}
+        ours[users] = {name: results[name]["tok_s"] for name in ("ours-q4_1", "ours") if name in results}
         for name, r in results.items():
             base = results.get("baseline", {}).get("tok_s")
             peer = results.get("peer", {}).get("tok_s")
@@ -250,6 +275,9 @@ def main() -> None:
             print(f"| {users} | {name} | {c['steps']} | {c['decode_rows'] / c['steps']:.1f} | {c['prefill_tokens']} | "
                   f"{100 * c['decode_s'] / r['wall']:.0f}% | {100 * c['sample_s'] / r['wall']:.0f}% | "
                   f"{c['decode_rows'] / c['decode_s']:.0f} |")
+
+    if not args.skip_reference:
+        reference(q41, q8, args, ours)
 
     if not args.skip_quality:
         texts = heldout_texts()

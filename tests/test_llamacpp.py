@@ -227,6 +227,23 @@ def test_batched_decoding_is_exact_on_float32_weights(f32_gguf):
 
 
 @pytest.mark.slow
+def test_benchmark_reference_generates_what_our_engine_does(f32_gguf):
+    """bench/llama_batched.py, the llama.cpp reference our speed is compared with, really decodes:
+    on float32 weights its batched greedy answers equal our engine's."""
+    from bench.llama_batched import LlamaBatched
+
+    ref = LlamaBatched(f32_gguf, threads=2, max_users=4)
+    e = LlamaCppEngine(f32_gguf, "f32", max_batch=4, threads=2, context_tokens=512)
+    try:
+        out = ref.run(PROMPTS, max_new_tokens=GREEDY.max_new_tokens)
+        assert out["texts"] == [ask(e, p)[0] for p in PROMPTS]
+        assert out["tokens"] >= len(PROMPTS) and out["tok_s"] > 0
+    finally:
+        ref.close()
+        e.close()
+
+
+@pytest.mark.slow
 def test_prefix_cache_changes_nothing_on_float32_weights(f32_gguf):
     """Reusing a conversation's KV cells gives the same replies as recomputing them."""
     cached = LlamaCppEngine(f32_gguf, "cached", max_batch=2, threads=2, context_tokens=1024)
