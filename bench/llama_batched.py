@@ -12,7 +12,6 @@ llama.cpp's kernels give for N users on given weights, with no serving overhead 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -44,17 +43,17 @@ class LlamaBatched:
         self.run(["Hi"], 4)  # warm up: the first pass after loading pages the weights in
 
     def tokenize(self, prompt: str) -> list[int]:
-        import llama_cpp as ll
+        from model.engine import DEFAULT_SYSTEM_PROMPT
+        from model.llamacpp import tokenize
 
-        text = self.template.render(messages=[{"role": "system", "content": "You are a helpful assistant."},
-                                              {"role": "user", "content": prompt}], add_generation_prompt=True)
-        data = text.encode()
-        buf = (ll.llama_token * (len(data) + 8))()
-        return list(buf[: ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)])
+        return tokenize(self.vocab, self.template.render(
+            messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+            add_generation_prompt=True))
 
     def run(self, prompts: list[str], max_new_tokens: int = 64) -> dict:
         """Generate for all ``prompts`` at once; aggregate tokens/s and the time to the first tokens."""
         import llama_cpp as ll
+        import numpy as np
 
         from model.llamacpp import _piece
 
@@ -74,7 +73,8 @@ class LlamaBatched:
         while running:
             rows = []
             for seq in sorted(running):
-                tok = _argmax(ll.llama_get_logits_ith(self.ctx, logit_row[seq]), n_vocab)
+                logits = ll.llama_get_logits_ith(self.ctx, logit_row[seq])
+                tok = int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())  # greedy
                 first = first or time.perf_counter() - start
                 if ll.llama_vocab_is_eog(self.vocab, tok):
                     running.discard(seq)
@@ -115,14 +115,8 @@ def _decode(ll, ctx, batch, rows) -> dict:
     return out
 
 
-def _argmax(logits, n_vocab: int) -> int:
-    import numpy as np
-
-    return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
-
-
 def main() -> None:
-    from bench.serving import PROMPTS
+    from bench.serving import request_prompt
     from model.gguf_export import ensure_gguf
     from model.loader import embedded_gguf_path, resolve_model
 
@@ -137,12 +131,11 @@ def main() -> None:
     runners = {name: LlamaBatched(path, args.threads) for name, path in weights.items()}
     print("| users | weights | tokens/s (all users) | time to first tokens s |\n| --- | --- | --- | --- |")
     for users in args.users:
-        prompts = [f"Request {i}. {PROMPTS[i % len(PROMPTS)]}" for i in range(users)]
+        prompts = [request_prompt(i) for i in range(users)]
         for name, runner in runners.items():
             r = runner.run(prompts, args.max_new_tokens)
             print(f"| {users} | {name} | {r['tok_s']:.1f} | {r['ttft']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

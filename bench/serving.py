@@ -37,6 +37,12 @@ REQUEST_IDS = itertools.count(1)  # next() on it is atomic in CPython: safe from
 ENGINES = ("baseline", "batched", "peer", "ours-q4_1", "ours")
 
 
+def request_prompt(index: int) -> str:
+    """A fixed prompt made distinct at its start, so no engine gets a cached prompt for free
+    (only the shared system prompt is common, as on a real server)."""
+    return f"Request {next(REQUEST_IDS)}. {PROMPTS[index % len(PROMPTS)]}"
+
+
 class PeakRSS:
     """Samples this process's resident memory in the background; ``peak`` in MB."""
 
@@ -112,10 +118,7 @@ def run_load(engine, users: int, max_new_tokens: int) -> dict:
         for j in range(rounds):
             try:
                 params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
-                # every request distinct at its start, so no engine gets a cached prompt for free
-                # (only the shared system prompt is common, as on a real server)
-                prompt = f"Request {next(REQUEST_IDS)}. {PROMPTS[(i + j * users) % len(PROMPTS)]}"
-                gen = engine.stream([{"role": "user", "content": prompt}], params)
+                gen = engine.stream([{"role": "user", "content": request_prompt(i + j * users)}], params)
                 for _ in gen:
                     pass
                 st = gen.stats
@@ -197,8 +200,8 @@ def reference(q41: Path, q8: Path, args, ours: dict) -> None:
     for users in args.users:
         r = {}
         for name, runner in runners.items():  # as many answers as the load test: max(2, 16 // users) batches
-            runs = [runner.run([f"Request {next(REQUEST_IDS)}. {PROMPTS[i % len(PROMPTS)]}" for i in range(users)],
-                               args.max_new_tokens) for _ in range(max(2, 16 // users))]
+            runs = [runner.run([request_prompt(i) for i in range(users)], args.max_new_tokens)
+                    for _ in range(max(2, 16 // users))]
             r[name] = (sum(x["tokens"] for x in runs) / sum(x["wall"] for x in runs),
                        statistics.median(x["ttft"] for x in runs))
         ratio = lambda ours_name, ref: f"{ours[users][ours_name] / r[ref][0]:.2f}x" if ours_name in ours.get(users, {}) else "-"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import queue
 import threading
@@ -129,13 +130,7 @@ class LlamaCppEngine:
         return self._template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
 
     def tokenize(self, text: str) -> list[int]:
-        ll = _lib()
-        data = text.encode()
-        buf = (ll.llama_token * (len(data) + 8))()
-        n = ll.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, True)
-        if n < 0:
-            raise ValueError("prompt could not be tokenized")
-        return list(buf[:n])
+        return tokenize(self._vocab, text)
 
     def unbatched(self):
         return self  # background work goes through the same scheduler; it is cheap to share
@@ -366,6 +361,17 @@ class LlamaCppEngine:
         r.out.put(DONE)
 
 
+def tokenize(vocab, text: str) -> list[int]:
+    """A rendered prompt's token ids (special tokens such as <|im_start|> parsed as such)."""
+    ll = _lib()
+    data = text.encode()
+    buf = (ll.llama_token * (len(data) + 8))()
+    n = ll.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
+    if n < 0:
+        raise ValueError("prompt could not be tokenized")
+    return list(buf[:n])
+
+
 def _piece(vocab, tok: int) -> bytes:
     ll = _lib()
     buf = ctypes.create_string_buffer(64)
@@ -388,6 +394,7 @@ def _chat_template(model):
     return env.from_string(raw.decode())
 
 
+@functools.cache
 def uses_openmp() -> bool:
     """Whether this llama.cpp build runs its threads through OpenMP (ours should not)."""
     return b"OPENMP = 1" in _lib().llama_print_system_info()
