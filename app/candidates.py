@@ -2,6 +2,10 @@
 
 Each task gets K replies from the serving model with varied sampling, each checked by output
 moderation (a flagged candidate can be ranked but never becomes a "chosen" reply).
+
+One bad row never stops the worker: a chat prompt that cannot become a task is marked
+skipped at once; a task whose candidates fail ``max_failures`` rounds in a row is marked
+skipped (with the error); each is logged once and the worker goes on with the rest.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ import logging
 import threading
 import time
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from feedback import annotation_repo as arepo
 from feedback.db import session_scope
-from model.engine import SamplingParams
+from model.engine import EngineBusyError, SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Not the row's fault: the database or the model is busy or away; the next round retries.
+TRANSIENT = (EngineBusyError, OperationalError, InterfaceError)
 
 # Varied sampling so candidates differ: from careful to adventurous.
 VARIANTS = [dict(temperature=0.3, top_p=0.9), dict(temperature=0.7, top_p=0.95), dict(temperature=1.0, top_p=1.0),
@@ -22,8 +31,11 @@ VARIANTS = [dict(temperature=0.3, top_p=0.9), dict(temperature=0.7, top_p=0.95),
 
 
 class CandidateWorker:
-    def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int = 128, interval_s: float = 10.0):
+    def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int = 128, interval_s: float = 10.0,
+                 max_failures: int = 3):
         self.service = service
+        self.max_failures = max_failures
+        self._failures: dict[int, int] = {}  # task id -> rounds in a row its candidates failed
         self.k = k
         self.ahead = ahead
         self.max_new_tokens = max_new_tokens
@@ -56,18 +68,55 @@ class CandidateWorker:
     def run_once(self, limit: int | None = None) -> int:
         """Sync chat prompts into tasks, then fill up to ``ahead`` tasks. Returns candidates made."""
         with self._lock:  # one filler at a time (background loop or an annotator waiting)
-            settings = self.service.settings
+            self._sync_prompts()
             with session_scope(self.service.session_factory) as s:
-                arepo.sync_tasks_from_chat(session=s, wanted=settings.annotations_per_task)
                 todo = [(t.id, t.context, len(t.candidates))
                         for t in arepo.tasks_needing_candidates(session=s, k=self.k, limit=limit or self.ahead)]
             made = 0
             for task_id, context, have in todo:
-                for i in range(have, self.k):
-                    if self._stop.is_set():
-                        return made
-                    made += self._make(task_id, context, i)
+                try:
+                    for i in range(have, self.k):
+                        if self._stop.is_set():
+                            return made
+                        made += self._make(task_id, context, i)
+                except TRANSIENT:
+                    raise
+                except Exception as exc:
+                    self._task_failed(task_id, exc)
+                    continue
+                self._failures.pop(task_id, None)
             return made
+
+    def _sync_prompts(self) -> int:
+        """Each prompt in its own transaction, so a bad one is skipped without undoing the rest."""
+        factory, wanted = self.service.session_factory, self.service.settings.annotations_per_task
+        with session_scope(factory) as s:
+            ids = arepo.chat_prompts_to_sync(session=s)
+        added = 0
+        for message_id in ids:
+            try:
+                with session_scope(factory) as s:
+                    added += arepo.task_from_message(session=s, message_id=message_id, wanted=wanted) is not None
+            except TRANSIENT:
+                raise
+            except Exception:
+                log.warning("chat prompt %s cannot become a ranking task; skipped for good", message_id,
+                            exc_info=True)
+                with session_scope(factory) as s:
+                    arepo.mark_message_skipped(session=s, message_id=message_id)
+        return added
+
+    def _task_failed(self, task_id: int, exc: Exception) -> None:
+        """Retry a failing task a few rounds (the cause may pass), then give up on it for good."""
+        self._failures[task_id] = self._failures.get(task_id, 0) + 1
+        if self._failures[task_id] < self.max_failures:
+            log.info("candidates for ranking task %s failed (%s); retrying next round", task_id, exc)
+            return
+        self._failures.pop(task_id)
+        log.warning("candidates for ranking task %s failed %s rounds in a row; task skipped for good",
+                    task_id, self.max_failures, exc_info=exc)
+        with session_scope(self.service.session_factory) as s:
+            arepo.mark_task_skipped(session=s, task_id=task_id, reason=f"{exc.__class__.__name__}: {exc}")
 
     def _foreground_engine_free(self, timeout_s: float = 30.0) -> None:
         """Chat comes first: wait while any chat reply is being generated."""

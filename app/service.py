@@ -147,6 +147,8 @@ class ChatService:
         """Post a user message and stream the assistant reply. Raises ChatError before any write."""
         text = self._validate(user_name, text)
         params = self._check_params(params)
+        if system_prompt is not None:
+            system_prompt = clean_text(str(system_prompt))
         self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
@@ -171,9 +173,8 @@ class ChatService:
     def complete(self, user_name: str, messages: list[dict], params: SamplingParams | None = None,
                  cancel_key: str | None = None) -> Iterator[ChatUpdate]:
         """A stateless API call: log the given messages as a new conversation, answer the last one."""
-        if not messages or messages[-1].get("role") != "user":
-            raise ChatError("The last message must come from the user.")
-        text = self._validate(user_name, messages[-1].get("content", ""))
+        messages = _clean_messages(messages)
+        text = self._validate(user_name, messages[-1]["content"])
         params = self._check_params(params)
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         self._ensure_user(user_name)
@@ -341,9 +342,9 @@ class ChatService:
             raise ChatError(str(exc)) from exc
 
     def _validate(self, user_name: str, text: str) -> str:
-        if not isinstance(text, str) or not text.strip():
+        text = clean_text(text) if isinstance(text, str) else ""
+        if not text:
             raise ChatError("Type a message first: empty messages are not sent.")
-        text = text.replace("\x00", "").strip()
         limit = self.settings.max_message_chars
         if len(text) > limit:
             raise ChatError(f"Your message has {len(text):,} characters; the limit is {limit:,}. "
@@ -370,6 +371,31 @@ class ChatService:
             return (params or SamplingParams()).validate()
         except ValueError as exc:
             raise ChatError(str(exc)) from exc
+
+
+# C0 control characters and DEL, except tab and the line breaks people type. NUL above all:
+# PostgreSQL refuses it in text, and a message made only of them must count as empty.
+_CONTROL_CHARS = dict.fromkeys([c for c in range(32) if chr(c) not in "\t\n\r"] + [0x7F])
+
+
+def clean_text(text: str) -> str:
+    """Drop control characters, then trim. In this order: trimming first would let a message of
+    only NULs through the empty check and store it empty."""
+    return text.translate(_CONTROL_CHARS).strip()
+
+
+def _clean_messages(messages: list[dict]) -> list[dict]:
+    """Every message cleaned the same way (an earlier or system message is stored too)."""
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        raise ChatError("The last message must come from the user.")
+    cleaned = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ChatError(f"Message {i}: the role must be system, user or assistant.")
+        if not isinstance(m.get("content"), str):
+            raise ChatError(f"Message {i}: the content must be a string.")
+        cleaned.append({"role": m["role"], "content": clean_text(m["content"])})
+    return cleaned
 
 
 def _title(text: str) -> str:

@@ -36,27 +36,52 @@ def add_task(*, session: Session, context: list[dict], source: str, wanted: int 
     return task
 
 
-def sync_tasks_from_chat(*, session: Session, wanted: int = 1, limit: int = 200) -> int:
-    """Turn logged user prompts that passed moderation into tasks (opted-out users excluded)."""
-    seen = select(RankingTask.source_message_id).where(RankingTask.source_message_id.is_not(None))
-    stmt = (select(Message).join(Conversation).join(User, User.id == Conversation.owner_id)
-            .where(Message.role == "user", Message.moderation == "pass", User.opted_out.is_(False),
-                   Message.id.not_in(seen)).order_by(Message.id).limit(limit))
-    added = 0
-    for msg in session.scalars(stmt):
-        context = [{"role": m.role, "content": m.content} for m in thread(session=session, leaf=msg)
-                   if m.role in ("user", "assistant") and m.moderation != "flagged" and m.status != "blocked"]
-        if add_task(session=session, context=context, source="chat", wanted=wanted, source_message_id=msg.id,
-                    owner_id=msg.conversation.owner_id):
-            added += 1
-    return added
+def chat_prompts_to_sync(*, session: Session, limit: int = 200) -> list[int]:
+    """Ids of logged user prompts that passed moderation and were never looked at (opted-out
+    users excluded), oldest first."""
+    stmt = (select(Message.id).join(Conversation).join(User, User.id == Conversation.owner_id)
+            .where(Message.role == "user", Message.moderation == "pass", Message.ranking_state.is_(None),
+                   User.opted_out.is_(False)).order_by(Message.id).limit(limit))
+    return list(session.scalars(stmt))
+
+
+def task_from_message(*, session: Session, message_id: int, wanted: int = 1) -> RankingTask | None:
+    """Turn one chat prompt (with its thread) into a task; None if the same task exists.
+    Raises ValidationError for a prompt that cannot be a task (see ``mark_message_skipped``)."""
+    msg = session.get(Message, message_id)
+    if msg is None:
+        raise NotFoundError(f"Message {message_id} does not exist.")
+    context = [{"role": m.role, "content": m.content} for m in thread(session=session, leaf=msg)
+               if m.role in ("user", "assistant") and m.moderation != "flagged" and m.status != "blocked"]
+    task = add_task(session=session, context=context, source="chat", wanted=wanted, source_message_id=msg.id,
+                    owner_id=msg.conversation.owner_id)
+    msg.ranking_state = "task" if task else "duplicate"
+    session.flush()
+    return task
+
+
+def mark_message_skipped(*, session: Session, message_id: int) -> None:
+    """A prompt that could not become a task is not looked at again."""
+    msg = session.get(Message, message_id)
+    if msg is not None:
+        msg.ranking_state = "skipped"
+        session.flush()
 
 
 def tasks_needing_candidates(*, session: Session, k: int, limit: int = 4) -> list[RankingTask]:
     have = (select(Candidate.task_id, func.count(Candidate.id).label("n")).group_by(Candidate.task_id).subquery())
     stmt = (select(RankingTask).outerjoin(have, have.c.task_id == RankingTask.id)
-            .where(func.coalesce(have.c.n, 0) < k).order_by(RankingTask.id).limit(limit))
+            .where(func.coalesce(have.c.n, 0) < k, RankingTask.skipped_reason.is_(None))
+            .order_by(RankingTask.id).limit(limit))
     return list(session.scalars(stmt))
+
+
+def mark_task_skipped(*, session: Session, task_id: int, reason: str) -> None:
+    """Give up making candidates for a task (it is never served); ``reason`` says why."""
+    task = session.get(RankingTask, task_id)
+    if task is not None:
+        task.skipped_reason = reason[:2000] or "skipped"
+        session.flush()
 
 
 def add_candidate(*, session: Session, task: RankingTask, content: str, model_version: str | None,
@@ -80,7 +105,8 @@ def next_task(*, session: Session, annotator: User, k: int) -> RankingTask | Non
     done = _done_counts()
     stmt = (select(RankingTask).join(have, have.c.task_id == RankingTask.id)
             .outerjoin(done, done.c.task_id == RankingTask.id)
-            .where(have.c.n >= k, RankingTask.id.not_in(mine), func.coalesce(done.c.n, 0) < RankingTask.wanted)
+            .where(have.c.n >= k, RankingTask.id.not_in(mine), func.coalesce(done.c.n, 0) < RankingTask.wanted,
+                   RankingTask.skipped_reason.is_(None))
             .order_by(RankingTask.id).limit(1))
     return session.scalar(stmt)
 
@@ -92,7 +118,8 @@ def open_task_count(*, session: Session, annotator: User, k: int) -> tuple[int, 
     done = _done_counts()
     base = (select(func.count(RankingTask.id)).outerjoin(have, have.c.task_id == RankingTask.id)
             .outerjoin(done, done.c.task_id == RankingTask.id)
-            .where(RankingTask.id.not_in(mine), func.coalesce(done.c.n, 0) < RankingTask.wanted))
+            .where(RankingTask.id.not_in(mine), func.coalesce(done.c.n, 0) < RankingTask.wanted,
+                   RankingTask.skipped_reason.is_(None)))
     ready = session.scalar(base.where(func.coalesce(have.c.n, 0) >= k)) or 0
     waiting = session.scalar(base.where(func.coalesce(have.c.n, 0) < k)) or 0
     return ready, waiting

@@ -63,6 +63,9 @@ class Message(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     # None = not checked, "pass", "flagged", "error" (fail closed counts as flagged).
     moderation: Mapped[str | None] = mapped_column(String(16))
+    # User prompts only: None = not looked at yet, "task" | "duplicate" | "skipped" (it could not
+    # become a ranking task). Every prompt is looked at once, so one bad row cannot stall the sync.
+    ranking_state: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
@@ -91,6 +94,8 @@ class RankingTask(Base):
     source_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     wanted: Mapped[int] = mapped_column(Integer, default=1)
+    # Set when candidates could not be made for it (the error): such a task is not retried.
+    skipped_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     candidates: Mapped[list["Candidate"]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Candidate.id"

@@ -2,7 +2,7 @@ import pytest
 
 from feedback import annotation_repo as arepo
 from feedback import repository as repo
-from feedback.models import Demonstration
+from feedback.models import Demonstration, Message
 from feedback.stats import data_counts
 
 
@@ -79,8 +79,23 @@ def test_sync_tasks_only_from_moderation_passed_prompts(session):
     conv = repo.create_conversation(session=session, owner=alice)
     repo.add_message(session=session, conversation=conv, role="user", content="nice question", moderation="pass")
     repo.add_message(session=session, conversation=conv, role="user", content="abuse", moderation="flagged")
-    assert arepo.sync_tasks_from_chat(session=session) == 1
-    assert arepo.sync_tasks_from_chat(session=session) == 0  # idempotent
+    [prompt] = arepo.chat_prompts_to_sync(session=session)
+    assert arepo.task_from_message(session=session, message_id=prompt).context[-1]["content"] == "nice question"
+    assert arepo.chat_prompts_to_sync(session=session) == []  # each prompt is looked at once
+
+
+def test_duplicate_chat_prompt_is_marked_and_not_looked_at_again(session):
+    """A chat prompt whose task exists already is marked "duplicate" and leaves the sync queue, so
+    many repeats of one prompt cannot fill the sync window and starve new prompts."""
+    alice = repo.get_or_create_user(session=session, name="alice")
+    for _ in range(2):
+        conv = repo.create_conversation(session=session, owner=alice)
+        repo.add_message(session=session, conversation=conv, role="user", content="hi", moderation="pass")
+    first, second = arepo.chat_prompts_to_sync(session=session)
+    assert arepo.task_from_message(session=session, message_id=first) is not None
+    assert arepo.task_from_message(session=session, message_id=second) is None
+    assert session.get(Message, second).ranking_state == "duplicate"
+    assert arepo.chat_prompts_to_sync(session=session) == []
 
 
 def test_agreement_kendall_tau(session):
