@@ -13,11 +13,12 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from app.auth import LOCAL_USER, auth_enabled, verify_secret
+from app.reply_pump import ReplyPump
 from app.service import ChatError
 from feedback import training_repo as trepo
 from feedback.db import session_scope
@@ -115,26 +116,24 @@ def build_router(service) -> APIRouter:
                                 max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
                                 repetition_penalty=1.1, seed=body.seed, stop=stop)
         messages = [m.model_dump() for m in body.messages]
-        try:
-            updates = service.complete(user, messages, params)
-            first = await run_in_threadpool(next, updates)
-        except ChatError as exc:
-            return _chat_error(exc)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        if not body.stream:
-            final = first
-            try:
-                async for up in iterate_in_threadpool(updates):
+        pump = ReplyPump(service.complete(user, messages, params, cancel_key=cid), lambda: service.disconnect(cid))
+        pump.watch(request)
+        try:
+            first = final = await pump.next()
+            if not body.stream:
+                async for up in pump:
                     final = up
-            except ChatError as exc:
-                return _chat_error(exc)
+        except ChatError as exc:
+            return _chat_error(exc)
+        if not body.stream:
             return {"id": cid, "object": "chat.completion", "created": created, "model": final.model_version,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
                                  "finish_reason": _finish(final)}],
                     "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
                               "total_tokens": final.prompt_tokens + final.completion_tokens}}
-        return StreamingResponse(_sse(cid, created, service.engine.version, first, updates),
+        return StreamingResponse(_sse(cid, created, service.engine.version, first, pump),
                                  media_type="text/event-stream")
 
     return router
@@ -144,22 +143,22 @@ def _finish(update) -> str:
     return {"cancelled": "stop", None: "stop"}.get(update.finish_reason, update.finish_reason)
 
 
-async def _chain(first, updates):
+async def _chain(first, pump):
     yield first
-    async for up in iterate_in_threadpool(updates):
+    async for up in pump:
         yield up
 
 
-async def _sse(cid, created, model, first, updates):
+async def _sse(cid, created, model, first, pump):
     def chunk(delta: dict, finish: str | None = None) -> str:
         return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                       "model": model, "choices": [{"index": 0, "delta": delta,
                                                                    "finish_reason": finish}]}) + "\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
     sent, last = "", first
     try:
-        async for up in _chain(first, updates):
+        yield chunk({"role": "assistant", "content": ""})
+        async for up in _chain(first, pump):
             last = up
             if up.done and up.blocked:
                 # Only checked text was ever sent. If moderation replaced the reply at the end, what
@@ -173,4 +172,6 @@ async def _sse(cid, created, model, first, updates):
         yield chunk({}, _finish(last))
     except ChatError as exc:
         yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error"}}) + "\n\n"
+    finally:
+        pump.abandon()  # cancelled or closed mid-stream: the client went away (no-op after the end)
     yield "data: [DONE]\n\n"

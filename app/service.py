@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from feedback import repository as repo
@@ -50,6 +50,15 @@ class ChatUpdate:
     model_version: str | None = None
 
 
+@dataclass
+class _Turn:
+    """A reply being generated, by cancel key: Stop sets ``cancel``; a reader that went away
+    (the client disconnected) sets ``gone`` as well, so the turn ends as stopped, not answered."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    gone: bool = False
+
+
 class ChatService:
     def __init__(self, engine, session_factory, settings, moderator=None):
         from app.metrics import ChatMetrics
@@ -60,7 +69,7 @@ class ChatService:
         self.session_factory = session_factory
         self.settings = settings
         self.moderator = moderator
-        self._cancels: dict[str, threading.Event] = {}
+        self._turns: dict[str, _Turn] = {}
         self._recent: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
         self._known_users: set[str] = set()
@@ -128,9 +137,17 @@ class ChatService:
 
     # commands ----------------------------------------------------------------------------
     def stop(self, key: str) -> None:
-        event = self._cancels.get(key)
-        if event is not None:
-            event.set()
+        turn = self._turns.get(key)
+        if turn is not None:
+            turn.cancel.set()
+
+    def disconnect(self, key: str) -> None:
+        """The reply's reader went away: stop generating at the engine's next step, free its slot
+        and mark the turn stopped. Safe to call after the reply ended."""
+        turn = self._turns.get(key)
+        if turn is not None:
+            turn.gone = True
+            turn.cancel.set()
 
     def vote(self, user_name: str, message_id: int, value: int, reason: str | None = None,
              comment: str | None = None) -> None:
@@ -210,23 +227,30 @@ class ChatService:
     def _reply(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
         """The pipeline, counted in /metrics."""
         m = self.metrics
+        turn = _Turn()
+        if cancel_key:  # from the start: a reader may go away while input moderation runs
+            self._turns[cancel_key] = turn
         m.in_flight.inc()
         outcome = "error"
         try:
-            for up in self._pipeline(user_name, conv_id, user_msg_id, params, cancel_key):
+            for up in self._pipeline(user_name, conv_id, user_msg_id, params, turn):
                 if up.done:
                     outcome = "blocked" if up.blocked else up.status
                     m.tokens.inc(up.completion_tokens)
                     m.prompt_tokens.inc(up.prompt_tokens)
                 yield up
+            if outcome == "error":  # ended without a final update: its reader went away
+                outcome = "disconnected"
         except GeneratorExit:
             outcome = "disconnected"
             raise
         finally:
+            if cancel_key and self._turns.get(cancel_key) is turn:  # a newer turn may reuse the key
+                del self._turns[cancel_key]
             m.in_flight.dec()
             m.requests.labels(outcome).inc()
 
-    def _pipeline(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
+    def _pipeline(self, user_name, conv_id, user_msg_id, params, turn: _Turn) -> Iterator[ChatUpdate]:
         engine = self._engine  # pinned for this reply: a promote mid-stream does not affect it
         with session_scope(self.session_factory) as s:
             user_msg = repo.get_message(session=s, message_id=user_msg_id)
@@ -250,9 +274,7 @@ class ChatService:
         if verdict is not None:
             self._set_moderation(user_msg_id, "pass")
 
-        cancel = threading.Event()
-        if cancel_key:
-            self._cancels[cancel_key] = cancel
+        cancel = turn.cancel
         shown, status, out_verdict, gen = "", "complete", None, None
         every = max(1, self.settings.moderation_stream_every)
         checked_len = 0
@@ -272,17 +294,20 @@ class ChatService:
                         break
                     shown = gen.text
                     yield ChatUpdate(conv_id, shown, user_msg_id)
+            if turn.gone:
+                self._end_abandoned(user_msg_id, gen)
+                return
             if cancel.is_set() and (out_verdict is None or not out_verdict.flagged):
                 status = "stopped"
+        except GeneratorExit:  # the consumer closed us (Gradio does when the browser goes away)
+            self._end_abandoned(user_msg_id, gen)
+            raise
         except (EngineBusyError, ContextTooLongError) as exc:
             self._finish_failed(user_msg_id, str(exc))
             raise ChatError(str(exc), 429 if isinstance(exc, EngineBusyError) else 400) from exc
         except Exception as exc:
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
             raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
-        finally:
-            if cancel_key:
-                self._cancels.pop(cancel_key, None)
 
         full = gen.text
         if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
@@ -327,6 +352,16 @@ class ChatService:
     def _set_moderation(self, message_id: int, value: str) -> None:
         with session_scope(self.session_factory) as s:
             repo.get_message(session=s, message_id=message_id).moderation = value
+
+    def _end_abandoned(self, user_msg_id: int, gen) -> None:
+        """Nobody reads this reply any more: stop the engine now, and mark a new turn stopped
+        rather than leave it pending. The partial reply is not stored."""
+        if gen is not None:
+            gen.close()
+        with session_scope(self.session_factory) as s:
+            msg = repo.get_message(session=s, message_id=user_msg_id)
+            if msg.status == "pending":  # a regenerated turn keeps the status it had
+                msg.status = "stopped"
 
     def _finish_failed(self, user_msg_id: int, error: str) -> None:
         with session_scope(self.session_factory) as s:

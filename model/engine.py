@@ -94,6 +94,14 @@ class Generation:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def close(self) -> None:
+        """Stop now and free the engine's slot (the reader went away): cancel at the next step,
+        and close the decoder instead of waiting for garbage collection to do it."""
+        self._cancel.set()
+        close = getattr(self._deltas, "close", None)
+        if close is not None:
+            close()
+
 
 # Requests handed to a scheduler thread (model.batching, model.llamacpp) ---------------------
 DONE = object()  # the scheduler puts this on a request's queue when the reply has ended
