@@ -97,6 +97,10 @@ def build_router(service) -> APIRouter:
         if user is None:
             return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
                          "authentication_error", code="invalid_api_key")
+        # A browser sends text/plain cross-site without asking first (no CORS preflight); JSON it must ask.
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return error(415, "Send the body as JSON, with the header 'Content-Type: application/json'.",
+                         code="unsupported_media_type")
         try:
             body = ChatRequest.model_validate(json.loads(await request.body()))
         except json.JSONDecodeError as exc:

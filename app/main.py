@@ -85,24 +85,10 @@ def create_app(service, worker=None, control=None):
     api = FastAPI(title="Feedback Chat")
     api.state.service = service
 
-    from urllib.parse import urlparse
-
-    from fastapi.responses import JSONResponse
-
     from app.api import build_router
+    from app.web_guard import RequestGuard, allowed_hosts
 
-    @api.middleware("http")
-    async def same_origin_only(request, call_next):
-        # A page on another site must not act for a logged-in user (CSRF): browsers send Origin
-        # on cross-site POSTs, so refuse any state-changing request whose Origin is not us.
-        origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null":
-            if urlparse(origin).netloc != request.headers.get("host"):
-                return JSONResponse(status_code=403, content={"error": {
-                    "message": "Cross-origin request refused.", "type": "permission_error", "param": None,
-                    "code": "foreign_origin"}})
-        return await call_next(request)
-
+    api.add_middleware(RequestGuard, hosts=allowed_hosts(service.settings))
     api.include_router(build_router(service))
 
     @api.get("/metrics")
@@ -147,6 +133,11 @@ def main() -> None:
             sys.exit(2)
         print("Single-user local mode: no logins, you are the admin. To add logins and roles:\n"
               "  python -m app.users add NAME --role admin", flush=True)
+    if not settings.is_local_bind and not settings.allowed_hosts:
+        from app.web_guard import allowed_hosts
+
+        log.warning("CHAT_ALLOWED_HOSTS is empty, so only requests to %s are answered: set it to the names "
+                    "people use to reach this server", ", ".join(sorted(allowed_hosts(settings))))
     control = TrainingControl(service)
     if failed := control.recover():
         log.warning("training runs %s were left running by a crash or kill; marked failed", failed)

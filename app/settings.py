@@ -27,6 +27,10 @@ def _env(name: str, default):
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 127.0.0.1 keeps it on this machine."})
     port: int = field(default=7860, metadata={"help": "HTTP port of the app."})
+    allowed_hosts: str = field(default="", metadata={"help": (
+        "Extra names the app answers to in the Host header, comma list (e.g. 'chat.example.com'), besides "
+        "127.0.0.1, localhost, [::1] and CHAT_HOST; other Hosts are refused (DNS rebinding). "
+        "'*' = any, only behind a proxy that checks Host itself.")})
     data_dir: str = field(default="data", metadata={"help": "Database, converted models, versions, logs."})
     database_url: str = field(default="", metadata={"help": "SQLAlchemy URL; empty = SQLite in data_dir."})
     model: str = field(default="embedded", metadata={"help": "embedded, a HF directory, a .gguf file or a hub id."})

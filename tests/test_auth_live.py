@@ -72,6 +72,7 @@ def test_foreign_origin_cannot_act(session_factory, settings):
     from app.service import ChatService
     from tests.fakes import ScriptedEngine
 
+    settings.allowed_hosts = "testserver"  # TestClient's Host
     client = TestClient(create_app(ChatService(ScriptedEngine(), session_factory, settings)))
     body = {"messages": [{"role": "user", "content": "hi"}]}
     evil = client.post("/v1/chat/completions", json=body, headers={"Origin": "https://evil.example"})

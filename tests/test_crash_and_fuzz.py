@@ -76,13 +76,14 @@ def test_fuzzed_api_bodies_get_clean_answers(session_factory, settings):
 
     from app.main import create_app
 
+    settings.allowed_hosts = "testserver"  # TestClient's Host
     service = ChatService(ScriptedEngine("ok", version="fake-v1"), session_factory, settings)
     client = TestClient(create_app(service))
 
     @hsettings(max_examples=120, deadline=None)
     @given(body=BODIES)
     def check(body):
-        res = client.post("/v1/chat/completions", content=json.dumps(body))
+        res = client.post("/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
         assert res.status_code in (200, 400, 429), (res.status_code, res.text[:300])
         if res.status_code != 200:
             assert res.json()["error"]["message"]

@@ -45,7 +45,8 @@ def test_upgrade_to_0002_marks_prompts_that_already_became_tasks(tmp_path):
     migrate(url, "0001")
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO users (id, name, role, opted_out, created_at) VALUES (1, 'a', 'user', 0, '2026-01-01')"))
+        conn.execute(text("INSERT INTO users (id, name, role, opted_out, created_at) "
+                          "VALUES (1, 'a', 'user', 0, '2026-01-01')"))
         conn.execute(text("INSERT INTO conversations (id, owner_id, title, system_prompt, created_at, updated_at) "
                           "VALUES (1, 1, 't', '', '2026-01-01', '2026-01-01')"))
         for mid in (1, 2):

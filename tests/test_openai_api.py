@@ -70,7 +70,8 @@ def test_bad_requests_get_openai_errors(api_app):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(**body)
         assert info.value.body["message"], body
-    raw = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {key}"})
+    raw = httpx.post(base + "/v1/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="sk-fc-1.wrong", max_retries=0).models.list()

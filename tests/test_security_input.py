@@ -90,7 +90,8 @@ class _PoisonedEngine(ScriptedEngine):
 
 def test_worker_gives_up_on_a_task_whose_candidates_keep_failing(session_factory, settings, caplog):
     """A task whose candidate generation always fails does not hold back the task after it; after
-    three rounds (the default max_failures) it is marked skipped (with the error), logged once, and never tried again."""
+    three rounds (the default max_failures) it is marked skipped (with the error), logged once,
+    and never tried again."""
     engine = _PoisonedEngine("ok")
     service = ChatService(engine, session_factory, settings)
     with session_factory.begin() as s:
