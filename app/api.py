@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +25,19 @@ from feedback.db import session_scope
 from model.engine import SamplingParams
 
 
+# OpenAI's own limit on stop sequences; a longer stop string than this is no real use.
+MAX_STOPS, MAX_STOP_CHARS = 4, 200
+StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
+
+
+class ApiError(Exception):
+    """A request refused before anything was written, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: StrictStr
@@ -32,16 +45,61 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None
+    model: Annotated[StrictStr, Field(max_length=200)] | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(default=0.3, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int | None = Field(default=None, gt=0, le=4096)
     max_completion_tokens: int | None = Field(default=None, gt=0, le=4096)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what the engines' RNGs take
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The JSON body, read no further than ``limit`` bytes."""
+    # A browser sends text/plain cross-site without asking first (no CORS preflight); JSON it must ask.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "Send the body as JSON, with the header 'Content-Type: application/json'.",
+                       code="unsupported_media_type")
+    too_big = ApiError(413, f"The body is over the limit of {limit:,} bytes (CHAT_MAX_REQUEST_BYTES).",
+                       code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> ChatRequest:
+    """Every way a body can be malformed is a 400 here, never a server error."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"The body is not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "The body is not valid UTF-8.") from None
+    except RecursionError:
+        raise ApiError(400, "The body is nested too deeply.") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ApiError(400, f"The body is not valid JSON: {exc}") from None
+    try:
+        # JSON may escape lone surrogates ("\ud800"); no database stores them, so refuse them here.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "The body contains invalid Unicode (a lone surrogate such as \\ud800).") from None
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"Invalid '{param}': {first['msg']}", param=param) from None
 
 
 def _chat_error(exc) -> JSONResponse:
@@ -64,7 +122,8 @@ def _caller(request: Request, service) -> str | None:
     if not key.startswith("sk-fc-") or "." not in key:
         return None
     user_id = key.removeprefix("sk-fc-").split(".", 1)[0]
-    if not user_id.isdigit():
+    # isdigit() alone takes '²' or Arabic-Indic digits, and 25 digits overflow the id column.
+    if not (user_id.isascii() and user_id.isdigit() and len(user_id) <= 18):
         return None
     with session_scope(service.session_factory) as s:
         from feedback.models import User
@@ -97,25 +156,17 @@ def build_router(service) -> APIRouter:
         if user is None:
             return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
                          "authentication_error", code="invalid_api_key")
-        # A browser sends text/plain cross-site without asking first (no CORS preflight); JSON it must ask.
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            return error(415, "Send the body as JSON, with the header 'Content-Type: application/json'.",
-                         code="unsupported_media_type")
         try:
-            body = ChatRequest.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as exc:
-            return error(400, f"The body is not valid JSON: {exc.msg}")
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            return error(400, f"Invalid '{param}': {first['msg']}", param=param)
+            body = _parse(await _read_body(request, service.settings.max_request_bytes))
+        except ApiError as exc:
+            return error(exc.status, str(exc), param=exc.param, code=exc.code)
         if body.model and body.model not in await run_in_threadpool(_known_models, service):
             return error(400, f"Unknown model '{body.model}'. GET /v1/models lists the available ones.",
                          param="model", code="model_not_found")
         if body.model and body.model != service.engine.version:
             return error(400, f"Model '{body.model}' exists but is not the one being served "
                               f"('{service.engine.version}'); an admin can promote it.", param="model")
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        stop = [s for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])) if s]  # "" stops nothing
         params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=0,
                                 max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
                                 repetition_penalty=1.1, seed=body.seed, stop=stop)

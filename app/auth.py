@@ -12,6 +12,12 @@ from feedback.db import session_scope
 from feedback.models import User
 
 LOCAL_USER = "local"
+USER_NAME_CHARS = 80  # the users.name and audit_log.user_name columns
+
+
+def _printable(name: str) -> str:
+    """A refused login name as the audit log can hold it: visible, valid Unicode, cut to fit."""
+    return "".join(c if c.isprintable() else "?" for c in name)[:USER_NAME_CHARS]  # lone surrogates too
 
 
 class PermissionDenied(PermissionError):
@@ -68,7 +74,7 @@ def verify_secret(stored_hash: str | None, secret: str) -> bool:
         return False
     try:
         return PasswordHasher().verify(stored_hash, secret)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
+    except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeEncodeError):  # lone surrogate
         return False
 
 
@@ -76,10 +82,14 @@ def login_checker(session_factory):
     """The callable Gradio's login calls: (name, password) -> bool."""
 
     def check(name: str, password: str) -> bool:
+        name = name if isinstance(name, str) else ""
+        # No user has such a name (they are made by app.users): refuse without a query, which
+        # PostgreSQL would fail on (NUL, or longer than the column), and audit what can be stored.
+        possible = 0 < len(name) <= USER_NAME_CHARS and name.isprintable()
         with session_scope(session_factory) as s:
-            user = repo.get_user(session=s, name=name)
+            user = repo.get_user(session=s, name=name) if possible else None
             ok = user is not None and verify_secret(user.password_hash, password)
-            repo.audit(session=s, user_name=name, action="login", allowed=ok)
+            repo.audit(session=s, user_name=name if possible else _printable(name), action="login", allowed=ok)
         return ok
 
     return check

@@ -151,6 +151,11 @@ class ChatService:
 
     def vote(self, user_name: str, message_id: int, value: int, reason: str | None = None,
              comment: str | None = None) -> None:
+        if isinstance(comment, str):
+            try:
+                comment = _checked_text(comment, "Your comment", 2000)
+            except ChatError as exc:  # the vote handlers show repository errors
+                raise repo.ValidationError(str(exc)) from None
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
             msg = repo.get_message(session=s, message_id=message_id)
@@ -165,7 +170,7 @@ class ChatService:
         text = self._validate(user_name, text)
         params = self._check_params(params)
         if system_prompt is not None:
-            system_prompt = clean_text(str(system_prompt))
+            system_prompt = _checked_text(str(system_prompt), "The system prompt", self.settings.max_message_chars)
         self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
@@ -190,7 +195,7 @@ class ChatService:
     def complete(self, user_name: str, messages: list[dict], params: SamplingParams | None = None,
                  cancel_key: str | None = None) -> Iterator[ChatUpdate]:
         """A stateless API call: log the given messages as a new conversation, answer the last one."""
-        messages = _clean_messages(messages)
+        messages = _clean_messages(messages, self.settings.max_message_chars, self.settings.max_turns)
         text = self._validate(user_name, messages[-1]["content"])
         params = self._check_params(params)
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
@@ -377,13 +382,9 @@ class ChatService:
             raise ChatError(str(exc)) from exc
 
     def _validate(self, user_name: str, text: str) -> str:
-        text = clean_text(text) if isinstance(text, str) else ""
+        text = _checked_text(text if isinstance(text, str) else "", "Your message", self.settings.max_message_chars)
         if not text:
             raise ChatError("Type a message first: empty messages are not sent.")
-        limit = self.settings.max_message_chars
-        if len(text) > limit:
-            raise ChatError(f"Your message has {len(text):,} characters; the limit is {limit:,}. "
-                            "Shorten it or split it into parts.")
         self._rate_limit(user_name)
         return text
 
@@ -419,17 +420,34 @@ def clean_text(text: str) -> str:
     return text.translate(_CONTROL_CHARS).strip()
 
 
-def _clean_messages(messages: list[dict]) -> list[dict]:
-    """Every message cleaned the same way (an earlier or system message is stored too)."""
+def _checked_text(text: str, what: str, limit: int) -> str:
+    """``text`` cleaned; ChatError if it is longer than ``limit`` or not valid Unicode."""
+    text = clean_text(text)
+    if len(text) > limit:
+        raise ChatError(f"{what} has {len(text):,} characters; the limit is {limit:,}. "
+                        "Shorten it or split it into parts.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON can carry "\ud800"): no database stores it
+        raise ChatError(f"{what} contains invalid Unicode (a lone surrogate).") from None
+    return text
+
+
+def _clean_messages(messages: list[dict], max_chars: int, max_count: int) -> list[dict]:
+    """Every message checked and cleaned before anything is written: earlier and system messages
+    are stored too."""
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
         raise ChatError("The last message must come from the user.")
+    if len(messages) > max_count:
+        raise ChatError(f"{len(messages):,} messages is over the limit of {max_count:,} in one request.")
     cleaned = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ChatError(f"Message {i}: the role must be system, user or assistant.")
         if not isinstance(m.get("content"), str):
             raise ChatError(f"Message {i}: the content must be a string.")
-        cleaned.append({"role": m["role"], "content": clean_text(m["content"])})
+        content = _checked_text(m["content"], f"Message {i} ({m['role']})", max_chars)
+        cleaned.append({"role": m["role"], "content": content})
     return cleaned
 
 
