@@ -52,8 +52,25 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def best_replies(pairs: list[dict]) -> list[dict]:
+    """SFT rows from preference pairs: per prompt, each reply that was chosen and never rejected
+    (the top of a ranking; both replies of a tie at the top). Flagged replies are never chosen."""
+    chosen: dict[str, dict] = {}
+    rejected: set[tuple[str, str]] = set()
+    for r in pairs:
+        key = json.dumps(r["prompt"], sort_keys=True)
+        rejected.add((key, r["rejected"][-1]["content"]))
+        chosen.setdefault(key + "\0" + r["chosen"][-1]["content"], r)
+    rows = []
+    for k, r in chosen.items():
+        key = k.split("\0", 1)[0]
+        if (key, r["chosen"][-1]["content"]) not in rejected:
+            rows.append({"messages": r["prompt"] + r["chosen"]})
+    return rows
+
+
 def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, seed: int, max_pairs: int,
-                  max_prompts: int) -> Snapshot:
+                  max_prompts: int, max_heldout_pairs: int = 200) -> Snapshot:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -64,13 +81,14 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         pref_train, pref_held = _split(prefs, "prompt", heldout_fraction, seed)
         rng.shuffle(pref_train)
         pref_train = pref_train[:max_pairs]
-        pref_held = pref_held[:max(8, max_pairs // 4)]
+        pref_held = pref_held[:max_heldout_pairs]
         sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]
         files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,
-                 "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held}
+                 "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held,
+                 "sft_best_train": best_replies(pref_train)}
         for name, rows in files.items():
             _write(out_dir / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in files.items()}

@@ -1,100 +1,136 @@
-"""Stage 5, evaluate the new model against the current one on held-out prompts.
+"""Stage 5, evaluate the new model against the current one on held-out data.
 
     python -m training.evaluate --current data/models/smollm2-135m-instruct --new data/runs/x/ppo \
-        --reward data/runs/x/reward --prompts prompts_heldout.jsonl [--texts sft_heldout.jsonl]
+        --reward data/runs/x/reward --prompts prompts_heldout.jsonl [--pairs prefs_heldout.jsonl] \
+        [--texts sft_heldout.jsonl]
 
-Same prompts and seeds for both models. Reports mean reward, win rate by the reward model,
-KL to the current model, mean reply length (a reward-hacking probe), perplexity on held-out
-demonstrations, and the rate at which output moderation flags.
+Nothing here is judged by the reward model PPO optimised, except the one column that says
+so. Both models answer the same held-out prompts with the same seeds, sampled from a plain
+tempered distribution (no top-p, no penalty) so the KL is measured on exactly what was
+sampled. The verdict comes from a judge PPO never saw: held-out human preference pairs
+(does the new model move probability towards the chosen reply more than the current one
+does?), or a gold preference function where one exists (the learning benchmark). Length,
+repetition, moderation flags and perplexity are reward-hacking probes that stop a version
+from being called better (training/probes.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
-
-
-def _rows(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if path else []
-
-
-def sequence_logprobs(model, tokenizer, prompt_text: str, reply: str):
-    """Per-token log-probabilities of ``reply`` after ``prompt_text`` under ``model``."""
-    import torch
-
-    p_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt").input_ids
-    r_ids = tokenizer(reply, add_special_tokens=False, return_tensors="pt").input_ids
-    if r_ids.shape[1] == 0:
-        return torch.zeros(0)
-    ids = torch.cat([p_ids, r_ids], dim=1).to(model.device)
-    with torch.inference_mode():
-        logits = model(ids).logits[0, p_ids.shape[1] - 1:-1].float()
-    return torch.log_softmax(logits, -1).gather(1, r_ids[0].to(model.device)[:, None])[:, 0].cpu()
+from training.probes import (kl_per_token, mean_interval, repetition_rate, reply_logprobs, verdict,
+                             win_values)
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
+    import math
+
     total, count = 0.0, 0
     for conv in conversations:
-        prompt = tokenizer.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
-        lp = sequence_logprobs(model, tokenizer, prompt, conv[-1]["content"])
+        lp = reply_logprobs(model, tokenizer, chat_text(tokenizer, conv[:-1]), conv[-1]["content"])
         total -= float(lp.sum())
         count += len(lp)
     return math.exp(total / count) if count else float("nan")
 
 
+def answer_all(engine, prompts: list[list[dict]], params_for) -> list[tuple[str, int]]:
+    """(reply, tokens) for every prompt; requests go in together so a batching engine batches them."""
+    def one(i):
+        text, stats = engine.generate(prompts[i], params_for(i))
+        return text, stats.completion_tokens
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, range(len(prompts))))
+
+
+def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[float]:
+    """Per held-out pair: 1 when the new model raised the chosen reply's log-probability more than
+    the rejected one's (relative to the current model), 0.5 on a tie, else 0. Neither the reward
+    model nor PPO saw these pairs."""
+    values = []
+    for row in pairs:
+        prompt = chat_text(tokenizer, row["prompt"])
+        shift = {}
+        for side in ("chosen", "rejected"):
+            reply = row[side][-1]["content"]
+            shift[side] = float(reply_logprobs(new, tokenizer, prompt, reply).sum()
+                                - reply_logprobs(current, tokenizer, prompt, reply).sum())
+        values.append(1.0 if shift["chosen"] > shift["rejected"] else 0.5 if shift["chosen"] == shift["rejected"]
+                      else 0.0)
+    return values
+
+
 def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: list[list[dict]], cfg: RetrainConfig,
-             moderator=None, progress=None) -> dict:
-    from model.engine import Engine, SamplingParams
+             moderator=None, progress=None, pairs: list[dict] = (), judge=None) -> dict:
+    """Compare two versions. ``judge(prompt_messages, reply) -> float`` (a gold preference), when
+    given, decides the win rate; otherwise the held-out preference pairs do."""
+    from model.engine import SamplingParams
+    from model.loader import build_engine, load_model
     from training.reward import load_reward_model, score_conversations
 
-    current = Engine.from_path(current_path, "current", device="cpu" if not _cuda() else "auto")
-    new = Engine.from_path(new_path, "new", device="cpu" if not _cuda() else "auto")
-    rm, rm_tok = load_reward_model(reward_path)
-    prompts = prompts[:cfg.eval_prompts]
-    texts = texts[:cfg.eval_prompts]  # perplexity on as many held-out texts as prompts: bounded time
-    replies = {"current": [], "new": []}
-    lengths = {"current": [], "new": []}
-    kls = []
-    for i, row in enumerate(prompts):
-        for name, engine in (("current", current), ("new", new)):
-            params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + i)
-            text, stats = engine.generate(row["prompt"], params)
-            replies[name].append(text)
-            lengths[name].append(stats.completion_tokens)
-        prompt_text = new.build_prompt(row["prompt"])
-        lp_new = sequence_logprobs(new.model, new.tokenizer, prompt_text, replies["new"][-1])
-        lp_cur = sequence_logprobs(current.model, current.tokenizer, prompt_text, replies["new"][-1])
-        if len(lp_new):
-            kls.append(float((lp_new - lp_cur).mean()))
+    prompts = [r["prompt"] for r in prompts[:cfg.eval_prompts]]
+    texts = texts[:cfg.eval_prompts]  # bounded time
+    replies = {}
+    for name, path in (("current", current_path), ("new", new_path)):
+        engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
+        try:
+            replies[name] = answer_all(engine, prompts, lambda i: SamplingParams(
+                temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + i))
+        finally:
+            getattr(engine, "close", lambda: None)()
         if progress:
-            progress(i + 1, len(prompts))
-    scores = {name: score_conversations(rm, rm_tok, [r["prompt"] + [{"role": "assistant", "content": t}]
-                                                     for r, t in zip(prompts, replies[name])], cfg.max_length)
-              for name in replies}
-    wins = [1.0 if n > c else 0.5 if n == c else 0.0 for n, c in zip(scores["new"], scores["current"])]
+            progress(len(replies), 4)
+    new_model, tokenizer = load_model(new_path, "cpu")
+    cur_model, _ = load_model(current_path, "cpu")
+    lp_new, lp_cur = [], []
+    for msgs, (text, _) in zip(prompts, replies["new"]):
+        prompt = chat_text(tokenizer, msgs)
+        lp_new.append(reply_logprobs(new_model, tokenizer, prompt, text, cfg.eval_temperature))
+        lp_cur.append(reply_logprobs(cur_model, tokenizer, prompt, text, cfg.eval_temperature))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    flag = {name: mean([float(moderator.check(t, direction="out").flagged) for t in replies[name]])
-            if moderator else float("nan") for name in replies}
-    return {
-        "eval_prompts": len(prompts),
-        "reward_new": mean(scores["new"]), "reward_current": mean(scores["current"]),
-        "win_rate": mean(wins), "kl_to_current": mean(kls),
-        "length_new": mean(lengths["new"]), "length_current": mean(lengths["current"]),
-        "ppl_new": perplexity(new.model, new.tokenizer, texts), "ppl_current": perplexity(current.model, current.tokenizer, texts),
-        "flag_rate_new": flag["new"], "flag_rate_current": flag["current"],
-        "samples": [{"prompt": r["prompt"][-1]["content"][:200], "current": c[:300], "new": n[:300]}
-                    for r, c, n in list(zip(prompts, replies["current"], replies["new"]))[:4]],
-    }
+    texts_of = {name: [t for t, _ in replies[name]] for name in replies}
+    ev = {"eval_prompts": len(prompts), "kl_to_current": kl_per_token(lp_new, lp_cur),
+          "eval_temperature": cfg.eval_temperature}
+    for name in replies:
+        ev[f"length_{name}"] = mean([n for _, n in replies[name]])
+        ev[f"at_limit_{name}"] = mean([float(n >= cfg.eval_max_new_tokens) for _, n in replies[name]])
+        ev[f"repetition_{name}"] = mean([repetition_rate(t) for t in texts_of[name]])
+        ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
+                                        for t in texts_of[name]]) if moderator else float("nan")
+    ev["ppl_new"], ev["ppl_current"] = perplexity(new_model, tokenizer, texts), perplexity(cur_model, tokenizer, texts)
+    if progress:
+        progress(3, 4)
 
+    # The reward model PPO optimised: reported, never used for the verdict (it is optimistic).
+    rm, rm_tok = load_reward_model(reward_path)
+    rm_scores = {name: score_conversations(rm, rm_tok, [p + [{"role": "assistant", "content": t}]
+                                                        for p, t in zip(prompts, texts_of[name])], cfg.max_length)
+                 for name in replies}
+    ev["reward_new"], ev["reward_current"] = mean(rm_scores["new"]), mean(rm_scores["current"])
+    ev["rm_win_rate"] = mean(win_values(rm_scores["new"], rm_scores["current"]))
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    pair_values = preference_accuracy(new_model, cur_model, tokenizer, list(pairs)[:cfg.eval_pairs])
+    ev["heldout_pref_acc"], ev["heldout_pref_acc_lo"], ev["heldout_pref_acc_hi"] = mean_interval(pair_values)
+    ev["heldout_pairs"] = len(pair_values)
+    if judge is not None:
+        wins = win_values([judge(p, t) for p, t in zip(prompts, texts_of["new"])],
+                          [judge(p, t) for p, t in zip(prompts, texts_of["current"])])
+        ev["win_rate_judge"] = "gold preference"
+    else:
+        wins, ev["win_rate_judge"] = pair_values, "held-out preference pairs"
+    ev["win_rate"], ev["win_rate_lo"], ev["win_rate_hi"] = mean_interval(wins)
+    ev["win_rate_n"] = len(wins)
+    ev["verdict"], ev["verdict_text"] = verdict(ev)
+    ev["samples"] = [{"prompt": p[-1]["content"][:200], "current": c[:300], "new": n[:300]}
+                     for p, c, n in list(zip(prompts, texts_of["current"], texts_of["new"]))[:4]]
+    if progress:
+        progress(4, 4)
+    return ev
 
 
 def main() -> None:
@@ -103,13 +139,15 @@ def main() -> None:
     parser.add_argument("--new", required=True)
     parser.add_argument("--reward", required=True)
     parser.add_argument("--prompts", required=True)
+    parser.add_argument("--pairs", default=None, help="held-out preference pairs (the judge)")
     parser.add_argument("--texts", default=None, help="held-out {messages} rows for perplexity")
     args = parser.parse_args()
-    texts = [r["messages"] for r in _rows(args.texts)]
-    metrics = evaluate(args.current, args.new, args.reward, _rows(args.prompts), texts, RetrainConfig())
+    texts = [r["messages"] for r in read_jsonl(args.texts)] if args.texts else []
+    metrics = evaluate(args.current, args.new, args.reward, read_jsonl(args.prompts), texts, RetrainConfig(),
+                       pairs=read_jsonl(args.pairs) if args.pairs else [])
     for k, v in metrics.items():
         if k != "samples":
-            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+            print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
 
 
 if __name__ == "__main__":

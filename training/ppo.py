@@ -13,7 +13,8 @@ import argparse
 import os
 from pathlib import Path
 
-from training.common import base_trainer_args, jsonl_dataset, lora_config, save_model_dir
+from training.common import (base_trainer_args, freeze_lower_layers, jsonl_dataset, lora_config, save_model_dir,
+                             with_system)
 from training.config import RetrainConfig
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -23,7 +24,7 @@ def prompt_dataset(prompts_path, tokenizer, max_prompt_tokens: int):
     rows = jsonl_dataset(prompts_path)
 
     def encode(row):
-        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(with_system(row["prompt"]), add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return {"input_ids": list(ids)[-max_prompt_tokens:]}  # keep the end: the question being asked
@@ -44,6 +45,9 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     value = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
     for m in (reward, value):
         m.config.pad_token_id = tokenizer.pad_token_id
+    if not cfg.use_lora:
+        freeze_lower_layers(policy, cfg.ppo_train_layers)
+    freeze_lower_layers(value, cfg.ppo_train_layers)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     dataset = prompt_dataset(prompts_path, tokenizer, cfg.ppo_max_prompt_tokens)
     if len(dataset) < cfg.ppo_batch_size:  # PPOTrainer would loop forever over an empty loader
@@ -52,7 +56,7 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
                      gradient_accumulation_steps=1, num_mini_batches=1,
                      local_rollout_forward_batch_size=cfg.ppo_batch_size, learning_rate=cfg.ppo_learning_rate,
                      num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.response_length,
-                     temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, num_sample_generations=0,
+                     temperature=0.7, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0,
                      sft_model_path=str(policy_path), reward_model_path=str(reward_path),
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,

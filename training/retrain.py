@@ -68,7 +68,8 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
 
     t = stage("snapshot")
     snap = take_snapshot(session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
-                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
+                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts,
+                         max_heldout_pairs=cfg.max_heldout_pairs)
     metrics["data"] = snap.counts
     timings["snapshot"] = time.monotonic() - t
     if snap.counts["preferences_train"] < 4 or snap.counts["preferences_heldout"] < 1:
@@ -76,9 +77,10 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                             "held-out preference pairs: rank more tasks or import pairs (need at least 8 in all).")
 
     policy_path = Path(base_path)
-    if snap.counts["sft_train"]:
+    sft_path = _sft_rows(snap, run_dir, cfg)
+    if sft_path:
         t = stage("sft")
-        policy_path = run_sft(base_path, snap.path("sft_train"), run_dir / "sft", cfg,
+        policy_path = run_sft(base_path, sft_path, run_dir / "sft", cfg,
                               callbacks=[ReporterCallback(reporter, reporter.stage)])
         timings["sft"] = time.monotonic() - t
 
@@ -103,9 +105,9 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     heldout_prompts = snap.rows("prompts_heldout") or [{"prompt": r["prompt"]} for r in snap.rows("preferences_heldout")]
     texts = [r["messages"] for r in snap.rows("sft_heldout")] or \
         [r["prompt"] + r["chosen"] for r in snap.rows("preferences_heldout")]
-    t = stage("evaluate", min(cfg.eval_prompts, len(heldout_prompts)))
+    t = stage("evaluate", 4)
     metrics["eval"] = evaluate(base_path, ppo_path, reward_path, heldout_prompts, texts, cfg, moderator,
-                               progress=lambda i, n: reporter.advance(i))
+                               progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"))
     timings["evaluate"] = time.monotonic() - t
 
     t = stage("register")
@@ -126,6 +128,18 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     reporter.close()
     return metrics
+
+
+def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
+    """Demonstrations, plus the best-ranked replies when ``sft_on_best``; None when there are none."""
+    rows = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
+    if not rows:
+        return None
+    path = run_dir / "data" / "sft_stage.jsonl"
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.common import base_trainer_args, jsonl_dataset, lora_config, save_model_dir
+from training.common import base_trainer_args, lora_config, read_jsonl, save_model_dir, with_system
 from training.config import RetrainConfig
 
 
@@ -24,9 +24,13 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     args = SFTConfig(num_train_epochs=cfg.sft_epochs, learning_rate=cfg.sft_learning_rate,
-                     per_device_train_batch_size=2, max_length=cfg.max_length,
+                     per_device_train_batch_size=2, max_length=cfg.max_length, truncation_mode="keep_end",
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=jsonl_dataset(data_path), processing_class=tokenizer,
+    from datasets import Dataset
+
+    # Trained in the serving engine's context (its system prompt), and only on the replies.
+    rows = [{"prompt": with_system(r["messages"][:-1]), "completion": r["messages"][-1:]} for r in read_jsonl(data_path)]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=list(callbacks), peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()
     return save_model_dir(trainer.model, tokenizer, out_dir)

@@ -14,8 +14,9 @@ from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
 from training.config import RetrainConfig
 
-VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "RM acc", "reward new/cur", "win rate", "KL",
-                   "len new/cur", "ppl new/cur", "flag rate", "created"]
+VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "verdict", "win rate (95%)", "RM acc (95%)",
+                   "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
+                   "flag rate new/cur", "created"]
 RUN_HEADERS = ["run", "status", "stage", "step", "by", "version", "error", "started"]
 PLOT_STAGES = {"reward": ("loss", "accuracy"), "ppo": ("reward", "kl")}
 
@@ -24,19 +25,29 @@ def _fmt(x, nd=2):
     return "" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def _pair(e: dict, key: str, nd: int = 2) -> str:
+    return f"{_fmt(e.get(key + '_new'), nd)} / {_fmt(e.get(key + '_current'), nd)}" if e else ""
+
+
+def _interval(d: dict, key: str) -> str:
+    if d.get(key) is None:
+        return ""
+    return f"{_fmt(d.get(key))} [{_fmt(d.get(key + '_lo'))}, {_fmt(d.get(key + '_hi'))}]"
+
+
 def _version_rows(s) -> list[list]:
     rows = []
     names = {v.id: v.name for v in trepo.list_versions(session=s)}
     for v in trepo.list_versions(session=s):
         m, e = v.metrics or {}, (v.metrics or {}).get("eval", {})
-        rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""),
-                     _fmt(m.get("rm_heldout_accuracy")),
+        verdict = f"{e.get('verdict', '')}: {e.get('verdict_text', '')}" if e.get("verdict") else ""
+        rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""), verdict,
+                     _interval(e, "win_rate"), _interval({"acc": m.get("rm_heldout_accuracy"),
+                                                         "acc_lo": m.get("rm_heldout_accuracy_lo"),
+                                                         "acc_hi": m.get("rm_heldout_accuracy_hi")}, "acc"),
                      f"{_fmt(e.get('reward_new'))} / {_fmt(e.get('reward_current'))}" if e else "",
-                     _fmt(e.get("win_rate")), _fmt(e.get("kl_to_current"), 3),
-                     f"{_fmt(e.get('length_new'), 1)} / {_fmt(e.get('length_current'), 1)}" if e else "",
-                     f"{_fmt(e.get('ppl_new'), 1)} / {_fmt(e.get('ppl_current'), 1)}" if e else "",
-                     f"{_fmt(e.get('flag_rate_new'))} / {_fmt(e.get('flag_rate_current'))}" if e else "",
-                     v.created_at.strftime("%Y-%m-%d %H:%M")])
+                     _fmt(e.get("kl_to_current"), 3), _pair(e, "length", 1), _pair(e, "repetition"),
+                     _pair(e, "ppl", 1), _pair(e, "flag_rate"), v.created_at.strftime("%Y-%m-%d %H:%M")])
     return rows
 
 

@@ -1,0 +1,155 @@
+"""Retraining must move the model towards what was preferred, and the evaluation must measure it honestly."""
+
+import math
+
+import pytest
+
+from tests.training_data import seed_preferences
+from training.config import RetrainConfig
+from training.probes import kl_per_token, mean_interval, probe_failures, repetition_rate, reply_logprobs, verdict
+
+FAST = dict(max_length=64, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
+            response_length=8, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6, eval_engine="simple")
+
+
+def _margin(model, tok, prompt_text: str, good: str, bad: str) -> float:
+    return float(reply_logprobs(model, tok, prompt_text, good).sum() - reply_logprobs(model, tok, prompt_text, bad).sum())
+
+
+def test_reply_logprobs_match_a_hand_computed_softmax_at_temperature(tiny_model_dir):
+    """reply_logprobs(T) equals log_softmax(logits / T) read off by hand, token by token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt, reply = "Hello, how", " can I help"
+    p_ids = tok(prompt, add_special_tokens=False).input_ids
+    r_ids = tok(reply, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([p_ids + r_ids])).logits[0]
+    expected = [torch.log_softmax(logits[len(p_ids) - 1 + i] / 0.7, -1)[t].item() for i, t in enumerate(r_ids)]
+    got = reply_logprobs(model, tok, prompt, reply, temperature=0.7).tolist()
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_per_token_is_the_token_weighted_mean_log_ratio():
+    """Two replies of 2 and 1 tokens: KL = (sum of all log-ratios) / 3, not the mean of per-reply means."""
+    import torch
+
+    new = [torch.tensor([-0.1, -0.2]), torch.tensor([-0.3])]
+    cur = [torch.tensor([-0.5, -0.2]), torch.tensor([-1.3])]
+    assert kl_per_token(new, cur) == pytest.approx((0.4 + 0.0 + 1.0) / 3)
+    assert math.isnan(kl_per_token([], []))
+
+
+def test_mean_interval_and_repetition_rate():
+    """A 50/50 win list has mean 0.5 and a 95% interval of about ±0.14 at n=50; a loop repeats, fresh text not."""
+    mean, lo, hi = mean_interval([1.0, 0.0] * 25)
+    assert mean == 0.5 and hi - mean == pytest.approx(0.14, abs=0.005) and mean - lo == pytest.approx(hi - mean)
+    assert repetition_rate("the cat sat on the mat today") == 0.0
+    assert repetition_rate("go go go go go go go go") > 0.8
+
+
+def test_verdict_is_better_only_when_the_interval_clears_half_and_no_probe_trips():
+    """Better needs the whole 95% interval above 0.5; doubling the length or a perplexity jump vetoes it."""
+    base = dict(win_rate=0.7, win_rate_lo=0.6, win_rate_hi=0.8, win_rate_n=80, length_new=50, length_current=50,
+                repetition_new=0.05, repetition_current=0.05, ppl_new=15.0, ppl_current=15.0, eval_prompts=32,
+                flag_rate_new=0.0, flag_rate_current=0.0)
+    assert verdict(base)[0] == "better" and "70%" in verdict(base)[1]
+    assert verdict({**base, "win_rate_lo": 0.45})[0] == "inconclusive"
+    assert verdict({**base, "win_rate": 0.3, "win_rate_lo": 0.2, "win_rate_hi": 0.4})[0] == "not better"
+    longer = {**base, "length_new": 120}
+    assert verdict(longer)[0] == "not better" and probe_failures(longer) == ["length changed 2.40x (allowed 0.5-2.0x)"]
+    assert verdict({**base, "ppl_new": 20.0})[0] == "not better"
+    assert verdict({**base, "flag_rate_new": 0.25})[0] == "not better"
+
+
+def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
+    """No pair is dropped: long dialogues lose their start and keep the reply's last tokens."""
+    from transformers import AutoTokenizer
+
+    from training.reward import pair_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long_prompt = [{"role": "user", "content": "What is the weather like? " * 40}]
+    rows = [{"prompt": long_prompt, "chosen": [{"role": "assistant", "content": "The sky is blue."}],
+             "rejected": [{"role": "assistant", "content": "No."}]},
+            {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+             "rejected": [{"role": "assistant", "content": "No."}]}]
+    data, cut = pair_dataset(tok, rows, max_length=64)
+    assert len(data) == 2 and cut == 1
+    assert all(len(r["chosen_ids"]) <= 64 and len(r["rejected_ids"]) <= 64 for r in data)
+    tail = tok("The sky is blue.<|im_end|>\n", add_special_tokens=False).input_ids
+    assert data[0]["chosen_ids"][-len(tail):] == tail
+
+
+def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_dir):
+    """PPO must change the policy in the direction of the reward model: the mean reward of fresh samples
+    rises and the policy's KL to the input is above zero. A PPO that returned the input weights fails."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.common import chat_text
+    from training.ppo import run_ppo
+    from training.reward import run_reward
+
+    rows = []
+    for i in range(32):
+        prompt = [{"role": "user", "content": f"Question {i}: what colour is the sky?"}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": "blue blue blue"}],
+                     "rejected": [{"role": "assistant", "content": "red red red"}]})
+    for name, part in (("train", rows[:24]), ("held", rows[24:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    cfg = RetrainConfig(**{**FAST, "ppo_episodes": 96, "ppo_batch_size": 8, "ppo_learning_rate": 3e-3, "kl_coef": 0.01,
+                           "response_length": 6}).validate()
+    rm_path, _ = run_reward(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "rm", cfg)
+    new_path, _ = run_ppo(tiny_model_dir, rm_path, tmp_path / "prompts.jsonl", tmp_path / "ppo", cfg)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1)
+
+    def sampled_reward(path) -> float:
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        ids = tok([chat_text(tok, r["prompt"]) for r in rows[:16]], return_tensors="pt", padding=True,
+                  padding_side="left", add_special_tokens=False)
+        out = model.generate(**ids, do_sample=True, max_new_tokens=6, pad_token_id=tok.pad_token_id,
+                             num_return_sequences=4)
+        mask = (out != tok.pad_token_id).long()
+        with torch.no_grad():
+            return float(rm(input_ids=out, attention_mask=mask).logits.mean())
+
+    before, after = sampled_reward(tiny_model_dir), sampled_reward(new_path)
+    assert after > before + 0.1, (before, after)
+
+
+def test_retrain_moves_the_policy_towards_the_preferred_reply(session_factory, tmp_path, tiny_model_dir):
+    """After the default pipeline (best-reply SFT, reward model, PPO) on 'blue beats red' pairs, the new
+    version prefers 'It is blue' over 'It is red' by a wider log-probability margin than the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from feedback import training_repo as trepo
+    from training.common import chat_text
+    from training.retrain import execute
+
+    seed_preferences(session_factory, tiny_model_dir)
+    cfg = RetrainConfig(**{**FAST, "sft_learning_rate": 1e-3, "sft_epochs": 2}).validate()
+    with session_factory.begin() as s:
+        run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="test", base_version_id=None).id
+    assert execute(run_id, cfg, session_factory, tmp_path / "data") == "done"
+    with session_factory() as s:
+        run = trepo.get_run(session=s, run_id=run_id)
+        new_path, ev = trepo.get_version(session=s, version_id=run.version_id).path, run.metrics["eval"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = chat_text(tok, [{"role": "user", "content": "Question 99: what colour is a kite?"}])
+    good, bad = "It is blue, like a kite.", "It is red, like a kite."
+    before = _margin(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, prompt, good, bad)
+    after = _margin(AutoModelForCausalLM.from_pretrained(new_path), tok, prompt, good, bad)
+    assert after > before + 1.0, (before, after)
+    # held-out pairs judge it, and they agree: the chosen side gained more
+    assert ev["win_rate_judge"] == "held-out preference pairs" and ev["heldout_pref_acc"] > 0.5
+    assert ev["kl_to_current"] > 0 and ev["verdict"] in ("better", "not better", "inconclusive")

@@ -1,0 +1,119 @@
+"""Measurements the evaluation makes, each small enough to check by hand.
+
+Log-probabilities, the KL between two policies on the distribution that was sampled,
+held-out preference accuracy, a repetition rate, win rates with 95% intervals, and the
+verdict that decides whether a version may be called better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def reply_logprobs(model, tokenizer, prompt_text: str, reply: str, temperature: float = 1.0):
+    """Per-token log-probabilities of ``reply`` after ``prompt_text`` under ``model``.
+
+    ``temperature`` divides the logits first: replies sampled at temperature T come from that
+    tempered distribution, so a KL measured on them must use it too.
+    """
+    import torch
+
+    p_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt").input_ids
+    r_ids = tokenizer(reply, add_special_tokens=False, return_tensors="pt").input_ids
+    if r_ids.shape[1] == 0:
+        return torch.zeros(0)
+    ids = torch.cat([p_ids, r_ids], dim=1).to(model.device)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, p_ids.shape[1] - 1:-1].float() / max(temperature, 1e-6)
+    return torch.log_softmax(logits, -1).gather(1, r_ids[0].to(model.device)[:, None])[:, 0].cpu()
+
+
+def kl_per_token(new_logprobs: list, current_logprobs: list) -> float:
+    """Monte-Carlo KL(new || current) per token, from replies sampled from ``new``.
+
+    For tokens x ~ new, E[log new(x) - log current(x)] is the KL; averaged over every sampled
+    token (the estimator TRL's PPO logs as ``objective/kl``, divided by the length).
+    """
+    total = sum(float((n - c).sum()) for n, c in zip(new_logprobs, current_logprobs))
+    count = sum(len(n) for n in new_logprobs)
+    return total / count if count else float("nan")
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a normal-approximation 95% interval (clipped to [0, 1] for rates)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.25
+    half = 1.96 * math.sqrt(var / n) if n > 1 else 0.5
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def win_values(new_scores: list[float], current_scores: list[float]) -> list[float]:
+    """1 where new scores higher, 0.5 for a tie, 0 where current scores higher."""
+    return [1.0 if n > c else 0.5 if n == c else 0.0 for n, c in zip(new_scores, current_scores)]
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return sum(c - 1 for c in Counter(grams).values()) / len(grams)
+
+
+# Reward-hacking probes: a version that trips any of these is never called better, whatever
+# its win rate says (a longer, loopier or more often flagged reply can fool a judge).
+PROBE_LIMITS = {
+    "length_ratio": (0.5, 2.0),  # mean new length / mean current length
+    "repetition_increase": 0.10,  # absolute, share of repeated 3-grams
+    "flag_increase": 0.05,  # absolute, output moderation flag rate (and at least one more flag)
+    "ppl_increase": 0.25,  # relative, perplexity on held-out text
+}
+
+
+def probe_failures(ev: dict) -> list[str]:
+    fails = []
+    lo, hi = PROBE_LIMITS["length_ratio"]
+    if ev.get("length_current"):
+        ratio = ev["length_new"] / ev["length_current"]
+        if not lo <= ratio <= hi:
+            fails.append(f"length changed {ratio:.2f}x (allowed {lo}-{hi}x)")
+    if ev.get("repetition_new", 0) - ev.get("repetition_current", 0) > PROBE_LIMITS["repetition_increase"]:
+        fails.append(f"repetition up {ev['repetition_current']:.2f} -> {ev['repetition_new']:.2f}")
+    flags_new, flags_cur = ev.get("flag_rate_new"), ev.get("flag_rate_current")
+    if flags_new == flags_new and flags_cur == flags_cur and flags_new is not None and flags_cur is not None:
+        extra = (flags_new - flags_cur) * ev.get("eval_prompts", 0)
+        if flags_new - flags_cur > PROBE_LIMITS["flag_increase"] and extra >= 1:
+            fails.append(f"moderation flags up {flags_cur:.2f} -> {flags_new:.2f}")
+    if ev.get("ppl_current") and ev.get("ppl_new") == ev.get("ppl_new"):
+        if ev["ppl_new"] > ev["ppl_current"] * (1 + PROBE_LIMITS["ppl_increase"]):
+            fails.append(f"perplexity up {ev['ppl_current']:.1f} -> {ev['ppl_new']:.1f}")
+    return fails
+
+
+def verdict(ev: dict) -> tuple[str, str]:
+    """('better' | 'not better' | 'inconclusive', plain words) from the judged win rate and probes.
+
+    Better only when the 95% interval of the win rate lies above 0.5 and no probe trips.
+    """
+    rate, lo, hi, n = ev.get("win_rate"), ev.get("win_rate_lo"), ev.get("win_rate_hi"), ev.get("win_rate_n", 0)
+    if rate is None or rate != rate or not n:
+        return "inconclusive", "Nothing held out to judge on; collect more feedback."
+    what = ev.get("win_rate_judge", "held-out judge")
+    length = ""
+    if ev.get("length_current"):
+        change = ev["length_new"] / ev["length_current"] - 1
+        length = f"; replies {abs(change):.0%} {'longer' if change >= 0 else 'shorter'}"
+    words = f"better on {rate:.0%} ± {(hi - lo) / 2:.0%} of {n} held-out comparisons ({what}){length}"
+    fails = probe_failures(ev)
+    if fails:
+        return "not better", f"{words}, but {'; '.join(fails)}"
+    if lo > 0.5:
+        return "better", words
+    if hi < 0.5:
+        return "not better", words.replace("better on", "worse: better on only")
+    return "inconclusive", words + " — no clear difference"
