@@ -1,0 +1,215 @@
+"""Does a retrain learn what users prefer? Simulated annotators with a gold preference (AlpacaFarm style).
+
+    python -m bench.learning                                   # every preference, 0% and 25% flipped labels
+    python -m bench.learning --preferences bullets --noise 0   # one cell
+    python -m bench.learning --retrain-json '{"ppo_episodes": 32}'   # a non-default retrain, for tuning
+
+For each gold preference and noise level, in a fresh database: the serving engine writes K
+candidate replies for every training prompt (the candidate worker's sampling variants), the
+simulated annotator ranks them as the Rank tab stores rankings (a share of rankings reversed:
+real annotators disagree), the default retrain runs unchanged, and then both versions answer
+held-out prompts that never reached the database, with the same seeds and the app's default
+sampling. The gold function judges. One table: gold win rate of new vs current (0.5 = no
+change) with its 95% interval, KL to current, mean length, perplexity on held-out text, the
+retrain's own verdict, and stage times. Candidates depend only on the base model, so they are
+generated once per run directory and reused by every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from bench.gold import PREFERENCES, GoldPreference, rank
+from feedback import annotation_repo as arepo
+from feedback import repository
+from feedback import training_repo as trepo
+from feedback.db import make_engine, make_session_factory, migrate, session_scope
+
+PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"
+
+
+def split_prompts(tasks: int, heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Training and held-out prompts, half everyday questions and half HH red-team openers each."""
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    rng = random.Random(seed)
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    train, held = [], []
+    for i, group in enumerate(sorted(by_source)):
+        pool = by_source[group][:]
+        rng.shuffle(pool)
+        n_held, n_train = heldout // 2 + (i == 0) * (heldout % 2), tasks // 2 + (i == 0) * (tasks % 2)
+        held += pool[:n_held]
+        train += pool[n_held:n_held + n_train]
+    return train, held
+
+
+def generate_candidates(engine, prompts: list[dict], k: int, max_new_tokens: int, moderator) -> list[list[dict]]:
+    """K replies per prompt with the candidate worker's sampling variants, moderated like the worker does."""
+    from app.candidates import VARIANTS
+    from model.engine import SamplingParams
+    from training.evaluate import answer_all
+
+    messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts for _ in range(k)]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, seed=i, **VARIANTS[i % k % len(VARIANTS)])
+              for i in range(len(messages))]
+    out = answer_all(engine, messages, lambda i: params[i])
+    flat = [{"content": text, "sampling": params[i].to_dict(),
+             "moderation": "flagged" if moderator and moderator.check(text, direction="out").flagged else "pass"}
+            for i, (text, _) in enumerate(out)]
+    return [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
+
+
+def seed_rankings(factory, prompts, candidates, gold: GoldPreference, noise: float, seed: int, version: str) -> int:
+    """Tasks, candidates and one simulated annotator's rankings, through the annotation repository."""
+    rng = random.Random(seed)
+    reversed_n = 0
+    with session_scope(factory) as s:
+        annotator = repository.get_or_create_user(session=s, name="simulated-annotator", role="annotator")
+        for p, cands in zip(prompts, candidates):
+            task = arepo.add_task(session=s, context=[{"role": "user", "content": p["prompt"]}], source="chat")
+            if task is None:
+                continue
+            ids = [arepo.add_candidate(session=s, task=task, content=c["content"], model_version=version,
+                                       sampling=c["sampling"], moderation=c["moderation"]).id for c in cands]
+            order = [[ids[i] for i in group] for group in rank(gold, p["prompt"], [c["content"] for c in cands])]
+            if rng.random() < noise:
+                order, reversed_n = order[::-1], reversed_n + 1
+            arepo.submit_ranking(session=s, task_id=task.id, annotator=annotator, order=order)
+    return reversed_n
+
+
+def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference, max_new_tokens: int,
+                  seeds: int) -> dict:
+    """Both versions answer every held-out prompt with the app's default sampling and the same seeds."""
+    from model.engine import SamplingParams
+    from model.loader import build_engine
+    from training.evaluate import answer_all
+    from training.probes import mean_interval, win_values
+
+    msgs = [[{"role": "user", "content": p["prompt"]}] for p in prompts for _ in range(seeds)]
+    replies = {}
+    for name, path in (("current", base_path), ("new", new_path)):
+        engine = build_engine(path, name, max_concurrent=8)
+        try:
+            replies[name] = answer_all(engine, msgs, lambda i: SamplingParams(max_new_tokens=max_new_tokens, seed=i))
+        finally:
+            engine.close() if hasattr(engine, "close") else None
+    scores = {n: [gold.score(m[-1]["content"], t) for m, (t, _) in zip(msgs, replies[n])] for n in replies}
+    rate, lo, hi = mean_interval(win_values(scores["new"], scores["current"]))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"gold_win_rate": rate, "gold_lo": lo, "gold_hi": hi, "gold_n": len(msgs),
+            "gold_score_new": mean(scores["new"]), "gold_score_current": mean(scores["current"]),
+            "served_length_new": mean([n for _, n in replies["new"]]),
+            "served_length_current": mean([n for _, n in replies["current"]]),
+            "examples": [{"prompt": m[-1]["content"], "current": c[0][:400], "new": n[0][:400]}
+                         for m, c, n in list(zip(msgs, replies["current"], replies["new"]))[:6]]}
+
+
+def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candidates, moderator, retrain_cfg) -> dict:
+    from training.evaluate import evaluate
+    from training.retrain import execute
+
+    cell = args.out / f"{gold.name}-noise{int(noise * 100)}"
+    cell.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{(cell / 'bench.db').resolve()}"
+    if (cell / "bench.db").exists():
+        (cell / "bench.db").unlink()
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    with session_scope(factory) as s:
+        trepo.ensure_base_version(session=s, name=base.name, path=str(base.path))
+    reversed_n = seed_rankings(factory, train, candidates, gold, noise, args.seed, base.name)
+    with session_scope(factory) as s:
+        run_id = trepo.create_run(session=s, config=retrain_cfg.to_dict(), requested_by="bench", base_version_id=None).id
+    started = time.monotonic()
+    status = execute(run_id, retrain_cfg, factory, cell / "data", moderator)
+    retrain_s = time.monotonic() - started
+    with session_scope(factory) as s:
+        run = trepo.get_run(session=s, run_id=run_id)
+        metrics, error = dict(run.metrics or {}), run.error
+        version = trepo.get_version(session=s, version_id=run.version_id) if run.version_id else None
+        new_path = version.path if version else None
+    result = {"preference": gold.name, "noise": noise, "reversed_rankings": reversed_n, "status": status,
+              "error": error, "retrain_s": retrain_s, "timings_s": metrics.get("timings_s", {}),
+              "rm_acc": metrics.get("rm_heldout_accuracy"), "verdict": metrics.get("eval", {}).get("verdict_text")}
+    if new_path:
+        result.update(gold_win_rate(base.path, new_path, held, gold, args.max_new_tokens, args.seeds))
+        texts = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["reference"]}]
+                 for p in held if p.get("reference")]
+        probe_cfg = type(retrain_cfg)(**{**retrain_cfg.to_dict(), "eval_prompts": len(held)})
+        ev = evaluate(base.path, new_path, cell / "data" / "reward",
+                      [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in held], texts, probe_cfg,
+                      moderator, judge=lambda m, t: gold.score(m[-1]["content"], t))
+        result.update({k: ev[k] for k in ("kl_to_current", "length_new", "length_current", "ppl_new", "ppl_current",
+                                          "win_rate", "win_rate_lo", "win_rate_hi")})
+    (cell / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    f = lambda x, nd=2: "—" if x is None or x != x else f"{x:.{nd}f}"  # noqa: E731
+    print("\n| preference | flipped | status | RM acc | gold win (served sampling) | gold win (T=0.7) | KL/token "
+          "| length new/cur | ppl new/cur | retrain s (reward / ppo / eval) | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        t = r.get("timings_s", {})
+        stages = " / ".join(f(t.get(k), 0) for k in ("reward", "ppo", "evaluate"))
+        print(f"| {r['preference']} | {r['noise']:.0%} | {r['status']} | {f(r.get('rm_acc'))} "
+              f"| {f(r.get('gold_win_rate'))} [{f(r.get('gold_lo'))}, {f(r.get('gold_hi'))}] n={r.get('gold_n', 0)} "
+              f"| {f(r.get('win_rate'))} [{f(r.get('win_rate_lo'))}, {f(r.get('win_rate_hi'))}] "
+              f"| {f(r.get('kl_to_current'), 3)} | {f(r.get('length_new'), 0)} / {f(r.get('length_current'), 0)} "
+              f"| {f(r.get('ppl_new'))} / {f(r.get('ppl_current'))} | {f(r.get('retrain_s'), 0)} ({stages}) "
+              f"| {r.get('verdict') or r.get('error') or ''} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preferences", nargs="+", default=["bullets", "caveat", "concise"], choices=list(PREFERENCES),
+                        help="no-apology is rare in this model's replies: few informative rankings")
+    parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.25], help="share of rankings reversed")
+    parser.add_argument("--tasks", type=int, default=120, help="training prompts ranked (4 candidates: up to 6 pairs each)")
+    parser.add_argument("--heldout", type=int, default=60, help="held-out prompts the gold function judges on")
+    parser.add_argument("--seeds", type=int, default=1, help="replies per held-out prompt and version")
+    parser.add_argument("--k", type=int, default=4, help="candidates per task")
+    parser.add_argument("--candidate-tokens", type=int, default=128, help="as the app's candidate worker")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="reply length for the gold comparison")
+    parser.add_argument("--retrain-json", default="{}", help="RetrainConfig overrides (default: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("data/bench-learning"))
+    args = parser.parse_args()
+
+    from model.loader import build_engine, resolve_model
+    from model.moderation import build_moderator
+    from training.config import RetrainConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = resolve_model("embedded", Path("data"))
+    moderator = build_moderator("auto", 0.5, "", "", "", "")
+    retrain_cfg = RetrainConfig.from_dict(json.loads(args.retrain_json)).validate()
+    train, held = split_prompts(args.tasks, args.heldout, args.seed)
+    cache = args.out / f"candidates-{args.tasks}-{args.k}-{args.candidate_tokens}-{args.seed}.json"
+    if cache.exists():
+        candidates = json.loads(cache.read_text())
+    else:
+        t = time.monotonic()
+        engine = build_engine(base.path, base.name, max_concurrent=8)
+        candidates = generate_candidates(engine, train, args.k, args.candidate_tokens, moderator)
+        engine.close()
+        cache.write_text(json.dumps(candidates))
+        print(f"candidates: {len(train)} prompts x {args.k} in {time.monotonic() - t:.0f} s")
+    results = []
+    for name in args.preferences:
+        for noise in args.noise:
+            results.append(run_cell(args, PREFERENCES[name], noise, base, train, held, candidates, moderator,
+                                    retrain_cfg))
+            print_table(results)
+
+
+if __name__ == "__main__":
+    main()
