@@ -246,8 +246,9 @@ class ChatService:
                 yield up
             if outcome == "error":  # ended without a final update: its reader went away
                 outcome = "disconnected"
-        except GeneratorExit:
-            outcome = "disconnected"
+        except GeneratorExit:  # also after the final update, when the reader stops there (Gradio does)
+            if outcome == "error":
+                outcome = "disconnected"
             raise
         finally:
             if cancel_key and self._turns.get(cancel_key) is turn:  # a newer turn may reuse the key

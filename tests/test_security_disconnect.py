@@ -156,3 +156,20 @@ def test_dropped_stream_on_llamacpp_frees_its_only_slot(session_factory, setting
             assert short.status_code == 200, short.text
     finally:
         engine.close()
+
+
+def test_reply_closed_after_its_final_update_counts_by_its_outcome(session_factory, settings):
+    """A reader that stops at the final update and closes the generator (the chat tab does) is
+    counted as the reply's outcome (`complete`) in /metrics, not as `disconnected`, and the turn
+    stays `answered`."""
+    from model.engine import SamplingParams
+
+    service = ChatService(SlowEngine(step_s=0.001), session_factory, settings)
+    requests = service.metrics.requests
+    updates = service.send("alice", "Hi", params=SamplingParams(max_new_tokens=3))
+    for up in updates:
+        if up.done:
+            break
+    updates.close()
+    assert requests.labels("complete")._value.get() == 1 and requests.labels("disconnected")._value.get() == 0
+    assert _statuses(session_factory) == [("user", "answered"), ("assistant", "complete")]
