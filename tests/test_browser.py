@@ -22,14 +22,18 @@ def _db_rows(tmp_path, sql):
 
 
 def test_chat_vote_and_reopen_after_reload(tiny_model_dir, tmp_path):
+    """Chat, vote down the finished reply (the hint says saved), reload, reopen the conversation
+    from the list; one -1 vote is stored.
+
+    The vote waits for the reply to finish streaming: the send handler's last update is the one
+    that puts the new conversation into the list, in the same update as the final reply and hint,
+    so once its title shows there no later update can clear the vote's hint (a fixed sleep raced
+    with the end of the stream under load)."""
     with live_app(tmp_path, tiny_model_dir) as url, browser_page("chat") as page:
         page.goto(url)
         page.fill("#chat-input textarea", "Hello from the browser")
         page.click("#send-btn")
-        page.wait_for_function("document.querySelectorAll('#chatbot .message').length >= 2 || "
-                               "document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 1",
-                               timeout=60000)
-        page.wait_for_timeout(1500)
+        page.locator("#conversations").get_by_text("Hello from the browser").wait_for(timeout=90000)
         page.get_by_label("Dislike").last.click()
         page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('saved')", timeout=20000)
         page.reload()
