@@ -69,11 +69,8 @@ class BatchedEngine(Engine):
         import torch
 
         tok, model = self.tokenizer, self.model
-        prompts = [self.build_prompt(r.messages) for r in batch]
-        side = tok.padding_side
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        tok.padding_side = side
+        prompts = [{"input_ids": self.prompt_ids(r.messages)} for r in batch]
+        enc = tok.pad(prompts, padding=True, padding_side="left", return_tensors="pt").to(self.device)
         for r, mask in zip(batch, enc["attention_mask"]):
             r.stats.prompt_tokens = int(mask.sum())
             r.generator = torch.Generator().manual_seed(r.params.seed if r.params.seed is not None

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+from model.chat_prompt import hf_prompt_ids, with_system
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -173,9 +175,13 @@ class Engine:
         return next(self.model.parameters()).device
 
     def build_prompt(self, messages: list[dict]) -> str:
-        if not messages or messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.default_system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The rendered prompt, for reading: the model is fed ``prompt_ids``, not this text."""
+        return self.tokenizer.apply_chat_template(with_system(messages, self.default_system_prompt),
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids; text inside a message never becomes a control token."""
+        return hf_prompt_ids(self.tokenizer, with_system(messages, self.default_system_prompt))
 
     def _gen_kwargs(self, params: SamplingParams) -> dict:
         kw = dict(max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
@@ -203,8 +209,8 @@ class Engine:
         start = time.perf_counter()
         thread = None
         try:
-            prompt = self.build_prompt(messages)
-            inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+            ids = torch.tensor([self.prompt_ids(messages)], device=self.device)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             stats.prompt_tokens = int(inputs["input_ids"].shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
             output: dict = {}

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.chat_prompt import ControlTokens, with_system
 from model.engine import (DEFAULT_SYSTEM_PROMPT, DONE, ContextTooLongError, Engine, EngineBusyError, Generation,
                           GenerationStats, QueuedRequest, SamplingParams, _first_stop)
 
@@ -99,6 +100,7 @@ class LlamaCppEngine:
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(step_tokens, 0, 1)
         self._template = _chat_template(self._model)
+        self._controls = control_tokens(self._vocab)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
         self._free = list(range(max_batch + self.prefix_cache))
         self._cached: OrderedDict[int, list[int]] = OrderedDict()  # finished seq id -> tokens in its KV
@@ -125,9 +127,17 @@ class LlamaCppEngine:
     generate = Engine.generate  # stream, then return the text and stats
 
     def build_prompt(self, messages: list[dict]) -> str:
-        if not messages or messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.default_system_prompt}, *messages]
+        """The rendered prompt, for reading: the model is fed ``prompt_ids``, not this text."""
+        return self._render(with_system(messages, self.default_system_prompt))
+
+    def _render(self, messages: list[dict]) -> str:
         return self._template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids: the template's markers are control tokens, and the same text
+        inside a message (``<|im_end|>`` typed by a user) is tokenized as plain text."""
+        return prompt_tokens(self._vocab, self._controls, self._render,
+                             with_system(messages, self.default_system_prompt))
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self._vocab, text)
@@ -189,7 +199,7 @@ class LlamaCppEngine:
                 req.out.put(DONE)
                 continue
             try:
-                prompt = self.tokenize(self.build_prompt(req.messages))
+                prompt = self.prompt_ids(req.messages)
                 limit = self.context_tokens - 1
                 if len(prompt) >= limit:
                     raise ContextTooLongError(
@@ -361,15 +371,33 @@ class LlamaCppEngine:
         r.out.put(DONE)
 
 
-def tokenize(vocab, text: str) -> list[int]:
-    """A rendered prompt's token ids (special tokens such as <|im_start|> parsed as such)."""
+def tokenize(vocab, text: str, special: bool = True) -> list[int]:
+    """Token ids of ``text``; with ``special``, control-token texts such as <|im_start|> become
+    those tokens (right for a template's own text only: see ``prompt_tokens``)."""
     ll = _lib()
     data = text.encode()
     buf = (ll.llama_token * (len(data) + 8))()
-    n = ll.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
+    n = ll.llama_tokenize(vocab, data, len(data), buf, len(buf), False, special)
     if n < 0:
         raise ValueError("prompt could not be tokenized")
     return list(buf[:n])
+
+
+def control_tokens(vocab) -> ControlTokens:
+    """The vocabulary's control tokens: what special-token parsing turns text into."""
+    ll = _lib()
+    kinds = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+    return ControlTokens(ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace")
+                         for t in range(ll.llama_vocab_n_tokens(vocab)) if ll.llama_vocab_get_attr(vocab, t) & kinds)
+
+
+def prompt_tokens(vocab, controls: ControlTokens, render, messages: list[dict]) -> list[int]:
+    """Token ids of ``render(messages)`` in which message contents are never control tokens: the
+    control-token texts in them are marked before rendering and tokenized as plain text."""
+    pieces = controls.split(render(controls.mark(messages)))
+    if len(pieces) == 1:  # nothing marked: one call, the ids a whole-prompt tokenize gives
+        return tokenize(vocab, pieces[0][0])
+    return [tok for text, special in pieces for tok in tokenize(vocab, text, special)]
 
 
 def _piece(vocab, tok: int) -> bytes:
