@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from starlette.requests import Request  # resolved by FastAPI from this module's names
+
 from app.settings import Settings, engine_options, load_settings
 
 log = logging.getLogger("app")
@@ -78,6 +80,9 @@ def create_app(service, worker=None, control=None):
     """FastAPI app with the Gradio UI mounted at /."""
     import gradio as gr
     from fastapi import FastAPI
+    from gradio.routes import App as GradioApp
+
+    from app.my_data import PATH as MY_DATA_PATH
 
     from app.ui.demo import CSS, build_demo
     from app.ui.ranking_tab import SHORTCUTS_JS
@@ -97,6 +102,12 @@ def create_app(service, worker=None, control=None):
 
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    gradio_app = {}  # the mounted Gradio app, whose login cookies say who is calling
+
+    @api.get(MY_DATA_PATH + "{ticket}")
+    def my_data_download(ticket: str, request: Request):
+        return my_data_response(service, ticket, gradio_app.get("app"), request)
+
     @api.get("/healthz")
     def healthz():
         return {"status": "ok", "model": service.engine.version,
@@ -107,8 +118,34 @@ def create_app(service, worker=None, control=None):
     demo = build_demo(service, worker, control)
     demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
     auth = login_checker(service.session_factory) if auth_enabled(service.session_factory) else None
-    return gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[], show_error=True,
-                               auth=auth, auth_message="Log in with the account your admin created.")
+    app = gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[], show_error=True,
+                              auth=auth, auth_message="Log in with the account your admin created.")
+    gradio_app["app"] = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), GradioApp))
+    return app
+
+
+def my_data_response(service, ticket: str, gradio_app, request):
+    """A user's data export through their one-time link (app.my_data), built now, stored nowhere."""
+    import json
+
+    from fastapi.responses import Response
+
+    from app.api import error
+    from app.auth import LOCAL_USER
+
+    if gradio_app is None or gradio_app.auth is None:
+        caller = LOCAL_USER  # single-user local mode: no logins, one user
+    else:
+        cookie = gradio_app.cookie_id
+        token = request.cookies.get(f"access-token-{cookie}") or request.cookies.get(f"access-token-unsecure-{cookie}")
+        caller = gradio_app.tokens.get(token)
+    user = service.data_links.take(ticket, caller)
+    if user is None:
+        return error(404, "This download link does not work (any more): it was used, it expired, it is someone "
+                          "else's, or you are not logged in. Press 'Download all my data' again.", code="link_not_valid")
+    body = json.dumps(service.my_data(user), ensure_ascii=False, indent=1)
+    return Response(body, media_type="application/json", headers={
+        "Content-Disposition": 'attachment; filename="my-chat-data.json"', "Cache-Control": "no-store, private"})
 
 
 def main() -> None:
@@ -138,6 +175,10 @@ def main() -> None:
 
         log.warning("CHAT_ALLOWED_HOSTS is empty, so only requests to %s are answered: set it to the names "
                     "people use to reach this server", ", ".join(sorted(allowed_hosts(settings))))
+    from app.my_data import remove_legacy_exports
+
+    if removed := remove_legacy_exports():
+        log.warning("removed %d data export files that an earlier version left in the temp dir", removed)
     control = TrainingControl(service)
     if failed := control.recover():
         log.warning("training runs %s were left running by a crash or kill; marked failed", failed)

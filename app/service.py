@@ -18,6 +18,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from app.my_data import DataLinks
 from feedback import repository as repo
 from feedback.db import session_scope
 from feedback.models import Message
@@ -73,6 +74,7 @@ class ChatService:
         self._recent: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
         self._known_users: set[str] = set()
+        self.data_links = DataLinks()  # one-time links to a user's own data (app.my_data)
 
     def in_flight(self) -> int:
         """Chat replies being generated right now (background work waits for zero)."""
@@ -128,6 +130,7 @@ class ChatService:
             return repo.export_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
 
     def delete_my_data(self, user_name: str) -> dict[str, int]:
+        self.data_links.revoke(user_name)  # a link issued before keeps nothing: it is gone too
         with session_scope(self.session_factory) as s:
             return repo.delete_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
 

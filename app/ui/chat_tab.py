@@ -48,7 +48,8 @@ def build_chat_tab(service) -> None:
                 with gr.Row():
                     export_btn = gr.Button("Download all my data (JSON)", size="sm")
                     delete_btn = gr.Button("Delete all my data", size="sm", variant="stop", elem_id="delete-data")
-                my_file = gr.File(label="Your data", interactive=False, visible=False)
+                # A one-time link only this user can open (app.my_data): no file in Gradio's cache.
+                my_file = gr.Markdown("", visible=False, elem_id="my-data-link")
     conv_id = gr.State(None)   # the open conversation
     ids = gr.State([])         # message id for each chatbot row (None while streaming)
     voted = gr.State(None)     # (message_id, value) awaiting an optional reason
@@ -155,21 +156,18 @@ def build_chat_tab(service) -> None:
         return "Your data is now left out of training." if value else "Your data may be used for training."
 
     def on_export(request: gr.Request):
-        import json
-        import tempfile
-
-        data = service.my_data(caller_name(request))
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="my-chat-data-", delete=False) as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-        return gr.update(value=f.name, visible=True)
+        link = service.data_links.issue(caller_name(request))
+        minutes = round(service.data_links.ttl_s / 60)
+        return gr.update(value=f"[Download my-chat-data.json]({link}): a link for you only, "
+                               f"valid once for {minutes} minutes.", visible=True)
 
     def on_delete(request: gr.Request):
         counts = service.delete_my_data(caller_name(request))
-        return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None)
+        return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None), gr.update(value="", visible=False)
 
     opt_out.input(on_opt_out, [opt_out], hint, api_name="opt_out")
     export_btn.click(on_export, None, my_file, api_name="export_my_data")
-    delete_btn.click(on_delete, None, [chatbot, ids, conv_id, hint, convs], api_name="delete_my_data",
+    delete_btn.click(on_delete, None, [chatbot, ids, conv_id, hint, convs, my_file], api_name="delete_my_data",
                      js="() => { if (!confirm('Delete all your conversations, votes and rankings?')) throw new Error('kept'); }")
 
     send_inputs = [box, chatbot, ids, conv_id, system, *sampling]
