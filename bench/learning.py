@@ -10,9 +10,9 @@ simulated annotator ranks them as the Rank tab stores rankings (a share of ranki
 real annotators disagree), the default retrain runs unchanged, and then both versions answer
 held-out prompts that never reached the database, with the same seeds and the app's default
 sampling. The gold function judges. One table: gold win rate of new vs current (0.5 = no
-change) with its 95% interval, KL to current, mean length, perplexity on held-out text, the
-retrain's own verdict, and stage times. Candidates depend only on the base model, so they are
-generated once per run directory and reused by every cell.
+change) with its 95% interval, the retrain's own judge (held-out pairs) and verdict, and its KL
+to current, mean length and perplexity on held-out text, and stage times. Candidates depend
+only on the base model and the prompt, so they are generated once and reused by every cell.
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
 
 
 def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candidates, moderator, retrain_cfg) -> dict:
-    from training.evaluate import evaluate
     from training.retrain import execute
 
     cell = args.out / f"{gold.name}-noise{int(noise * 100)}"
@@ -140,26 +139,21 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
               "rm_acc": metrics.get("rm_heldout_accuracy"), "verdict": metrics.get("eval", {}).get("verdict_text")}
     if new_path:
         result.update(gold_win_rate(base.path, new_path, held, gold, args.max_new_tokens, args.seeds))
-        texts = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["reference"]}]
-                 for p in held if p.get("reference")]
-        probe_cfg = type(retrain_cfg)(**{**retrain_cfg.to_dict(), "eval_prompts": len(held)})
-        ev = evaluate(base.path, new_path, cell / "data" / "reward",
-                      [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in held], texts, probe_cfg,
-                      moderator, judge=lambda m, t: gold.score(m[-1]["content"], t))
-        result.update({k: ev[k] for k in ("kl_to_current", "length_new", "length_current", "ppl_new", "ppl_current",
-                                          "win_rate", "win_rate_lo", "win_rate_hi")})
+        ev = metrics.get("eval", {})  # the retrain's own probes, on its held-out prompts
+        result.update({k: ev.get(k) for k in ("kl_to_current", "length_new", "length_current", "ppl_new",
+                                              "ppl_current", "win_rate", "win_rate_lo", "win_rate_hi")})
     (cell / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def print_table(results: list[dict]) -> None:
     f = lambda x, nd=2: "—" if x is None or x != x else f"{x:.{nd}f}"  # noqa: E731
-    print("\n| preference | flipped | status | RM acc | gold win (served sampling) | gold win (T=0.7) | KL/token "
-          "| length new/cur | ppl new/cur | retrain s (reward / ppo / eval) | verdict |")
+    print("\n| preference | flipped | status | RM acc | gold win rate, held-out prompts (95%) | retrain's judge (95%) "
+          "| KL/token | length new/cur | ppl new/cur | retrain s (sft / reward / ppo / eval) | verdict |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         t = r.get("timings_s", {})
-        stages = " / ".join(f(t.get(k), 0) for k in ("reward", "ppo", "evaluate"))
+        stages = " / ".join(f(t.get(k), 0) for k in ("sft", "reward", "ppo", "evaluate"))
         print(f"| {r['preference']} | {r['noise']:.0%} | {r['status']} | {f(r.get('rm_acc'))} "
               f"| {f(r.get('gold_win_rate'))} [{f(r.get('gold_lo'))}, {f(r.get('gold_hi'))}] n={r.get('gold_n', 0)} "
               f"| {f(r.get('win_rate'))} [{f(r.get('win_rate_lo'))}, {f(r.get('win_rate_hi'))}] "
@@ -173,7 +167,7 @@ def main() -> None:
     parser.add_argument("--preferences", nargs="+", default=["bullets", "caveat", "concise"], choices=list(PREFERENCES),
                         help="no-apology is rare in this model's replies: few informative rankings")
     parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.25], help="share of rankings reversed")
-    parser.add_argument("--tasks", type=int, default=120, help="training prompts ranked (4 candidates: up to 6 pairs each)")
+    parser.add_argument("--tasks", type=int, default=100, help="training prompts ranked (4 candidates: up to 6 pairs each)")
     parser.add_argument("--heldout", type=int, default=60, help="held-out prompts the gold function judges on")
     parser.add_argument("--seeds", type=int, default=1, help="replies per held-out prompt and version")
     parser.add_argument("--k", type=int, default=4, help="candidates per task")
@@ -193,16 +187,18 @@ def main() -> None:
     moderator = build_moderator("auto", 0.5, "", "", "", "")
     retrain_cfg = RetrainConfig.from_dict(json.loads(args.retrain_json)).validate()
     train, held = split_prompts(args.tasks, args.heldout, args.seed)
-    cache = args.out / f"candidates-{args.tasks}-{args.k}-{args.candidate_tokens}-{args.seed}.json"
-    if cache.exists():
-        candidates = json.loads(cache.read_text())
-    else:
+    cache_path = args.out / f"candidates-k{args.k}-{args.candidate_tokens}tok.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    missing = [p for p in train if p["prompt"] not in cache]
+    if missing:
         t = time.monotonic()
         engine = build_engine(base.path, base.name, max_concurrent=8)
-        candidates = generate_candidates(engine, train, args.k, args.candidate_tokens, moderator)
+        for p, cands in zip(missing, generate_candidates(engine, missing, args.k, args.candidate_tokens, moderator)):
+            cache[p["prompt"]] = cands
         engine.close()
-        cache.write_text(json.dumps(candidates))
-        print(f"candidates: {len(train)} prompts x {args.k} in {time.monotonic() - t:.0f} s")
+        cache_path.write_text(json.dumps(cache))
+        print(f"candidates: {len(missing)} prompts x {args.k} in {time.monotonic() - t:.0f} s")
+    candidates = [cache[p["prompt"]] for p in train]
     results = []
     for name in args.preferences:
         for noise in args.noise:

@@ -24,8 +24,11 @@ class RetrainConfig:
                                                           "prompt before the reward model and PPO (a rejection-sampling "
                                                           "warm start, as in Llama 2): PPO alone moves a 135M model "
                                                           "little in a CPU budget."})
-    sft_epochs: float = field(default=1.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
-    sft_learning_rate: float = field(default=2e-5, metadata={"help": "SFT learning rate."})
+    sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
+                                                                "(0 = all)."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
+    sft_learning_rate: float = field(default=5e-5, metadata={"help": "SFT learning rate (top blocks only, so higher "
+                                                                    "than a full fine-tune would take)."})
     # reward model
     rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs over the training pairs."})
     rm_learning_rate: float = field(default=1e-4, metadata={"help": "Reward-model learning rate (1e-4: 0.64 held-out accuracy on HH; 3e-5: 0.58)."})
@@ -34,9 +37,9 @@ class RetrainConfig:
                                                                "model (0 = all): about half the step time on CPU."})
     accuracy_gate: float = field(default=0.6, metadata={"help": "Stop unless held-out pairwise accuracy exceeds this."})
     # PPO
-    ppo_episodes: int = field(default=64, metadata={"help": "Prompts answered and scored during PPO in total."})
-    ppo_batch_size: int = field(default=4, metadata={"help": "Episodes per PPO update."})
-    ppo_learning_rate: float = field(default=5e-6, metadata={"help": "Policy and value learning rate (1e-6 moved "
+    ppo_episodes: int = field(default=128, metadata={"help": "Prompts answered and scored during PPO in total."})
+    ppo_batch_size: int = field(default=8, metadata={"help": "Episodes per PPO update."})
+    ppo_learning_rate: float = field(default=2e-5, metadata={"help": "Policy and value learning rate (1e-6 moved "
                                                                       "the policy by a KL of only ~0.003/token)."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty to the reference (the current model)."})
     response_length: int = field(default=48, metadata={"help": "New tokens per PPO response."})
@@ -47,7 +50,7 @@ class RetrainConfig:
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
     # evaluation
     eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
-    eval_pairs: int = field(default=200, metadata={"help": "Held-out preference pairs that judge new vs current."})
+    eval_pairs: int = field(default=100, metadata={"help": "Held-out preference pairs that judge new vs current."})
     eval_max_new_tokens: int = field(default=160, metadata={"help": "New tokens per evaluation reply (long enough "
                                                                     "for most replies to end)."})
     eval_temperature: float = field(default=0.7, metadata={"help": "Evaluation replies are sampled at this temperature "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.common import base_trainer_args, lora_config, read_jsonl, save_model_dir, with_system
+from training.common import (base_trainer_args, freeze_lower_layers, lora_config, read_jsonl, save_model_dir,
+                             with_system)
 from training.config import RetrainConfig
 
 
@@ -21,6 +22,8 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, 
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    if not cfg.use_lora:
+        freeze_lower_layers(model, cfg.sft_train_layers)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     args = SFTConfig(num_train_epochs=cfg.sft_epochs, learning_rate=cfg.sft_learning_rate,

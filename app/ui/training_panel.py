@@ -150,7 +150,13 @@ def build_training_panel(service, control) -> tuple:
             return f"Denied: {exc}"
         except (ValidationError, NotFoundError, OSError) as exc:
             return f"⚠ {exc}"
-        return f"Now serving **{name}**. Replies already streaming finish on the previous version."
+        note = f"Now serving **{name}**. Replies already streaming finish on the previous version."
+        if not rollback_:
+            with session_scope(service.session_factory) as s:
+                ev = (trepo.get_version(session=s, version_id=int(vid)).metrics or {}).get("eval", {})
+            if ev.get("verdict") and ev["verdict"] != "better":
+                note += f"  \n⚠ Its evaluation did not find it better ({ev['verdict']}: {ev.get('verdict_text', '')})."
+        return note
 
     def on_promote(vid, request: gr.Request):
         return on_switch(vid, False, request)
