@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from app.auth import LOCAL_USER, auth_enabled, verify_secret
+from app.auth import LOCAL_USER, ApiKeyCache, auth_enabled
 from app.reply_pump import ReplyPump
 from app.service import ChatError
 from feedback import training_repo as trepo
@@ -113,8 +113,9 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
                                                                "code": code}})
 
 
-def _caller(request: Request, service) -> str | None:
-    """The user an API key belongs to; LOCAL_USER in single-user local mode; None if refused."""
+def _caller(request: Request, service, keys: ApiKeyCache | None = None) -> str | None:
+    """The user an API key belongs to; LOCAL_USER in single-user local mode; None if refused.
+    ``keys`` remembers keys verified recently (argon2 costs ~0.1 s a call otherwise)."""
     if not auth_enabled(service.session_factory):
         return LOCAL_USER
     header = request.headers.get("authorization", "")
@@ -125,11 +126,7 @@ def _caller(request: Request, service) -> str | None:
     # isdigit() alone takes '²' or Arabic-Indic digits, and 25 digits overflow the id column.
     if not (user_id.isascii() and user_id.isdigit() and len(user_id) <= 18):
         return None
-    with session_scope(service.session_factory) as s:
-        from feedback.models import User
-
-        user = s.get(User, int(user_id))
-        return user.name if user is not None and verify_secret(user.api_key_hash, key) else None
+    return (keys or ApiKeyCache(ttl_s=0)).user_name(service.session_factory, int(user_id), key)
 
 
 def _known_models(service) -> list[str]:
@@ -140,10 +137,11 @@ def _known_models(service) -> list[str]:
 
 def build_router(service) -> APIRouter:
     router = APIRouter(prefix="/v1")
+    keys = ApiKeyCache(service.settings.api_key_cache_s)
 
     @router.get("/models")
     async def models(request: Request):
-        if await run_in_threadpool(_caller, request, service) is None:
+        if await run_in_threadpool(_caller, request, service, keys) is None:
             return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
                          "authentication_error", code="invalid_api_key")
         names = await run_in_threadpool(_known_models, service)
@@ -152,7 +150,7 @@ def build_router(service) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        user = await run_in_threadpool(_caller, request, service)
+        user = await run_in_threadpool(_caller, request, service, keys)
         if user is None:
             return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
                          "authentication_error", code="invalid_api_key")

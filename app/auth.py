@@ -7,6 +7,12 @@ With users, Gradio's login is on and roles come from the database.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import threading
+import time
+
+from app.login_guard import LoginThrottle, LoginThrottled, client_address
 from feedback import repository as repo
 from feedback.db import session_scope
 from feedback.models import User
@@ -78,18 +84,83 @@ def verify_secret(stored_hash: str | None, secret: str) -> bool:
         return False
 
 
-def login_checker(session_factory):
-    """The callable Gradio's login calls: (name, password) -> bool."""
+class ApiKeyCache:
+    """API keys verified in the last ``ttl_s`` seconds, by their SHA-256 (the key itself is not
+    kept), with the user id and the stored hash they were checked against. A hit still reads
+    the user's row, so a new key (a new hash) or a deleted user ends the old key at once."""
 
-    def check(name: str, password: str) -> bool:
+    def __init__(self, ttl_s: float = 60.0):
+        self.ttl_s = ttl_s
+        self._verified: dict[bytes, tuple[int, str, float]] = {}
+        self._lock = threading.Lock()
+
+    def user_name(self, session_factory, user_id: int, key: str) -> str | None:
+        """The name of user ``user_id`` if ``key`` is their API key, else None."""
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        with session_scope(session_factory) as s:
+            user = s.get(User, user_id)
+            if user is None or not user.api_key_hash:
+                return None
+            name, stored = user.name, user.api_key_hash
+        now = time.monotonic()
+        with self._lock:
+            hit = self._verified.get(digest)
+        if hit is not None and hit[0] == user_id and hit[1] == stored and hit[2] > now:
+            return name
+        if not verify_secret(stored, key):
+            return None
+        if self.ttl_s > 0:
+            with self._lock:
+                self._verified = {d: v for d, v in self._verified.items() if v[2] > now}  # expired ones go
+                self._verified[digest] = (user_id, stored, now + self.ttl_s)
+        return name
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random secret, made with the same parameters as every stored hash: checking a
+    password against it costs what checking a real one does."""
+    import secrets
+
+    return hash_secret(secrets.token_urlsafe(16))
+
+
+def login_checker(session_factory, throttle: LoginThrottle | None = None):
+    """The callable Gradio's login awaits: (name, password) -> bool. Throttled per name and per
+    address (429 with the reason), and the same argon2 work whether the name exists or not."""
+    throttle = throttle or LoginThrottle()
+
+    def verify(name, password, address: str | None) -> bool:
         name = name if isinstance(name, str) else ""
         # No user has such a name (they are made by app.users): refuse without a query, which
         # PostgreSQL would fail on (NUL, or longer than the column), and audit what can be stored.
         possible = 0 < len(name) <= USER_NAME_CHARS and name.isprintable()
+        shown = name if possible else _printable(name)
+        try:
+            stamp = throttle.attempt(shown, address)
+        except LoginThrottled:
+            with session_scope(session_factory) as s:
+                repo.audit(session=s, user_name=shown, action="login", allowed=False, detail="throttled")
+            raise
         with session_scope(session_factory) as s:
             user = repo.get_user(session=s, name=name) if possible else None
-            ok = user is not None and verify_secret(user.password_hash, password)
-            repo.audit(session=s, user_name=name if possible else _printable(name), action="login", allowed=ok)
+            stored = user.password_hash if user is not None else None
+        # An unknown name, or one without a password, is checked against a dummy hash: the same
+        # work, so the time taken does not tell which names exist.
+        ok = verify_secret(stored or _dummy_hash(), password) and stored is not None
+        if ok:
+            throttle.succeeded(shown, address, stamp)
+        with session_scope(session_factory) as s:
+            repo.audit(session=s, user_name=shown, action="login", allowed=ok)
         return ok
+
+    async def check(name, password) -> bool:
+        from fastapi import HTTPException
+        from starlette.concurrency import run_in_threadpool
+
+        try:  # argon2 takes ~0.1 s of CPU: not on the event loop, which serves every stream
+            return await run_in_threadpool(verify, name, password, client_address.get())
+        except LoginThrottled as exc:
+            raise HTTPException(429, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
 
     return check

@@ -91,9 +91,11 @@ def create_app(service, worker=None, control=None):
     api.state.service = service
 
     from app.api import build_router
+    from app.login_guard import ClientAddress, LoginThrottle
     from app.web_guard import RequestGuard, allowed_hosts
 
     api.add_middleware(RequestGuard, hosts=allowed_hosts(service.settings))
+    api.add_middleware(ClientAddress)  # the login check's per-address throttle reads it
     api.include_router(build_router(service))
 
     @api.get("/metrics")
@@ -117,11 +119,24 @@ def create_app(service, worker=None, control=None):
 
     demo = build_demo(service, worker, control)
     demo.queue(default_concurrency_limit=service.settings.max_concurrent * 4)
-    auth = login_checker(service.session_factory) if auth_enabled(service.session_factory) else None
+    st = service.settings
+    throttle = LoginThrottle(st.login_failures_per_name, st.login_failures_per_address, st.login_window_s)
+    auth = login_checker(service.session_factory, throttle) if auth_enabled(service.session_factory) else None
     app = gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[], show_error=True,
-                              auth=auth, auth_message="Log in with the account your admin created.")
+                              auth=auth, auth_message=login_message(throttle))
     gradio_app["app"] = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), GradioApp))
     return app
+
+
+def login_message(throttle) -> str:
+    """The login page's note. Gradio's page shows any refusal as "incorrect credentials", so the
+    throttling rule is stated here; HTTP clients get it in the 429 reply."""
+    rule = ""
+    if throttle.per_name > 0:
+        minutes = max(1, round(throttle.window_s / 60))
+        rule = (f" After {throttle.per_name} wrong passwords for a name within {minutes} minutes, logins with "
+                f"that name pause for up to {minutes} minutes, even with the right password.")
+    return "Log in with the account your admin created." + rule
 
 
 def my_data_response(service, ticket: str, gradio_app, request):

@@ -39,6 +39,14 @@ class Settings:
     max_message_chars: int = field(default=8000, metadata={"help": "Longer messages (any role, API too) are refused."})
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation (and in one API call)."})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Larger HTTP API bodies are refused (413) unread."})
+    login_failures_per_name: int = field(default=5, metadata={"help": (
+        "Failed logins one user name may have within CHAT_LOGIN_WINDOW_S; then its logins wait (0 = no limit).")})
+    login_failures_per_address: int = field(default=20, metadata={"help": (
+        "Failed logins one client address may have within CHAT_LOGIN_WINDOW_S; then its logins wait (0 = no limit).")})
+    login_window_s: float = field(default=300.0, metadata={"help": "The window, in seconds, that login failures count in."})
+    api_key_cache_s: float = field(default=60.0, metadata={"help": (
+        "Seconds a verified API key is remembered, so each call skips the ~0.1 s argon2 check (0 = off). "
+        "A new key for the user (app.users api-key) ends the old one at once.")})
     messages_per_minute: int = field(default=30, metadata={"help": "Messages one user may send a minute; 0 = no limit."})
     engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers) or simple."})
     gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, within 1% perplexity), f16 or f32."})

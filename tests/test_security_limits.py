@@ -1,5 +1,6 @@
 """Issue 13: the whole request is checked before any write; malformed input is a clean 4xx."""
 
+import asyncio
 import json
 
 import pytest
@@ -153,7 +154,7 @@ def test_impossible_login_names_are_refused_and_audited(any_factory, name, audit
     """A login name longer than the column, or with a NUL or lone surrogate, is refused (no
     server error on PostgreSQL) and audited under a name the log can hold."""
     add_user(any_factory, "admin", "admin", "admin-password")
-    assert login_checker(any_factory)(name, "admin-password") is False
+    assert asyncio.run(login_checker(any_factory)(name, "admin-password")) is False
     with any_factory() as s:
         row = s.scalars(select(AuditLog).order_by(AuditLog.id.desc())).first()
     assert (row.action, row.allowed, row.user_name) == ("login", False, audited)
