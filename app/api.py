@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
 
 from app.auth import LOCAL_USER, ApiKeyCache, auth_enabled
 from app.reply_pump import ReplyPump
@@ -38,23 +38,102 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
 
+# What a message may carry besides role and content: a name (ignored) and, as clients echo them
+# back, tool-call fields that are empty. Anything else is refused rather than silently dropped.
+EMPTY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio", "annotations")
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]  # 'developer' is OpenAI's newer name for system
+    content: StrictStr | list[dict]
+    name: Annotated[StrictStr, Field(max_length=200)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_calls(cls, data):
+        if isinstance(data, dict):
+            for key in EMPTY_MESSAGE_FIELDS:
+                if key in data and data[key] in (None, [], ""):
+                    data = {k: v for k, v in data.items() if k != key}
+                elif key in data:
+                    raise ValueError(f"'{key}' in a message is not supported: this server has no tool calling")
+        return data
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        """List-of-parts content (as LangChain and others send it) becomes its text; only text parts."""
+        if isinstance(content, str):
+            return content
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type")
+                raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, not "
+                                 f"{kind if isinstance(kind, str) else 'this one'}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def as_message(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: Annotated[StrictStr, Field(max_length=200)] | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(default=0.3, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, gt=0, le=4096)
     max_completion_tokens: int | None = Field(default=None, gt=0, le=4096)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what the engines' RNGs take
+    # Accepted and without effect here, as for OpenAI's own defaults.
+    user: Annotated[StrictStr, Field(max_length=200)] | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+
+
+# Parameters OpenAI has that this server cannot honour (with a value other than their default).
+UNSUPPORTED = {
+    "tools": "tool (function) calling", "functions": "function calling", "function_call": "function calling",
+    "tool_choice": "tool (function) calling", "response_format": "response_format (JSON mode, structured output)",
+    "logprobs": "logprobs", "top_logprobs": "logprobs", "logit_bias": "logit_bias",
+    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+    "audio": "audio output", "modalities": "audio output", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning_effort",
+}
+DEFAULTS = {"tool_choice": ("none",), "response_format": ({"type": "text"},), "logprobs": (False,),
+            "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,), "modalities": (["text"],),
+            "tools": ([],), "functions": ([],)}
+
+
+def _refuse_unsupported(data) -> None:
+    """A 400 that names the parameter, for what OpenAI supports and this server does not (OpenAI
+    too refuses what it cannot honour), and for parameters that OpenAI does not have at all."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        if key in UNSUPPORTED and value is not None and value not in DEFAULTS.get(key, ()):
+            raise ApiError(400, f"'{key}' is not supported: this server has no {UNSUPPORTED[key]}. "
+                                "Leave it out of the request.", param=key, code="unsupported_parameter")
+        if key == "n" and isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            raise ApiError(400, "'n' above 1 is not supported: this server returns one choice; send one "
+                                "request per choice.", param="n", code="unsupported_parameter")
+        if key not in ChatRequest.model_fields and key not in UNSUPPORTED:
+            raise ApiError(400, f"Unrecognized request argument supplied: '{str(key)[:100]}'.", param=str(key)[:100],
+                           code="unknown_parameter")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -94,8 +173,10 @@ def _parse(raw: bytes) -> ChatRequest:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, "The body contains invalid Unicode (a lone surrogate such as \\ud800).") from None
+    _refuse_unsupported(data)
     try:
-        return ChatRequest.model_validate(data)
+        return ChatRequest.model_validate({k: v for k, v in data.items() if k not in UNSUPPORTED}
+                                          if isinstance(data, dict) else data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -145,8 +226,17 @@ def build_router(service) -> APIRouter:
             return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
                          "authentication_error", code="invalid_api_key")
         names = await run_in_threadpool(_known_models, service)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "local"}
-                                           for n in names]}
+        return {"object": "list", "data": [_model(n) for n in names]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if await run_in_threadpool(_caller, request, service, keys) is None:
+            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
+                         "authentication_error", code="invalid_api_key")
+        if model_id not in await run_in_threadpool(_known_models, service):
+            return error(404, f"The model '{model_id[:200]}' does not exist. GET /v1/models lists the available ones.",
+                         param="model", code="model_not_found")
+        return _model(model_id)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -165,10 +255,11 @@ def build_router(service) -> APIRouter:
             return error(400, f"Model '{body.model}' exists but is not the one being served "
                               f"('{service.engine.version}'); an admin can promote it.", param="model")
         stop = [s for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])) if s]  # "" stops nothing
-        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=0,
+        params = SamplingParams(temperature=0.3 if body.temperature is None else body.temperature,
+                                top_p=1.0 if body.top_p is None else body.top_p, top_k=0,
                                 max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
                                 repetition_penalty=1.1, seed=body.seed, stop=stop)
-        messages = [m.model_dump() for m in body.messages]
+        messages = [m.as_message() for m in body.messages]
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         pump = ReplyPump(service.complete(user, messages, params, cancel_key=cid), lambda: service.disconnect(cid))
@@ -186,10 +277,15 @@ def build_router(service) -> APIRouter:
                                  "finish_reason": _finish(final)}],
                     "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
                               "total_tokens": final.prompt_tokens + final.completion_tokens}}
-        return StreamingResponse(_sse(cid, created, service.engine.version, first, pump),
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(cid, created, service.engine.version, first, pump, usage),
                                  media_type="text/event-stream")
 
     return router
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "local"}
 
 
 def _finish(update) -> str:
@@ -202,11 +298,15 @@ async def _chain(first, pump):
         yield up
 
 
-async def _sse(cid, created, model, first, pump):
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": [{"index": 0, "delta": delta,
-                                                                   "finish_reason": finish}]}) + "\n\n"
+async def _sse(cid, created, model, first, pump, include_usage: bool = False):
+    """Server-sent events in OpenAI's chunk format. With ``include_usage`` (stream_options), every
+    chunk carries ``usage: null`` and a last chunk, with no choices, the token counts."""
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = usage
+        return "data: " + json.dumps(body) + "\n\n"
 
     sent, last = "", first
     try:
@@ -223,6 +323,9 @@ async def _sse(cid, created, model, first, pump):
                 sent += piece
                 yield chunk({"content": piece})
         yield chunk({}, _finish(last))
+        if include_usage:
+            yield chunk(None, usage={"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                                     "total_tokens": last.prompt_tokens + last.completion_tokens})
     except ChatError as exc:
         yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error"}}) + "\n\n"
     finally:

@@ -114,3 +114,49 @@ def test_openai_client_chats_with_the_real_model_on_llamacpp(tmp_path):
         reused = re.search(r'chat_engine_prompt_tokens_reused_total\{backend="llama.cpp",version="[^"]+"\} (\S+)',
                            metrics)
         assert reused and float(reused.group(1)) > 10, metrics
+
+
+def test_openai_client_usage_chunk_and_model_lookup(api_app, tiny_model_dir):
+    """openai: a stream with stream_options include_usage ends with a usage chunk (no choices);
+    models.retrieve finds the served model, and an unknown id raises NotFoundError."""
+    base, key, _ = api_app
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    chunks = list(client.chat.completions.create(model=openai.NOT_GIVEN, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, stream=True, temperature=0,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        client.chat.completions.create(model=openai.NOT_GIVEN, messages=[{"role": "user", "content": "Hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def test_langchain_openai_client(api_app, tiny_model_dir):
+    """langchain-openai's ChatOpenAI: invoke with list-of-parts content, and a stream with usage."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    base, key, _ = api_app
+    llm = ChatOpenAI(base_url=base + "/v1", api_key=key, model=tiny_model_dir.name, temperature=0, max_tokens=4,
+                     max_retries=0, stream_usage=True)
+    out = llm.invoke([SystemMessage("Be brief."), HumanMessage(content=[{"type": "text", "text": "Hello LangChain"}])])
+    assert isinstance(out.content, str) and out.usage_metadata["output_tokens"] > 0
+    chunks = list(llm.stream("Hi"))
+    assert "".join(c.content for c in chunks) and sum(c.usage_metadata["output_tokens"] for c in chunks
+                                                      if c.usage_metadata) > 0
+
+
+def test_litellm_client(api_app, tiny_model_dir, monkeypatch):
+    """litellm against this server as an OpenAI-compatible endpoint: a plain and a streamed call."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list
+    import litellm
+
+    base, key, _ = api_app
+    kw = dict(model=f"openai/{tiny_model_dir.name}", api_base=base + "/v1", api_key=key, max_tokens=4,
+              temperature=0, messages=[{"role": "user", "content": "Hello litellm"}])
+    out = litellm.completion(**kw)
+    assert out.choices[0].message.content and out.usage.completion_tokens > 0
+    pieces = [c.choices[0].delta.content or "" for c in litellm.completion(stream=True, **kw) if c.choices]
+    assert "".join(pieces)
