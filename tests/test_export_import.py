@@ -60,6 +60,39 @@ def test_import_cli_is_one_transaction(tmp_path, db_url):
     assert bad.returncode == 1 and "does not exist" in bad.stderr
 
 
+def test_import_cli_migrates_a_fresh_database(tmp_path, monkeypatch, capsys):
+    """No 'no such table' traceback on a database nothing has migrated yet: it is migrated first."""
+    import importlib
+
+    cli = importlib.import_module("feedback.import")
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    url = f"sqlite:///{tmp_path / 'fresh' / 'chat.db'}"
+    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", url])
+    cli.main()
+    assert "imported 1 pairs" in capsys.readouterr().out
+    from feedback.db import make_engine, make_session_factory
+
+    engine = make_engine(url)
+    with make_session_factory(engine)() as s:
+        assert s.scalar(select(func.count(ImportedPair.id))) == 1
+    engine.dispose()
+
+
+def test_import_cli_unreachable_database_says_so(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    cli = importlib.import_module("feedback.import")
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "Nothing imported: Cannot reach the database" in err and "secret" not in err
+
+
 def test_parse_hh_turns():
     assert parse_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye") == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
