@@ -81,7 +81,7 @@ def run_case(name: str, engine, users: int, seconds: float, moderation: str = "a
     from app.settings import Settings
     from feedback.db import make_engine, make_session_factory, migrate
     from feedback.models import Message
-    from tests.inprocess_app import serve
+    from bench.inprocess import serve
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'load.db'}"
@@ -100,7 +100,7 @@ def run_case(name: str, engine, users: int, seconds: float, moderation: str = "a
 
 def main() -> None:
     from model.loader import build_engine, resolve_model
-    from tests.fakes import ScriptedEngine
+    from bench.inprocess import ScriptedEngine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fake-users", type=int, default=30)

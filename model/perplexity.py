@@ -13,13 +13,15 @@ import json
 import math
 from pathlib import Path
 
-HELDOUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "hh_harmless_sample.jsonl"
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_hh.jsonl"
 
 
 def heldout_texts(n: int = 12) -> list[str]:
-    """Fixed held-out English text: the first chosen replies of the public HH sample."""
-    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
-    return [r["chosen"] for r in rows[:n]]
+    """Fixed held-out English text: the first 12 chosen dialogues of the public HH-RLHF sample."""
+    texts = [json.loads(line)["text"] for line in HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n > len(texts):
+        raise ValueError(f"{HELDOUT} holds {len(texts)} texts, {n} asked for")
+    return texts[:n]
 
 
 def perplexity_hf(model, tok, texts: list[str], max_tokens: int = 512) -> float:
@@ -63,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", help="float32 HF checkpoint (also gives the tokenizer)")
     ap.add_argument("gguf", nargs="*", help="GGUF files to compare with it")
-    ap.add_argument("--texts", type=int, default=12, help="how many held-out texts")
+    ap.add_argument("--texts", type=int, default=12, help="how many held-out texts (at most 12)")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.hf_dir)
     texts = heldout_texts(args.texts)

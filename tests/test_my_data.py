@@ -16,8 +16,7 @@ import pytest
 from app.my_data import DataLinks, remove_legacy_exports
 from app.service import ChatService
 from app.users import add_user
-from tests.fakes import ScriptedEngine
-from tests.inprocess_app import serve
+from bench.inprocess import ScriptedEngine, serve
 
 MARKER = "my-very-own-secret-7f3a9"
 

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from app.service import ChatService
+from bench.inprocess import serve
 from feedback.models import Message
 from model.engine import BUSY_MESSAGE, EngineBusyError, Generation, GenerationStats
-from tests.inprocess_app import serve
 
 
 class SlowEngine:

@@ -4,10 +4,9 @@ import pytest
 from sqlalchemy import select
 
 from app.service import ChatService
+from bench.inprocess import ScriptedEngine, serve
 from feedback.models import Message
 from tests.browser import browser_page
-from tests.fakes import ScriptedEngine
-from tests.inprocess_app import serve
 
 pytestmark = pytest.mark.browser
 

@@ -1,0 +1,80 @@
+"""The real FastAPI + Gradio app in a thread, and an engine that needs no weights.
+
+``serve(service)`` runs ``app.main.create_app`` under uvicorn on a free loopback port, with
+any ChatService; ``ScriptedEngine`` streams a fixed reply word by word through the real
+engine interface. ``bench.load`` measures the app's own overhead with them, and the tests
+use them too (they live here because bench code must not import the test tree).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+from model.engine import Generation, GenerationStats
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(service):
+    import uvicorn
+
+    from app.main import create_app
+
+    app = create_app(service)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline:
+            raise TimeoutError("in-process app did not start")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class ScriptedEngine:
+    """An engine that streams a fixed reply word by word and records every call (a spy)."""
+
+    def __init__(self, reply="Hello there, friend.", version="fake-v1"):
+        self.reply = reply
+        self.version = version
+        self.calls: list[list[dict]] = []
+
+    def stream(self, messages, params=None, cancel=None):
+        self.calls.append(messages)
+        cancel = cancel or threading.Event()
+        stats = GenerationStats(prompt_tokens=sum(len(m["content"].split()) for m in messages))
+        reply = self.reply(messages) if callable(self.reply) else self.reply
+
+        def deltas():
+            words = reply.split(" ")
+            for i, w in enumerate(words):
+                if cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
+                stats.completion_tokens += 1
+                if stats.ttft_ms is None:
+                    stats.ttft_ms = 1.0
+                yield w if i == 0 else " " + w
+            stats.finish_reason = "stop"
+
+        return Generation(deltas(), stats, cancel)
+
+    def generate(self, messages, params=None):
+        gen = self.stream(messages, params)
+        for _ in gen:
+            pass
+        return gen.text, gen.stats
