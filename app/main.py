@@ -12,7 +12,7 @@ from pathlib import Path
 
 from starlette.requests import Request  # resolved by FastAPI from this module's names
 
-from app.settings import Settings, engine_options, load_settings
+from app.settings import Settings, engine_options, load_settings, settings_env
 
 log = logging.getLogger("app")
 
@@ -24,7 +24,7 @@ class StartupError(RuntimeError):
 def build_service(settings: Settings, engine=None):
     """Migrate, load the model and moderation, and wire the ChatService."""
     from feedback.db import DatabaseUnavailableError, check_connection, make_engine, make_session_factory, migrate
-    from model.moderation import build_moderator
+    from model.moderation import moderator_from_env
 
     try:
         migrate(settings.db_url)
@@ -35,9 +35,7 @@ def build_service(settings: Settings, engine=None):
     factory = make_session_factory(db)
     if engine is None:
         engine = load_engine(settings, factory)
-    moderator = build_moderator(settings.moderation_backends, settings.moderation_threshold,
-                                settings.moderation_thresholds, settings.moderation_rules_file,
-                                settings.detoxify_checkpoint, settings.detoxify_config_dir)
+    moderator = moderator_from_env(settings_env(settings))
     from app.service import ChatService
     from feedback.db import session_scope
     from feedback.moderation_repo import load_templates

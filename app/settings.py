@@ -90,6 +90,12 @@ def load_settings(env_file: str | None = ".env", **overrides) -> Settings:
     return Settings(**values)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The CHAT_* variables that give these settings, for code below app/ that reads the
+    environment (e.g. model.moderation.moderator_from_env); load_settings reads them back."""
+    return {f"CHAT_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(Settings)}
+
+
 def engine_options(settings: Settings) -> dict:
     """The keyword arguments model.loader.build_engine takes from the settings."""
     return dict(kind=settings.engine, device=settings.device, max_concurrent=settings.max_concurrent,

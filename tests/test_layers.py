@@ -31,3 +31,8 @@ def test_nothing_outside_tests_imports_or_reads_the_test_tree():
     reads = [str(p.relative_to(ROOT)) for folder in PRODUCT for p in (ROOT / folder).rglob("*.py")
              if '"tests"' in p.read_text(encoding="utf-8") or "tests/data" in p.read_text(encoding="utf-8")]
     assert reads == []
+
+
+def test_model_imports_nothing_of_ours_above_it():
+    """model/ has no web: it never imports app/ (settings reach it as CHAT_* variables)."""
+    assert [(f, m) for f, m in _imports("model") if _top(m) == "app"] == []

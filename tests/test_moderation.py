@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from model.moderation import DetoxifyBackend, Moderator, ProfanityBackend, Rule, RulesBackend, build_moderator, load_rules
+from model.moderation import (
+    DetoxifyBackend,
+    Moderator,
+    ProfanityBackend,
+    Rule,
+    RulesBackend,
+    build_moderator,
+    load_rules,
+    moderator_from_env,
+)
 from model.moderation.__main__ import evaluate, read_rows
 
 
@@ -50,6 +59,36 @@ def test_offline_default_flags_abuse_and_passes_questions():
         assert mod.check(abuse).flagged, abuse
     for ok in ["What is the capital of France?", "How do I bake bread?", "Explain photosynthesis simply."]:
         assert not mod.check(ok).flagged, ok
+
+
+def test_moderator_from_env_reads_the_apps_variables(tmp_path):
+    from app.settings import Settings, settings_env
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"category": "competitor", "words": ["AcmeGPT"]}]))
+    env = {"CHAT_MODERATION_BACKENDS": "rules", "CHAT_MODERATION_THRESHOLD": "0.3",
+           "CHAT_MODERATION_THRESHOLDS": "insult=0.55", "CHAT_MODERATION_RULES_FILE": str(rules)}
+    mod = moderator_from_env(env)
+    assert mod.backend_names == ["rules"] and mod.default_threshold == 0.3
+    assert mod.thresholds == {"insult": 0.55} and mod.check("try AcmeGPT").category == "competitor"
+    # The app passes its settings the same way: the same moderator as the variables give.
+    app_mod = moderator_from_env(settings_env(Settings(moderation_backends="rules", moderation_threshold=0.3,
+                                                       moderation_thresholds="insult=0.55",
+                                                       moderation_rules_file=str(rules))))
+    assert (app_mod.backend_names, app_mod.default_threshold, app_mod.thresholds) == (["rules"], 0.3, {"insult": 0.55})
+    assert moderator_from_env({}).backend_names == ["rules", "profanity"]  # unset: the defaults (auto, offline)
+    with pytest.raises(ValueError, match="CHAT_MODERATION_THRESHOLD must be a number, not 'high'"):
+        moderator_from_env({"CHAT_MODERATION_THRESHOLD": "high"})
+
+
+def test_app_builds_its_moderator_from_its_settings(tmp_path):
+    from app.main import build_service
+    from app.settings import Settings
+    from bench.inprocess import ScriptedEngine
+
+    settings = Settings(data_dir=str(tmp_path), moderation_backends="profanity", moderation_thresholds="insult=0.4")
+    moderator = build_service(settings, engine=ScriptedEngine()).moderator
+    assert moderator.backend_names == ["profanity"] and moderator.thresholds == {"insult": 0.4}
 
 
 def test_eval_reports_auc_on_labelled_rows(tmp_path):

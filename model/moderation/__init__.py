@@ -4,7 +4,7 @@
 """
 
 from model.moderation.backends import DetoxifyBackend, ProfanityBackend, Rule, RulesBackend, load_rules
-from model.moderation.moderator import DEFAULT_TEMPLATES, Moderator, Verdict, build_moderator
+from model.moderation.moderator import DEFAULT_TEMPLATES, Moderator, Verdict, build_moderator, moderator_from_env
 
 __all__ = ["DetoxifyBackend", "ProfanityBackend", "Rule", "RulesBackend", "load_rules", "Moderator", "Verdict",
-           "build_moderator", "DEFAULT_TEMPLATES"]
+           "build_moderator", "moderator_from_env", "DEFAULT_TEMPLATES"]

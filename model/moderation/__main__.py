@@ -4,13 +4,15 @@
 
 Rows are {"text", "label"}; label hate/toxic/offensive counts as positive, neutral as negative.
 Prints ROC AUC, and recall and false-positive rate at the configured threshold, per backend
-and for the combined verdict (the worst score over active backends).
+and for the combined verdict (the worst score over active backends). The backends and
+thresholds are the app's: the CHAT_MODERATION_* and CHAT_DETOXIFY_* variables (and .env).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 POSITIVE = {"hate", "toxic", "offensive", "abusive", "1", "true"}
@@ -65,17 +67,20 @@ def _worst(per_backend: dict, i: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from app.settings import load_settings
-    from model.moderation import build_moderator
+    from model.moderation import moderator_from_env
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", required=True, type=Path, help="JSONL of {text, label}")
     parser.add_argument("--backends", default=None, help="override CHAT_MODERATION_BACKENDS")
     args = parser.parse_args()
-    s = load_settings()
-    moderator = build_moderator(args.backends or s.moderation_backends, s.moderation_threshold,
-                                s.moderation_thresholds, s.moderation_rules_file, s.detoxify_checkpoint,
-                                s.detoxify_config_dir)
+    if Path(".env").is_file():  # the app's .env, as the app reads it (variables already set win)
+        from dotenv import load_dotenv
+
+        load_dotenv(".env", override=False)
+    env = dict(os.environ)
+    if args.backends:
+        env["CHAT_MODERATION_BACKENDS"] = args.backends
+    moderator = moderator_from_env(env)
     texts, labels = read_rows(args.eval)
     print(f"{args.eval.name}: {len(texts)} rows, {sum(labels)} positive; threshold {moderator.default_threshold}")
     print(f"{'backend':<12} {'ROC AUC':>8} {'recall':>8} {'FPR':>8}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,3 +117,22 @@ def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: 
         elif name != "none":
             raise ValueError(f"Unknown moderation backend '{name}' (use rules, profanity, detoxify or none)")
     return Moderator(active, threshold, parse_thresholds(thresholds))
+
+
+# build_moderator's arguments and the CHAT_* variables (app.settings fields of the same names) that set them.
+ENV_VARS = {"backends": "CHAT_MODERATION_BACKENDS", "threshold": "CHAT_MODERATION_THRESHOLD",
+            "thresholds": "CHAT_MODERATION_THRESHOLDS", "rules_file": "CHAT_MODERATION_RULES_FILE",
+            "detoxify_checkpoint": "CHAT_DETOXIFY_CHECKPOINT", "detoxify_config_dir": "CHAT_DETOXIFY_CONFIG_DIR"}
+
+
+def moderator_from_env(env: Mapping[str, str] | None = None) -> Moderator:
+    """The moderator the CHAT_MODERATION_* / CHAT_DETOXIFY_* variables describe (``os.environ`` by
+    default); an unset variable keeps build_moderator's default, the same as the app's setting."""
+    env = os.environ if env is None else env
+    kwargs: dict = {arg: env[name] for arg, name in ENV_VARS.items() if name in env}
+    if "threshold" in kwargs:
+        try:
+            kwargs["threshold"] = float(kwargs["threshold"])
+        except ValueError:
+            raise ValueError(f"CHAT_MODERATION_THRESHOLD must be a number, not {kwargs['threshold']!r}") from None
+    return build_moderator(**kwargs)
