@@ -2,6 +2,7 @@
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AuthenticationError
 from sqlalchemy import create_engine, text
 
 from app.users import add_user, new_api_key
@@ -37,9 +38,9 @@ def test_users_cli_validation(users_db):
 
 def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
     with live_app(tmp_path, tiny_model_dir) as url:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(url + "/", verbose=False)  # no login, no API
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="Could not login to"):  # Gradio's 400 "Incorrect credentials."
             Client(url + "/", auth=("alice", "wrong-password"), verbose=False)
         alice = Client(url + "/", auth=("alice", "alice-password"), verbose=False)
         note = alice.predict(1.0, 3e-5, 64, 1e-6, 0.05, 0.6, False, api_name="/retrain")

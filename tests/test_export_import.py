@@ -46,18 +46,47 @@ def test_malformed_rows_reported_and_file_is_all_or_nothing(session, tmp_path):
         import_file(session=session, path=bad)
 
 
-def test_import_cli_is_one_transaction(tmp_path, db_url):
+def test_import_cli_is_one_transaction(tmp_path, db_url, monkeypatch, capsys):
     """A failure after some rows were added rolls all of them back."""
-    import subprocess
-    import sys
+    import importlib
 
+    import feedback.importer
+    from feedback.db import make_engine, make_session_factory
+
+    cli = importlib.import_module("feedback.import")
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
-    ok = subprocess.run([sys.executable, "-m", "feedback.import", str(f), "--url", db_url], capture_output=True, text=True)
-    assert ok.returncode == 0 and "imported 1 pairs" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "feedback.import", str(tmp_path / "missing.jsonl"), "--url", db_url],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "does not exist" in bad.stderr
+    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", db_url])
+    cli.main()
+    assert "imported 1 pairs" in capsys.readouterr().out
+
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3)))
+    real_add_task, seen = feedback.importer.add_task, []
+
+    def add_task_then_fail(*, session, **kwargs):
+        if len(seen) == 2:  # third row: its pair, and the first two with their tasks, are in the transaction
+            session.flush()
+            seen.append(session.scalar(select(func.count(ImportedPair.id))))
+            raise RuntimeError("disk full")
+        seen.append(real_add_task(session=session, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(feedback.importer, "add_task", add_task_then_fail)
+    monkeypatch.setattr("sys.argv", ["feedback.import", str(three), "--url", db_url])
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.main()
+    assert seen[-1] == 1 + 3  # the earlier pair and this file's three were in the database...
+    engine = make_engine(db_url)
+    with make_session_factory(engine)() as s:  # ...and only the earlier import is left
+        assert s.scalars(select(ImportedPair.prompt)).all() == [[{"role": "user", "content": "q"}]]
+        assert s.scalar(select(func.count(RankingTask.id))) == 1
+    engine.dispose()
+
+    monkeypatch.setattr("sys.argv", ["feedback.import", str(tmp_path / "missing.jsonl"), "--url", db_url])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1 and "does not exist" in capsys.readouterr().err
 
 
 def test_import_cli_migrates_a_fresh_database(tmp_path, monkeypatch, capsys):

@@ -45,7 +45,7 @@ def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settin
     seed_preferences(session_factory, tiny_model_dir)
     control = TrainingControl(_service(session_factory, settings))
     run_id = control.start("local", {**FAST, "ppo_episodes": 4000, "ppo_batch_size": 4})
-    with pytest.raises(Exception):
+    with pytest.raises(trepo.ValidationError, match=rf"Training run {run_id} is still \w+; wait for it or cancel it"):
         control.start("local", FAST)  # only one run at a time
     deadline = time.time() + 240
     while True:
