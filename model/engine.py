@@ -165,7 +165,7 @@ class Engine:
 
     @classmethod
     def from_path(cls, path, version: str, device: str = "auto", **kw) -> "Engine":
-        from model.loader import load_model
+        from model.weights import load_model
 
         model, tokenizer = load_model(path, device)
         return cls(model, tokenizer, version=version, **kw)
@@ -279,7 +279,7 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 def main() -> None:
     from pathlib import Path
 
-    from model.loader import resolve_model
+    from model.weights import resolve_model
 
     parser = argparse.ArgumentParser(description="Generate one reply from the command line.")
     parser.add_argument("prompt")

@@ -52,7 +52,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, template: str | Path |
     import gguf
     import numpy as np
 
-    from model.loader import embedded_gguf_path
+    from model.weights import embedded_gguf_path
 
     if qtype not in QUANT_TYPES:
         raise GGUFExportError(f"unknown GGUF type '{qtype}'; use one of {', '.join(QUANT_TYPES)}")

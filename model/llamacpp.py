@@ -467,7 +467,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
     from model.engine import print_reply
-    from model.loader import embedded_gguf_path
+    from model.weights import embedded_gguf_path
 
     engine = LlamaCppEngine(args.gguf or embedded_gguf_path(), "cli", max_batch=1)
     print_reply(engine, args.prompt, SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
