@@ -39,8 +39,9 @@ class TrainingControl:
             return trepo.fail_stale_runs(session=s)
 
     def start(self, user: str, config: dict | None = None) -> int:
+        # The role first: a non-admin's attempt is refused and audited whatever settings it sent.
+        require_role(self.factory, user, ("admin",), "start retrain", json.dumps(config or {}, default=str))
         cfg = RetrainConfig.from_dict(config or {}).validate()  # bad settings fail before anything starts
-        require_role(self.factory, user, ("admin",), "start retrain", json.dumps(config or {}))
         self._reap()
         with session_scope(self.factory) as s:
             trepo.fail_stale_runs(session=s)

@@ -41,6 +41,23 @@ def test_non_admin_cannot_start_and_nothing_starts(session_factory, settings, ti
         assert [a.action for a in denied] == ["start retrain", "cancel retrain", "promote model", "roll back model"]
 
 
+def test_non_admin_with_invalid_settings_is_denied_and_audited(session_factory, settings):
+    """The role is checked before the settings: a bad config does not hide a non-admin's attempt."""
+    with session_factory.begin() as s:
+        repo.get_or_create_user(session=s, name="bob", role="annotator")
+    control = TrainingControl(_service(session_factory, settings))
+    for bad in ({"kl_coef": -1.0}, {"no_such_setting": 1}):
+        with pytest.raises(PermissionDenied, match="needs the admin role"):
+            control.start("bob", bad)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        control.start("local", {"kl_coef": -1.0})  # an admin's bad settings still fail before anything starts
+    with session_factory() as s:
+        assert s.scalar(select(func.count(TrainingRun.id))) == 0
+        rows = s.scalars(select(AuditLog).where(AuditLog.action == "start retrain").order_by(AuditLog.id)).all()
+        assert [(a.user_name, a.allowed) for a in rows] == [("bob", False), ("bob", False), ("local", True)]
+        assert '"kl_coef": -1.0' in rows[0].detail and "no_such_setting" in rows[1].detail
+
+
 def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settings, tiny_model_dir):
     seed_preferences(session_factory, tiny_model_dir)
     control = TrainingControl(_service(session_factory, settings))
