@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -115,10 +117,9 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
     from training.retrain import execute
 
     cell = args.out / f"{gold.name}-noise{int(noise * 100)}"
-    cell.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cell, ignore_errors=True)  # each cell starts from nothing: database, runs, versions
+    cell.mkdir(parents=True)
     url = f"sqlite:///{(cell / 'bench.db').resolve()}"
-    if (cell / "bench.db").exists():
-        (cell / "bench.db").unlink()
     migrate(url)
     factory = make_session_factory(make_engine(url))
     with session_scope(factory) as s:
@@ -179,12 +180,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from model.loader import build_engine, resolve_model
-    from model.moderation import build_moderator
+    from model.moderation import moderator_from_env
     from training.config import RetrainConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     base = resolve_model("embedded", Path("data"))
-    moderator = build_moderator("auto", 0.5, "", "", "", "")
+    moderator = moderator_from_env()
     retrain_cfg = RetrainConfig.from_dict(json.loads(args.retrain_json)).validate()
     train, held = split_prompts(args.tasks, args.heldout, args.seed)
     cache_path = args.out / f"candidates-k{args.k}-{args.candidate_tokens}tok.json"
@@ -205,6 +206,7 @@ def main() -> None:
             results.append(run_cell(args, PREFERENCES[name], noise, base, train, held, candidates, moderator,
                                     retrain_cfg))
             print_table(results)
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

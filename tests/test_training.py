@@ -68,3 +68,18 @@ def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_
         arepo.add_task(session=s, context=[{"role": "user", "content": "hi as alice"}], source="chat")
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
     assert status == "done", run.error
+
+
+def test_registration_never_overwrites_an_existing_version_directory(session_factory, tmp_path, tiny_model_dir):
+    """A data dir reused with a fresh database (run ids start again at 1): the new version gets its own
+    directory and the old one is left as it was."""
+    seed_preferences(session_factory, tiny_model_dir)
+    old = tmp_path / "data" / "versions" / "run1-ppo"
+    old.mkdir(parents=True)
+    (old / "keep.txt").write_text("an older version")
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
+    assert status == "done", run.error
+    with session_factory() as s:
+        assert s.get(ModelVersion, run.version_id).name == "run1-ppo-2"
+    assert (old / "keep.txt").read_text() == "an older version"
+    assert (tmp_path / "data" / "versions" / "run1-ppo-2" / "config.json").is_file()

@@ -113,6 +113,11 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     t = stage("register")
     name = f"run{run_id}-ppo"
     final = Path(data_dir) / "versions" / name
+    for n in range(2, 1000):  # a data dir reused with a fresh database: never overwrite a version
+        if not final.exists():
+            break
+        name = f"run{run_id}-ppo-{n}"
+        final = final.parent / name
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(ppo_path, final)  # atomic: the directory appears complete or not at all
     timings["register"] = time.monotonic() - t
@@ -211,12 +216,9 @@ def main() -> None:
             current = trepo.active_version(session=s)
             run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
                                       base_version_id=current.id if current else None).id
-    from model.moderation import build_moderator
+    from model.moderation import moderator_from_env
 
-    env = os.environ.get  # the same CHAT_* settings the app reads (training never imports app/)
-    moderator = build_moderator(env("CHAT_MODERATION_BACKENDS", "auto"), float(env("CHAT_MODERATION_THRESHOLD", "0.5")),
-                                env("CHAT_MODERATION_THRESHOLDS", ""), env("CHAT_MODERATION_RULES_FILE", ""),
-                                env("CHAT_DETOXIFY_CHECKPOINT", ""), env("CHAT_DETOXIFY_CONFIG_DIR", ""))
+    moderator = moderator_from_env()  # the same CHAT_* settings the app reads (training never imports app/)
     status = execute(run_id, cfg, factory, Path(args.data_dir), moderator)
     print(f"run {run_id}: {status}")
     sys.exit(0 if status in ("done", "gated", "cancelled") else 1)
