@@ -29,12 +29,20 @@ def jsonl_dataset(path: Path | str):
     return Dataset.from_list(read_jsonl(path))
 
 
+def as_text(content: str) -> str:
+    """Message text that can never become a control token once rendered and tokenized: a zero-width
+    space inside every ``<|``. Stored chats may hold typed ``<|im_end|>`` markers (forged turns);
+    the serving engines feed them as plain text, and training must not turn them into real turns."""
+    return content.replace("<|", "<\u200b|")
+
+
 def with_system(messages: list[dict]) -> list[dict]:
     """The conversation as the serving engines render it: with their default system prompt when
-    it has none. Training under the chat template's own default prompt instead would teach the
-    model in a context users never see."""
+    it has none, every content as plain text. Training under the chat template's own default
+    prompt instead would teach the model in a context users never see."""
+    messages = [{**m, "content": as_text(str(m.get("content", "")))} for m in messages]
     if messages and messages[0].get("role") == "system":
-        return list(messages)
+        return messages
     return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
 
 

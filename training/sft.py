@@ -32,7 +32,8 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, 
     from datasets import Dataset
 
     # Trained in the serving engine's context (its system prompt), and only on the replies.
-    rows = [{"prompt": with_system(r["messages"][:-1]), "completion": r["messages"][-1:]} for r in read_jsonl(data_path)]
+    rows = [{"prompt": with_system(r["messages"][:-1]), "completion": with_system(r["messages"][-1:])[1:]}
+            for r in read_jsonl(data_path)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=list(callbacks), peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()
