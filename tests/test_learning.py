@@ -152,7 +152,8 @@ def test_retrain_moves_the_policy_towards_the_preferred_reply(session_factory, t
     assert after > before + 1.0, (before, after)
     # held-out pairs judge it, and they agree: the chosen side gained more
     assert ev["win_rate_judge"] == "held-out preference pairs" and ev["heldout_pref_acc"] > 0.5
-    assert ev["kl_to_current"] > 0 and ev["verdict"] in ("better", "not better", "inconclusive")
+    # a Monte-Carlo KL on 4 short replies may dip just below 0; its arithmetic is tested above
+    assert math.isfinite(ev["kl_to_current"]) and ev["verdict"] in ("better", "not better", "inconclusive")
 
 
 def test_typed_control_markers_stay_text_in_every_training_input(tiny_model_dir):
