@@ -17,6 +17,7 @@ from pathlib import Path
 from feedback.datasets import preference_rows, prompt_rows, sft_rows
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from feedback.models import DataSnapshot
+from training.common import read_jsonl, write_jsonl
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Snapshot:
 
     def rows(self, name: str) -> list[dict]:
         p = self.path(name)
-        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+        return read_jsonl(p) if p.exists() else []
 
 
 def _heldout(prompt, fraction: float, seed: int) -> bool:
@@ -44,12 +45,6 @@ def _split(rows: list[dict], key: str, fraction: float, seed: int) -> tuple[list
     if not held and len(train) >= 4:  # tiny datasets: still keep something to measure on
         held, train = train[-max(1, len(train) // 5):], train[:-max(1, len(train) // 5)]
     return train, held
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def best_replies(pairs: list[dict]) -> list[dict]:
@@ -90,7 +85,7 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
                  "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held,
                  "sft_best_train": best_replies(pref_train)}
         for name, rows in files.items():
-            _write(out_dir / f"{name}.jsonl", rows)
+            write_jsonl(out_dir / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in files.items()}
         snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs}, counts=counts,
                             path=str(out_dir))

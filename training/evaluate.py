@@ -51,17 +51,14 @@ def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[floa
     """Per held-out pair: 1 when the new model raised the chosen reply's log-probability more than
     the rejected one's (relative to the current model), 0.5 on a tie, else 0. Neither the reward
     model nor PPO saw these pairs."""
-    values = []
+    shifts = {"chosen": [], "rejected": []}
     for row in pairs:
         prompt = chat_text(tokenizer, row["prompt"])
-        shift = {}
-        for side in ("chosen", "rejected"):
+        for side in shifts:
             reply = row[side][-1]["content"]
-            shift[side] = float(reply_logprobs(new, tokenizer, prompt, reply).sum()
-                                - reply_logprobs(current, tokenizer, prompt, reply).sum())
-        values.append(1.0 if shift["chosen"] > shift["rejected"] else 0.5 if shift["chosen"] == shift["rejected"]
-                      else 0.0)
-    return values
+            shifts[side].append(float(reply_logprobs(new, tokenizer, prompt, reply).sum()
+                                      - reply_logprobs(current, tokenizer, prompt, reply).sum()))
+    return win_values(shifts["chosen"], shifts["rejected"])
 
 
 def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: list[list[dict]], cfg: RetrainConfig,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from feedback import training_repo as trepo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
+from training.common import write_jsonl
 from training.config import RetrainConfig, add_config_args, config_from_args
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
@@ -140,11 +141,7 @@ def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
     rows = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
     if not rows:
         return None
-    path = run_dir / "data" / "sft_stage.jsonl"
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+    return write_jsonl(run_dir / "data" / "sft_stage.jsonl", rows)
 
 
 def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:
@@ -163,11 +160,7 @@ def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:
     if len(rows) < cfg.ppo_batch_size:
         raise NotEnoughData(f"PPO needs at least {cfg.ppo_batch_size} prompts (one batch); there are {len(rows)}. "
                             "Chat or import more prompts.")
-    path = run_dir / "data" / "prompts_ppo.jsonl"
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+    return write_jsonl(run_dir / "data" / "prompts_ppo.jsonl", rows)
 
 
 def execute(run_id: int, cfg: RetrainConfig, session_factory, data_dir: Path, moderator=None) -> str:
