@@ -297,7 +297,7 @@ class ChatService:
                     yield ChatUpdate(conv_id, shown, user_msg_id)
                 elif len(gen.text) - checked_len >= every:
                     checked_len = len(gen.text)
-                    out_verdict = self._moderate(gen.text, "out", user_id, None, log_pass=False)
+                    out_verdict = self._moderate(gen.text, "out", user_id, None, log_pass=False, partial=True)
                     if out_verdict.flagged:
                         cancel.set()
                         break
@@ -347,10 +347,10 @@ class ChatService:
                          model_version=engine.version)
 
     # helpers -----------------------------------------------------------------------------
-    def _moderate(self, text, direction, user_id, message_id, log_pass=True):
+    def _moderate(self, text, direction, user_id, message_id, log_pass=True, partial=False):
         if self.moderator is None:
             return None
-        verdict = self.moderator.check(text, direction=direction)
+        verdict = self.moderator.check(text, direction=direction, partial=partial)
         if verdict.flagged:
             self.metrics.flags.labels(direction).inc()
         if message_id is not None and (log_pass or verdict.flagged):

@@ -57,7 +57,7 @@ class Settings:
     max_queue: int = field(default=64, metadata={"help": "Requests waiting for the model; more get 'busy, try again'."})
     max_concurrent: int = field(default=16, metadata={"help": "Replies generated at the same time (the batch size)."})
     busy_wait_s: float = field(default=30.0, metadata={"help": "How long a request waits for a free slot."})
-    moderation_backends: str = field(default="auto", metadata={"help": "Comma list: rules,profanity,detoxify; auto = best available."})
+    moderation_backends: str = field(default="auto", metadata={"help": "Comma list: rules,profanity,detoxify,learned; auto = best available (plus the learned head once one is switched on)."})
     moderation_threshold: float = field(default=0.5, metadata={"help": "Default per-category flag threshold."})
     moderation_thresholds: str = field(default="", metadata={"help": "Per-category overrides, e.g. 'toxicity=0.6,insult=0.7'."})
     moderation_rules_file: str = field(default="", metadata={"help": "JSON file of regex/blocklist rules with a category each."})

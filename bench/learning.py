@@ -134,7 +134,8 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
         run = trepo.get_run(session=s, run_id=run_id)
         metrics, error = dict(run.metrics or {}), run.error
         version = trepo.get_version(session=s, version_id=run.version_id) if run.version_id else None
-        new_path = version.path if version else None
+        new_path, stage = (version.path, version.stage) if version else (None, None)
+    status = f"{status} ({stage})" if stage else status  # "sft" when the reward model failed the gate
     result = {"preference": gold.name, "noise": noise, "reversed_rankings": reversed_n, "status": status,
               "error": error, "retrain_s": retrain_s, "timings_s": metrics.get("timings_s", {}),
               "rm_acc": metrics.get("rm_heldout_accuracy"), "verdict": metrics.get("eval", {}).get("verdict_text")}

@@ -163,7 +163,7 @@ class ModerationEvent(Base):
     decision: Mapped[str] = mapped_column(String(16))  # pass | flag | error
     category: Mapped[str | None] = mapped_column(String(40))
     error: Mapped[str | None] = mapped_column(Text)
-    review: Mapped[str | None] = mapped_column(String(16))  # correct | false_positive
+    review: Mapped[str | None] = mapped_column(String(16))  # correct | false_positive (flags) | correct | missed (passes)
     reviewed_by: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 

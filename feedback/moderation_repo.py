@@ -8,7 +8,10 @@ from sqlalchemy.orm import Session
 from feedback.models import ModerationEvent, ModerationTemplate, utcnow
 from feedback.repository import NotFoundError, ValidationError
 
-REVIEW_VERDICTS = ("correct", "false_positive")
+REVIEW_VERDICTS = ("correct", "false_positive", "missed")
+# What a review says about the text: flagged and rightly so, or passed but should have been flagged.
+_HARMFUL = {("flag", "correct"), ("pass", "missed")}
+_ACCEPTABLE = {("flag", "false_positive"), ("pass", "correct")}
 
 
 def flagged_events(*, session: Session, limit: int = 100, unreviewed_only: bool = False,
@@ -25,11 +28,50 @@ def review_event(*, session: Session, event_id: int, verdict: str, reviewer: str
     if verdict not in REVIEW_VERDICTS:
         raise ValidationError(f"A review is one of {', '.join(REVIEW_VERDICTS)}, not {verdict!r}.")
     event = session.get(ModerationEvent, event_id)
-    if event is None or event.decision == "pass":
-        raise NotFoundError(f"No flagged moderation event {event_id}.")
+    if event is None:
+        raise NotFoundError(f"No moderation event {event_id}.")
+    if (event.decision, verdict) not in _HARMFUL | _ACCEPTABLE:
+        allowed = "correct or missed" if event.decision == "pass" else "correct or false positive"
+        raise ValidationError(f"Event {event_id} was a {event.decision}: mark it {allowed}.")
     event.review, event.reviewed_by = verdict, reviewer
     session.flush()
     return event
+
+
+def review_label_rows(*, session: Session) -> list[dict]:
+    """Training rows for the learned moderation head from the admin's decisions: {text, label,
+    source}, oldest first (so a later decision on the same text wins). Backend errors say
+    nothing about the text and are left out."""
+    rows = []
+    for e in session.scalars(select(ModerationEvent).where(ModerationEvent.review.is_not(None))
+                             .order_by(ModerationEvent.id)):
+        key = (e.decision, e.review)
+        if key in _HARMFUL | _ACCEPTABLE:
+            rows.append({"text": e.text, "label": int(key in _HARMFUL), "source": "review",
+                         "category": e.category if key in _HARMFUL and e.category not in (None, "error") else None})
+    return rows
+
+
+def unflagged_user_texts(*, session: Session, limit: int = 500) -> list[str]:
+    """Recent user messages that passed input moderation and that no review called harmful: the
+    ordinary chat a head's flag rate is measured on."""
+    missed = select(ModerationEvent.text).where(ModerationEvent.review == "missed")
+    stmt = (select(ModerationEvent.text).where(ModerationEvent.direction == "in", ModerationEvent.decision == "pass",
+                                               ModerationEvent.text.not_in(missed))
+            .order_by(ModerationEvent.id.desc()).limit(limit))
+    return list(dict.fromkeys(session.scalars(stmt)))
+
+
+def uncertain_events(*, session: Session, backend: str, threshold: float, limit: int = 100,
+                     window: int = 2000) -> list[ModerationEvent]:
+    """Unreviewed events whose ``backend`` score is nearest the threshold (active review: the
+    decisions that teach a head the most), from the newest ``window`` events."""
+    events = session.scalars(select(ModerationEvent).where(ModerationEvent.review.is_(None),
+                                                           ModerationEvent.decision.in_(("flag", "pass")))
+                             .order_by(ModerationEvent.id.desc()).limit(window))
+    scored = [(abs(max(e.scores[backend].values(), default=0.0) - threshold), e) for e in events
+              if isinstance(e.scores, dict) and isinstance(e.scores.get(backend), dict)]
+    return [e for _, e in sorted(scored, key=lambda t: (t[0], -t[1].id))[:limit]]
 
 
 def moderation_counts(*, session: Session) -> dict[str, int]:
@@ -37,7 +79,7 @@ def moderation_counts(*, session: Session) -> dict[str, int]:
                                   func.count()).group_by(ModerationEvent.direction, ModerationEvent.decision,
                                                          ModerationEvent.review)).all()
     counts = {"checked": 0, "flagged_in": 0, "flagged_out": 0, "errors": 0, "unreviewed": 0,
-              "correct": 0, "false_positive": 0}
+              "correct": 0, "false_positive": 0, "missed": 0}
     for direction, decision, review, n in rows:
         counts["checked"] += n
         if decision == "error":
@@ -45,6 +87,8 @@ def moderation_counts(*, session: Session) -> dict[str, int]:
         if decision in ("flag", "error"):
             counts[f"flagged_{direction}"] += n
             counts[review or "unreviewed"] += n
+        elif review == "missed":
+            counts["missed"] += n
     return counts
 
 

@@ -46,7 +46,9 @@ def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
         note = alice.predict(1.0, 3e-5, 64, 1e-6, 0.05, 0.6, False, api_name="/retrain")
         assert note.startswith("Denied") and "admin role" in note
         assert alice.predict(1, api_name="/promote").startswith("Denied")
-        assert alice.predict(1, api_name="/review_correct")[0].startswith("Denied")
+        assert alice.predict(1, False, "newest first", api_name="/review_correct")[0].startswith("Denied")
+        assert alice.predict(None, api_name="/train_moderation_head")[0].startswith("Denied")
+        assert alice.predict("head-0001", api_name="/switch_moderation_head")[0].startswith("Denied")
         ranked = alice.predict("ABCD", "", "ok", "ok", "ok", "ok", api_name="/rank_submit")
         assert ranked.startswith("Denied")
         _, history, _, _ = alice.predict("Hi", [], "", 0.0, 0.9, 50, 4, 1.1, api_name="/send")
@@ -62,7 +64,8 @@ def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
         owners = conn.execute(text("SELECT u.name FROM conversations c JOIN users u ON u.id = c.owner_id")).all()
     engine.dispose()
     assert runs == 0
-    assert [a for _, a in denied] == ["start retrain", "promote model", "review moderation", "rank"]
+    assert [a for _, a in denied] == ["start retrain", "promote model", "review moderation", "train moderation head",
+                                      "switch moderation head", "rank"]
     assert owners == [("alice",)]
 
 

@@ -39,11 +39,29 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
 
 
 def test_accuracy_gate_stops_random_label_run(session_factory, tmp_path, tiny_model_dir):
+    """With sft_when_gated off, a reward model below the gate stops the run and registers nothing."""
     seed_preferences(session_factory, tiny_model_dir, random_labels=True)
-    status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75}))
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75,
+                                                                   "sft_when_gated": False}))
     assert status == "gated" and "cannot rank" in run.error
     with session_factory() as s:
-        assert s.scalars(select(ModelVersion).where(ModelVersion.stage == "ppo")).all() == []
+        assert s.scalars(select(ModelVersion).where(ModelVersion.stage != "base")).all() == []
+
+
+def test_gated_reward_model_skips_ppo_and_registers_the_evaluated_sft_model(session_factory, tmp_path,
+                                                                           tiny_model_dir):
+    """By default a reward model below the gate never steers PPO, but the best-reply SFT model is
+    still judged on held-out pairs and registered as an "sft" version that says why."""
+    seed_preferences(session_factory, tiny_model_dir, random_labels=True)
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75}))
+    assert status == "done", run.error
+    assert "cannot rank must not steer PPO" in run.metrics["ppo_skipped"]
+    assert "ppo" not in run.metrics["timings_s"]
+    assert run.metrics["eval"]["win_rate_judge"] == "held-out preference pairs"
+    with session_factory() as s:
+        version = s.get(ModelVersion, run.version_id)
+        assert version.stage == "sft" and version.name.endswith("-sft") and not version.is_active
+    assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
 
 
 def test_not_enough_data_is_clear(session_factory, tmp_path, tiny_model_dir):

@@ -35,7 +35,10 @@ class RetrainConfig:
     rm_batch_size: int = field(default=4, metadata={"help": "Pairs per reward-model step."})
     rm_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks of the reward "
                                                                "model (0 = all): about half the step time on CPU."})
-    accuracy_gate: float = field(default=0.6, metadata={"help": "Stop unless held-out pairwise accuracy exceeds this."})
+    accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "
+                                                                "accuracy exceeds this."})
+    sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "
+                                                                 "and register the SFT model (PPO skipped); off = stop."})
     # PPO
     ppo_episodes: int = field(default=128, metadata={"help": "Prompts answered and scored during PPO in total."})
     ppo_batch_size: int = field(default=8, metadata={"help": "Episodes per PPO update."})

@@ -91,42 +91,47 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     metrics.update(rm_metrics)
     timings["reward"] = time.monotonic() - t
     reporter.flush(force=True, metrics={**metrics, "timings_s": timings})
+    stage_name = "ppo"
     if not rm_metrics["rm_heldout_accuracy"] > cfg.accuracy_gate:
-        raise GateFailed(f"Reward model held-out accuracy {rm_metrics['rm_heldout_accuracy']:.2f} is not above the "
-                         f"gate {cfg.accuracy_gate:.2f}; a reward model that cannot rank must not steer PPO. "
-                         "Collect more (or more consistent) rankings and try again.")
-
-    prompts = _ppo_prompts(snap, run_dir, cfg)
-    t = stage("ppo")
-    ppo_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
-                                    callbacks=[ReporterCallback(reporter, reporter.stage)])
-    metrics.update(ppo_metrics)
-    timings["ppo"] = time.monotonic() - t
+        why = (f"Reward model held-out accuracy {rm_metrics['rm_heldout_accuracy']:.2f} is not above the gate "
+               f"{cfg.accuracy_gate:.2f}; a reward model that cannot rank must not steer PPO.")
+        if sft_path is None or not cfg.sft_when_gated:
+            raise GateFailed(why + " Collect more (or more consistent) rankings and try again.")
+        # The best-ranked replies still say what annotators liked: judge the SFT model on its own.
+        metrics["ppo_skipped"] = why + " PPO was skipped; the SFT model was evaluated and registered instead."
+        stage_name, candidate_path = "sft", policy_path
+    else:
+        prompts = _ppo_prompts(snap, run_dir, cfg)
+        t = stage("ppo")
+        candidate_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
+                                              callbacks=[ReporterCallback(reporter, reporter.stage)])
+        metrics.update(ppo_metrics)
+        timings["ppo"] = time.monotonic() - t
 
     heldout_prompts = snap.rows("prompts_heldout") or [{"prompt": r["prompt"]} for r in snap.rows("preferences_heldout")]
     texts = [r["messages"] for r in snap.rows("sft_heldout")] or \
         [r["prompt"] + r["chosen"] for r in snap.rows("preferences_heldout")]
     t = stage("evaluate", 4)
-    metrics["eval"] = evaluate(base_path, ppo_path, reward_path, heldout_prompts, texts, cfg, moderator,
+    metrics["eval"] = evaluate(base_path, candidate_path, reward_path, heldout_prompts, texts, cfg, moderator,
                                progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"))
     timings["evaluate"] = time.monotonic() - t
 
     t = stage("register")
-    name = f"run{run_id}-ppo"
+    name = f"run{run_id}-{stage_name}"
     final = Path(data_dir) / "versions" / name
     for n in range(2, 1000):  # a data dir reused with a fresh database: never overwrite a version
         if not final.exists():
             break
-        name = f"run{run_id}-ppo-{n}"
+        name = f"run{run_id}-{stage_name}-{n}"
         final = final.parent / name
     final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(ppo_path, final)  # atomic: the directory appears complete or not at all
+    os.replace(candidate_path, final)  # atomic: the directory appears complete or not at all
     timings["register"] = time.monotonic() - t
     reporter.advance()
     timings["total"] = time.monotonic() - started
     metrics["timings_s"] = timings
     with session_scope(session_factory) as s:
-        version = trepo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage="ppo",
+        version = trepo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage=stage_name,
                                     metrics=metrics, config=cfg.to_dict(), snapshot_id=snap.snapshot_id,
                                     training_run_id=run_id)
         metrics["version_id"] = version.id

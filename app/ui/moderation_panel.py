@@ -6,6 +6,7 @@ import gradio as gr
 
 from app.auth import caller_name
 from app.ui.guard import ADMIN, denied
+from app.ui.moderation_head_panel import build_head_panel
 from feedback import moderation_repo as mrepo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
@@ -13,12 +14,19 @@ from feedback.repository import NotFoundError, ValidationError
 QUEUE_HEADERS = ["id", "when", "direction", "decision", "category", "max score", "backend", "review", "text"]
 
 
-def _queue_rows(service, include_passed: bool = False) -> list[list]:
+ORDERS = ("newest first", "least sure first (learned head)")
+
+
+def _queue_rows(service, include_passed: bool = False, order: str = ORDERS[0]) -> list[list]:
     with session_scope(service.session_factory) as s:
+        if order == ORDERS[1]:
+            threshold = service.moderator.threshold("toxicity") if service.moderator else 0.5
+            events = mrepo.uncertain_events(session=s, backend="learned", threshold=threshold)
+        else:
+            events = mrepo.flagged_events(session=s, include_passed=include_passed)
         return [[e.id, e.created_at.strftime("%Y-%m-%d %H:%M"), e.direction, e.decision, e.category or "",
                  round(max((v for b in e.scores.values() for v in b.values()), default=0.0), 3),
-                 e.backend, e.review or "—", e.text[:300]]
-                for e in mrepo.flagged_events(session=s, include_passed=include_passed)]
+                 e.backend, e.review or "—", e.text[:300]] for e in events]
 
 
 def _summary(service) -> str:
@@ -31,19 +39,26 @@ def _summary(service) -> str:
     return (f"**Active backends:** {backends} · {thr}  \n"
             f"**Checked:** {c['checked']} · **flagged inputs:** {c['flagged_in']} · **flagged outputs:** "
             f"{c['flagged_out']} · **backend errors (blocked):** {c['errors']}  \n"
-            f"**Review:** {c['unreviewed']} waiting · {c['correct']} correct · {c['false_positive']} false positive")
+            f"**Review:** {c['unreviewed']} waiting · {c['correct']} correct · {c['false_positive']} false positive · "
+            f"{c['missed']} missed (passed, should have been flagged)")
 
 
 def build_moderation_panel(service) -> callable:
     summary = gr.Markdown(elem_id="moderation-summary")
-    show_all = gr.Checkbox(label="Show passed checks too", value=False)
+    with gr.Row():
+        show_all = gr.Checkbox(label="Show passed checks too", value=False)
+        order = gr.Radio(list(ORDERS), value=ORDERS[0], label="Order",
+                         info="Least sure: passed and flagged messages the learned head scored nearest its threshold")
     queue = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="moderation-queue",
                          label="Flagged messages, newest first (never shown to other users)")
     with gr.Row():
         event_id = gr.Number(label="Event id", precision=0)
         correct = gr.Button("Mark correct")
         false_pos = gr.Button("Mark false positive")
+        missed = gr.Button("Mark missed (passed, should be flagged)")
     note = gr.Markdown()
+    with gr.Accordion("Learned head", open=False):
+        refresh_heads, head_outputs = build_head_panel(service)
     with gr.Accordion("Template replies", open=False):
         with gr.Row():
             direction = gr.Dropdown(["in", "out"], value="in", label="Direction")
@@ -53,10 +68,10 @@ def build_moderation_panel(service) -> callable:
 
     def refresh(request: gr.Request):
         if (msg := denied(service, request, ADMIN, "view moderation", view=True)) is not None:
-            return msg, []
-        return _summary(service), _queue_rows(service)
+            return msg, [], []
+        return _summary(service), _queue_rows(service), refresh_heads(request)
 
-    def review(eid, verdict, request: gr.Request):
+    def review(eid, verdict, all_events, order_by, request: gr.Request):
         if (msg := denied(service, request, ADMIN, "review moderation", f"event {eid}")) is not None:
             return msg, gr.update(), gr.update()
         try:
@@ -64,14 +79,16 @@ def build_moderation_panel(service) -> callable:
                 mrepo.review_event(session=s, event_id=int(eid or 0), verdict=verdict, reviewer=caller_name(request))
         except (NotFoundError, ValidationError) as exc:
             return f"⚠ {exc}", gr.update(), gr.update()
-        return f"Event {int(eid)} marked {verdict.replace('_', ' ')}.", _summary(service), _queue_rows(service)
+        return (f"Event {int(eid)} marked {verdict.replace('_', ' ')}.", _summary(service),
+                _queue_rows(service, all_events, order_by))
 
-    def toggle(all_events, request: gr.Request):
-        if (msg := denied(service, request, ADMIN, "view moderation", view=True)) is not None:
+    def toggle(all_events, order_by, request: gr.Request):
+        if denied(service, request, ADMIN, "view moderation", view=True) is not None:
             return []
-        return _queue_rows(service, all_events)
+        return _queue_rows(service, all_events, order_by)
 
-    show_all.change(toggle, [show_all], queue, api_visibility="private")
+    show_all.change(toggle, [show_all, order], queue, api_visibility="private")
+    order.change(toggle, [show_all, order], queue, api_visibility="private")
 
     def show_template(d, c):
         return service.moderator.template(d, None if c in ("", "*") else c) if service.moderator else ""
@@ -87,19 +104,24 @@ def build_moderation_panel(service) -> callable:
             return f"⚠ {exc}"
         return f"Template for {d}/{c} saved; new replies use it now."
 
-    def mark_correct(eid, request: gr.Request):
-        return review(eid, "correct", request)
+    def mark_correct(eid, all_events, order_by, request: gr.Request):
+        return review(eid, "correct", all_events, order_by, request)
 
-    def mark_false_positive(eid, request: gr.Request):
-        return review(eid, "false_positive", request)
+    def mark_false_positive(eid, all_events, order_by, request: gr.Request):
+        return review(eid, "false_positive", all_events, order_by, request)
+
+    def mark_missed(eid, all_events, order_by, request: gr.Request):
+        return review(eid, "missed", all_events, order_by, request)
 
     def pick_row(evt: gr.SelectData):
         return evt.row_value[0] if evt.row_value else None
 
-    correct.click(mark_correct, [event_id], [note, summary, queue], api_name="review_correct")
-    false_pos.click(mark_false_positive, [event_id], [note, summary, queue], api_name="review_false_positive")
+    review_inputs = [event_id, show_all, order]
+    correct.click(mark_correct, review_inputs, [note, summary, queue], api_name="review_correct")
+    false_pos.click(mark_false_positive, review_inputs, [note, summary, queue], api_name="review_false_positive")
+    missed.click(mark_missed, review_inputs, [note, summary, queue], api_name="review_missed")
     direction.change(show_template, [direction, category], template, api_visibility="private")
     category.blur(show_template, [direction, category], template, api_visibility="private")
     save_tpl.click(save_template, [direction, category, template], note, api_name="save_template")
     queue.select(pick_row, None, event_id, api_visibility="private")
-    return refresh, [summary, queue]
+    return refresh, [summary, queue] + head_outputs

@@ -11,30 +11,18 @@ thresholds are the app's: the CHAT_MODERATION_* and CHAT_DETOXIFY_* variables (a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-POSITIVE = {"hate", "toxic", "offensive", "abusive", "1", "true"}
-NEGATIVE = {"neutral", "benign", "0", "false", "clean"}
-
 
 def read_rows(path: Path) -> tuple[list[str], list[int]]:
-    texts, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            label = str(row["label"]).lower()
-            text = row["text"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}:{n}: not a {{'text', 'label'}} row ({exc})")
-        if label not in POSITIVE | NEGATIVE:
-            raise SystemExit(f"{path}:{n}: unknown label {label!r}; use hate/toxic or neutral")
-        texts.append(text)
-        labels.append(int(label in POSITIVE))
-    return texts, labels
+    from model.moderation.head_store import read_label_file
+
+    try:
+        rows = read_label_file(path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
 def evaluate(moderator, texts: list[str], labels: list[int]) -> list[dict]:

@@ -53,14 +53,23 @@ class Moderator:
     def backend_names(self) -> list[str]:
         return [b.name for b in self.backends]
 
+    def use_backend(self, backend) -> None:
+        """Put ``backend`` in place of the one with its name (or add it): a newly switched-on head.
+        A new list is assigned in one step, so a check already running keeps the old one."""
+        self.backends = [b for b in self.backends if b.name != backend.name] + [backend]
+
     def threshold(self, category: str) -> float:
         return self.thresholds.get(category, self.default_threshold)
 
-    def check(self, text: str, direction: str = "in") -> Verdict:
-        """Fail closed: a backend that raises blocks the text and the error is logged."""
+    def check(self, text: str, direction: str = "in", partial: bool = False) -> Verdict:
+        """Fail closed: a backend that raises blocks the text and the error is logged. ``partial``
+        (a reply still streaming, checked every few characters) skips backends too slow to run
+        that often (``streaming = False``); the complete reply is checked by all of them."""
         scores: dict[str, dict[str, float]] = {}
         try:
             for backend in self.backends:
+                if partial and not getattr(backend, "streaming", True):
+                    continue
                 scores[backend.name] = backend.score([text])[0]
         except Exception as exc:  # any backend failure must block, never pass
             log.exception("moderation backend failed; blocking (fail closed)")
@@ -98,14 +107,18 @@ def parse_thresholds(spec: str) -> dict[str, float]:
 
 
 def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: str = "", rules_file: str = "",
-                    detoxify_checkpoint: str = "", detoxify_config_dir: str = "") -> Moderator:
-    """``auto``: rules + Detoxify when its checkpoint is here, else rules + the offline classifier."""
+                    detoxify_checkpoint: str = "", detoxify_config_dir: str = "", data_dir: str = "") -> Moderator:
+    """``auto``: rules + Detoxify when its checkpoint is here, else rules + the offline classifier,
+    plus the learned head switched on under ``data_dir`` when there is one (``learned`` asks for it
+    explicitly and fails without one). A head that cannot be loaded is an error here, at start-up."""
     from model.moderation.backends import DetoxifyBackend, ProfanityBackend, RulesBackend, load_rules
+    from model.moderation.head_store import active_head_dir
 
     names = [n.strip() for n in backends.split(",") if n.strip()]
     have_detoxify = bool(detoxify_checkpoint) and Path(detoxify_checkpoint).is_file()
+    head = active_head_dir(data_dir) if data_dir else None
     if names == ["auto"]:
-        names = ["rules", "detoxify" if have_detoxify else "profanity"]
+        names = ["rules", "detoxify" if have_detoxify else "profanity"] + (["learned"] if head else [])
     active = []
     for name in names:
         if name == "rules":
@@ -114,15 +127,23 @@ def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: 
             active.append(ProfanityBackend())
         elif name == "detoxify":
             active.append(DetoxifyBackend(detoxify_checkpoint, detoxify_config_dir))
+        elif name == "learned":
+            from model.moderation.learned import HeadLoadError, LearnedBackend
+
+            if head is None:
+                raise HeadLoadError("The learned moderation backend has no head switched on: train one "
+                                    "(python -m training.moderation_head) or use another backend.")
+            active.append(LearnedBackend(head))
         elif name != "none":
-            raise ValueError(f"Unknown moderation backend '{name}' (use rules, profanity, detoxify or none)")
+            raise ValueError(f"Unknown moderation backend '{name}' (use rules, profanity, detoxify, learned or none)")
     return Moderator(active, threshold, parse_thresholds(thresholds))
 
 
 # build_moderator's arguments and the CHAT_* variables (app.settings fields of the same names) that set them.
 ENV_VARS = {"backends": "CHAT_MODERATION_BACKENDS", "threshold": "CHAT_MODERATION_THRESHOLD",
             "thresholds": "CHAT_MODERATION_THRESHOLDS", "rules_file": "CHAT_MODERATION_RULES_FILE",
-            "detoxify_checkpoint": "CHAT_DETOXIFY_CHECKPOINT", "detoxify_config_dir": "CHAT_DETOXIFY_CONFIG_DIR"}
+            "detoxify_checkpoint": "CHAT_DETOXIFY_CHECKPOINT", "detoxify_config_dir": "CHAT_DETOXIFY_CONFIG_DIR",
+            "data_dir": "CHAT_DATA_DIR"}
 
 
 def moderator_from_env(env: Mapping[str, str] | None = None) -> Moderator:

@@ -1,0 +1,243 @@
+"""Train, store and choose learned moderation heads (versioned directories under the data dir).
+
+    python -m training.moderation_head     # the command line; the Admin > Moderation button calls train_head
+
+``<data_dir>/moderation/heads/head-0001/`` holds head.json (encoder, categories, cross-validated
+metrics, data counts and hash), head.npz and train.jsonl (the exact rows it learned from). The
+file ``active`` names the head the ``learned`` backend uses; nothing is active until a head is
+switched on, so a new head's metrics can be read first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from model.moderation.learned import EncoderSpec, HeadLoadError, LinearHead, encoder_for, fit_linear_head
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+EVERYDAY_PROMPTS = DATA / "everyday_prompts.txt"
+CALIBRATION = DATA / "toxigen_calibration.jsonl"  # 120 ToxiGen demonstrations (MIT), as ../shared/data ships them
+DEFAULT_CATEGORY = "toxicity"
+MIN_PER_CLASS = 8
+
+
+def heads_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "moderation" / "heads"
+
+
+def list_heads(data_dir: str | Path) -> list[dict]:
+    """Every stored head's head.json (plus ``name`` and ``active``), newest first; unreadable ones are
+    listed with their error rather than hidden."""
+    root, active = heads_dir(data_dir), active_head_name(data_dir)
+    out = []
+    for d in sorted(root.glob("head-*"), reverse=True):
+        try:
+            meta = json.loads((d / "head.json").read_text())
+        except (OSError, ValueError) as exc:
+            meta = {"error": f"{exc.__class__.__name__}: {exc}"}
+        out.append({**meta, "name": d.name, "active": d.name == active})
+    return out
+
+
+def active_head_name(data_dir: str | Path) -> str | None:
+    p = heads_dir(data_dir) / "active"
+    return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def active_head_dir(data_dir: str | Path) -> Path | None:
+    name = active_head_name(data_dir)
+    if name is None:
+        return None
+    d = heads_dir(data_dir) / name
+    if not d.is_dir():
+        raise HeadLoadError(f"The active moderation head {name} is not in {d.parent}; switch another on or delete "
+                            f"{d.parent / 'active'}.")
+    return d
+
+
+def activate(data_dir: str | Path, name: str) -> Path:
+    """Make ``name`` the active head (written atomically). The caller loads it first to check it."""
+    root = heads_dir(data_dir)
+    if not name or "/" in name or not (root / name / "head.json").is_file():
+        raise HeadLoadError(f"No moderation head named {name!r}")
+    tmp = root / ".active.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "active")
+    return root / name
+
+
+POSITIVE = {"hate", "toxic", "offensive", "abusive", "harmful", "1", "true"}
+NEGATIVE = {"neutral", "benign", "acceptable", "0", "false", "clean"}
+
+
+def read_label_file(path: str | Path, source: str = "import") -> list[dict]:
+    """Rows {text, label 0/1, category, source} from JSONL of {"text", "label"[, "category"]}; a label
+    of hate/toxic/offensive/1 is harmful, neutral/benign/0 acceptable. Any bad line is an error
+    naming it, and nothing of the file is used."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label, text = str(row["label"]).lower(), row["text"]
+            category = row.get("category")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}:{n}: not a {{'text', 'label'}} row ({exc})") from None
+        if not isinstance(text, str) or label not in POSITIVE | NEGATIVE:
+            raise ValueError(f"{path}:{n}: label {label!r} is not one of hate/toxic/offensive/1 or neutral/benign/0"
+                             if isinstance(text, str) else f"{path}:{n}: text is not a string")
+        rows.append({"text": text, "label": int(label in POSITIVE), "source": source,
+                     "category": category if isinstance(category, str) and category.strip() else None})
+    return rows
+
+
+def _clean_rows(rows: list[dict]) -> list[dict]:
+    """Drop empty texts; for a text labelled twice the later row wins (review decisions come last)."""
+    by_text: dict[str, dict] = {}
+    for r in rows:
+        text = str(r.get("text") or "").replace("\x00", "").strip()
+        if not text or r.get("label") not in (0, 1):
+            continue
+        by_text.pop(text, None)
+        by_text[text] = {"text": text, "label": int(r["label"]), "category": r.get("category") or DEFAULT_CATEGORY,
+                         "source": r.get("source", "import")}
+    return list(by_text.values())
+
+
+def _auc_interval(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
+    """ROC AUC with a 95% interval (Hanley & McNeil's standard error)."""
+    from sklearn.metrics import roc_auc_score
+
+    auc = float(roc_auc_score(y, p))
+    n1, n0 = int(y.sum()), int(len(y) - y.sum())
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    se = math.sqrt(max(auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n0 - 1) * (q2 - auc * auc), 0) / (n1 * n0))
+    return auc, max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)
+
+
+def out_of_fold(features: np.ndarray, labels: np.ndarray, c: float, folds: int = 5, seed: int = 0) -> tuple:
+    """Scores of ``fit_linear_head`` where every row is scored by a head that never saw it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    k = max(2, min(folds, int(labels.sum()), int(len(labels) - labels.sum())))
+    oof = np.zeros(len(labels))
+    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels):
+        oof[test] = fit_linear_head(features[train], labels[train], c).predict(features[test])
+    return oof, k
+
+
+def summarise(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """ROC AUC (95%), and recall / false-positive rate at ``threshold``."""
+    auc, lo, hi = _auc_interval(labels, scores)
+    pos, neg = labels == 1, labels == 0
+    return {"auc": auc, "auc_low": lo, "auc_high": hi, "recall": float((scores[pos] >= threshold).mean()),
+            "fpr": float((scores[neg] >= threshold).mean()), "positives": int(pos.sum()), "negatives": int(neg.sum())}
+
+
+def cross_validate(features: np.ndarray, labels: np.ndarray, c: float, threshold: float, folds: int = 5) -> dict:
+    oof, k = out_of_fold(features, labels, c, folds)
+    return {**summarise(labels, oof, threshold), "folds": k}
+
+
+def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ordinary: list[str] | None = None,
+               everyday: list[str] | None = None, c: float = 0.05, threshold: float = 0.5,
+               progress: Callable[[float, str], None] | None = None) -> dict:
+    """Fit one head per category with enough labels, cross-validate it, store it (not active).
+
+    ``rows``: {text, label 0/1, category?, source?}. ``everyday``: ordinary questions, trained on as
+    acceptable (default: the shipped set) so that the head learns what everyday chat looks like,
+    not only hate against neutral statements about groups; their flag rate is measured out of
+    fold. ``ordinary``: logged chat nobody flagged, never trained on, scored by the final head.
+    The ROC AUC, recall and false-positive rate are on ``rows`` alone. Returns the head.json.
+    """
+    progress = progress or (lambda f, msg: None)
+    rows = _clean_rows(rows)
+    labels_only = np.array([r["label"] for r in rows])
+    if labels_only.sum() < MIN_PER_CLASS or len(rows) - labels_only.sum() < MIN_PER_CLASS:
+        raise ValueError(f"A head needs at least {MIN_PER_CLASS} flagged and {MIN_PER_CLASS} acceptable examples; "
+                         f"there are {int(labels_only.sum())} and {int(len(rows) - labels_only.sum())}. Review more "
+                         "of the queue or import labelled rows.")
+    labelled = {r["text"] for r in rows}
+    everyday = list(dict.fromkeys(t for t in (everyday_prompts() if everyday is None else everyday)
+                                  if t.strip() and t not in labelled))
+    seen = labelled | set(everyday)
+    ordinary = list(dict.fromkeys(t for t in (ordinary or []) if t.strip() and t not in seen))
+    started = time.monotonic()
+    progress(0.05, f"encoding {len(rows)} labelled texts and {len(everyday)} everyday prompts")
+    encoder = encoder_for(spec)
+    features = encoder.encode([r["text"] for r in rows] + everyday)
+    is_everyday = np.array([False] * len(rows) + [True] * len(everyday))
+    labels = np.concatenate([labels_only, np.zeros(len(everyday), dtype=int)])
+    progress(0.6, f"encoding {len(ordinary)} logged chat messages")
+    ordinary_features = encoder.encode(ordinary) if ordinary else None
+    categories = [DEFAULT_CATEGORY] + sorted({r["category"] for r in rows if r["label"] and r["category"]
+                                              != DEFAULT_CATEGORY})
+    heads: dict[str, LinearHead] = {}
+    metrics: dict[str, dict] = {}
+    for i, category in enumerate(categories):
+        progress(0.7 + 0.25 * i / len(categories), f"cross-validating {category}")
+        keep = np.array([r["label"] == 0 or category == DEFAULT_CATEGORY or r["category"] == category for r in rows]
+                        + [True] * len(everyday))
+        y, x = labels[keep], features[keep]
+        if y.sum() < MIN_PER_CLASS:
+            continue  # too few examples of this category for its own head; the toxicity head still sees them
+        oof, k = out_of_fold(x, y, c)
+        m = {**summarise(y[~is_everyday[keep]], oof[~is_everyday[keep]], threshold), "folds": k}
+        m["everyday_flag_rate"] = float((oof[is_everyday[keep]] >= threshold).mean()) if len(everyday) else None
+        m["everyday_n"] = len(everyday)
+        heads[category] = fit_linear_head(x, y, c)
+        m["logged_flag_rate"] = (float((heads[category].predict(ordinary_features) >= threshold).mean())
+                                 if ordinary_features is not None else None)
+        m["logged_n"] = len(ordinary)
+        metrics[category] = m
+    snapshot = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows + [
+        {"text": t, "label": 0, "category": DEFAULT_CATEGORY, "source": "everyday"} for t in everyday])
+    sources: dict[str, int] = {"everyday": len(everyday)} if everyday else {}
+    for r in rows:
+        sources[r["source"]] = sources.get(r["source"], 0) + 1
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "encoder": asdict(spec), "categories": list(heads),
+            "threshold": threshold, "c": c, "metrics": metrics, "train_seconds": round(time.monotonic() - started, 1),
+            "data": {"rows": len(rows) + len(everyday), "positives": int(labels.sum()), "sources": sources,
+                     "sha256": hashlib.sha256(snapshot.encode()).hexdigest()}}
+    meta["name"] = _write_head(data_dir, meta, heads, snapshot).name
+    progress(1.0, f"stored {meta['name']}")
+    return meta
+
+
+def _write_head(data_dir, meta: dict, heads: dict[str, LinearHead], snapshot: str) -> Path:
+    """Written to a temporary directory and renamed: a head appears complete or not at all."""
+    root = heads_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=root))
+    try:
+        arrays = {}
+        for c, h in heads.items():
+            arrays.update({f"{c}.mean": h.mean, f"{c}.scale": h.scale, f"{c}.coef": h.coef,
+                           f"{c}.intercept": np.array(h.intercept)})
+        np.savez(tmp / "head.npz", **arrays)
+        (tmp / "train.jsonl").write_text(snapshot)
+        for n in range(1, 100000):
+            final = root / f"head-{n:04d}"
+            if not final.exists():
+                break
+        (tmp / "head.json").write_text(json.dumps({**meta, "name": final.name}, indent=1))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def everyday_prompts() -> list[str]:
+    return [line for line in EVERYDAY_PROMPTS.read_text().splitlines() if line.strip()]

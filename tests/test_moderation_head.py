@@ -1,0 +1,178 @@
+"""The learned moderation head: training separates labels, review decisions feed it, `auto` uses the
+switched-on head, and a broken head file is a clear error (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from feedback import moderation_repo as mrepo
+from feedback.db import session_scope
+from feedback.models import ModerationEvent
+from feedback.repository import ValidationError
+from model.moderation import build_moderator
+from model.moderation.head_store import activate, list_heads, read_label_file, train_head
+from model.moderation.learned import EncoderSpec, HeadLoadError, LearnedBackend
+
+HARMFUL_WORDS = ["stupid", "hate", "vermin", "disgusting", "worthless", "filthy"]
+PLAIN_WORDS = ["garden", "weather", "Paris", "python", "sky", "music", "coffee", "holiday", "books"]
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """Sentences built from a shared vocabulary; the harmful ones also contain three HARMFUL_WORDS."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(PLAIN_WORDS, 4)
+        harmful = i % 2 == 0
+        if harmful:
+            for word in rng.sample(HARMFUL_WORDS, 3):
+                words.insert(rng.randrange(len(words) + 1), word)
+        rows.append({"text": " ".join(words) + f" {i}", "label": int(harmful)})
+    return rows
+
+
+def _train(tiny_model_dir, data_dir, rows, **kw):
+    spec = EncoderSpec(model_dir=str(tiny_model_dir), layer=2)
+    return train_head(rows, spec, data_dir, everyday=["What is the weather like?", "Tell me about Paris.", "hi"] * 3,
+                      ordinary=["Is it sunny in Paris?", "hello"], **kw)
+
+
+def test_head_trained_on_a_small_labelled_set_separates_rows_it_never_saw(tiny_model_dir, tmp_path):
+    """Trained on 80 rows of the tiny model's features, the stored head ranks 40 unseen rows with
+    ROC AUC above 0.8; its stored cross-validated metrics are real numbers in range."""
+    from sklearn.metrics import roc_auc_score
+
+    meta = _train(tiny_model_dir, tmp_path, _rows(80, seed=1))
+    backend = LearnedBackend(tmp_path / "moderation" / "heads" / meta["name"])
+    held = _rows(40, seed=2)
+    scores = [s["toxicity"] for s in backend.score([r["text"] for r in held])]
+    assert roc_auc_score([r["label"] for r in held], scores) > 0.8
+    m = meta["metrics"]["toxicity"]
+    assert 0.5 < m["auc"] <= 1 and m["auc_low"] <= m["auc"] <= m["auc_high"]
+    assert m["positives"] == 40 and m["negatives"] == 40 and m["logged_n"] == 2 and m["everyday_n"] == 3
+    assert 0 <= m["everyday_flag_rate"] <= 1 and 0 <= m["logged_flag_rate"] <= 1
+    stored = [json.loads(line) for line in (backend.head_dir / "train.jsonl").read_text().splitlines()]
+    assert len(stored) == 83 and meta["data"]["rows"] == 83 and meta["data"]["sources"]["everyday"] == 3
+
+
+def test_too_few_labels_is_a_clear_error_and_stores_nothing(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="at least 8 flagged and 8 acceptable"):
+        _train(tiny_model_dir, tmp_path, _rows(10, seed=1))
+    assert list_heads(tmp_path) == []
+
+
+def test_review_decisions_become_training_rows_and_override_earlier_labels(session_factory):
+    """flag+correct and pass+missed are harmful, flag+false_positive and pass+correct acceptable;
+    backend errors and unreviewed events are left out; a later decision on a text wins."""
+    with session_scope(session_factory) as s:
+        for text, decision, review in [("bad one", "flag", "correct"), ("fine one", "flag", "false_positive"),
+                                       ("sneaky one", "pass", "missed"), ("ok one", "pass", "correct"),
+                                       ("broken", "error", "correct"), ("unseen", "flag", None)]:
+            s.add(ModerationEvent(direction="in", text=text, text_hash="x", backend="rules", scores={},
+                                  thresholds={}, decision=decision, review=review, category="toxicity"))
+    with session_scope(session_factory) as s:
+        rows = mrepo.review_label_rows(session=s)
+    assert [(r["text"], r["label"]) for r in rows] == [("bad one", 1), ("fine one", 0), ("sneaky one", 1),
+                                                        ("ok one", 0)]
+    from model.moderation.head_store import _clean_rows
+
+    merged = _clean_rows([{"text": "fine one", "label": 1, "source": "calibration"}] + rows)
+    assert {r["text"]: r["label"] for r in merged}["fine one"] == 0
+
+
+def test_a_review_must_fit_the_decision(session_factory):
+    """'missed' is for a passed message, 'false positive' for a flagged one; anything else is refused."""
+    with session_scope(session_factory) as s:
+        flag = ModerationEvent(direction="in", text="x", text_hash="x", backend="rules", decision="flag")
+        passed = ModerationEvent(direction="in", text="y", text_hash="y", backend="rules", decision="pass")
+        s.add_all([flag, passed])
+        s.flush()
+        ids = flag.id, passed.id
+    with session_scope(session_factory) as s:
+        with pytest.raises(ValidationError, match="correct or false positive"):
+            mrepo.review_event(session=s, event_id=ids[0], verdict="missed", reviewer="root")
+        with pytest.raises(ValidationError, match="correct or missed"):
+            mrepo.review_event(session=s, event_id=ids[1], verdict="false_positive", reviewer="root")
+        assert mrepo.review_event(session=s, event_id=ids[1], verdict="missed", reviewer="root").review == "missed"
+        assert mrepo.moderation_counts(session=s)["missed"] == 1
+
+
+def test_uncertain_events_come_nearest_the_threshold_first(session_factory):
+    with session_scope(session_factory) as s:
+        for text, score in [("far", 0.01), ("near", 0.48), ("mid", 0.8), ("other backend", None)]:
+            scores = {"rules": {}} if score is None else {"learned": {"toxicity": score}}
+            s.add(ModerationEvent(direction="in", text=text, text_hash="h", backend="learned", scores=scores,
+                                  decision="flag" if (score or 0) >= 0.5 else "pass"))
+    with session_scope(session_factory) as s:
+        assert [e.text for e in mrepo.uncertain_events(session=s, backend="learned", threshold=0.5)] == \
+            ["near", "mid", "far"]
+
+
+def test_auto_adds_the_learned_head_once_one_is_switched_on(tiny_model_dir, tmp_path):
+    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=3))
+    assert build_moderator("auto", data_dir=str(tmp_path)).backend_names == ["rules", "profanity"]
+    activate(tmp_path, meta["name"])
+    moderator = build_moderator("auto", data_dir=str(tmp_path))
+    assert moderator.backend_names == ["rules", "profanity", "learned"]
+    assert [h["active"] for h in list_heads(tmp_path)] == [True]
+    verdict = moderator.check("garden weather stupid filthy vermin", "in")
+    assert "learned" in verdict.scores and 0 <= verdict.scores["learned"]["toxicity"] <= 1
+
+
+def test_learned_backend_without_a_head_is_a_clear_error(tmp_path):
+    with pytest.raises(HeadLoadError, match="no head switched on"):
+        build_moderator("rules,learned", data_dir=str(tmp_path))
+
+
+def test_corrupt_or_mismatched_head_is_a_clear_error_at_start_up(tiny_model_dir, tmp_path):
+    """A truncated weights file and weights of the wrong width both stop build_moderator with a
+    message that names the head and says what to do."""
+    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=4))
+    head = tmp_path / "moderation" / "heads" / meta["name"]
+    activate(tmp_path, meta["name"])
+    good = (head / "head.npz").read_bytes()
+    (head / "head.npz").write_bytes(good[:100])
+    with pytest.raises(HeadLoadError, match=f"{meta['name']} cannot be loaded"):
+        build_moderator("auto", data_dir=str(tmp_path))
+    np.savez(head / "head.npz", **{"toxicity.mean": np.zeros(7), "toxicity.scale": np.ones(7),
+                                   "toxicity.coef": np.zeros(7), "toxicity.intercept": np.array(0.0)})
+    with pytest.raises(HeadLoadError, match="trained for another model"):
+        build_moderator("auto", data_dir=str(tmp_path))
+
+
+def test_a_head_that_fails_to_score_blocks_the_message(tiny_model_dir, tmp_path):
+    """Fail closed: an encoder error while checking gives an 'error' verdict, which blocks."""
+    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=5))
+    activate(tmp_path, meta["name"])
+    moderator = build_moderator("rules,learned", data_dir=str(tmp_path))
+    learned = moderator.backends[-1]
+
+    def broken(texts):
+        raise RuntimeError("encoder out of memory")
+
+    learned.score = broken
+    verdict = moderator.check("hello there", "in")
+    assert verdict.flagged and verdict.category == "error" and "out of memory" in verdict.error
+
+
+def test_label_file_with_a_bad_line_is_rejected_whole(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"text": "you are vermin", "label": "hate"}\n{"text": "hi", "label": "maybe"}\n')
+    with pytest.raises(ValueError, match="labels.jsonl:2: label 'maybe'"):
+        read_label_file(path)
+    path.write_text('{"text": "you are vermin", "label": "toxic", "category": "insult"}\n{"text": "hi", "label": 0}\n')
+    assert [(r["label"], r["category"]) for r in read_label_file(path)] == [(1, "insult"), (0, None)]
+
+
+def test_streaming_checks_skip_the_learned_head_and_the_complete_reply_gets_it(tiny_model_dir, tmp_path):
+    """A partial check (a reply still streaming) runs only the fast backends; the complete reply,
+    like the user's message, is also scored by the head."""
+    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=6))
+    activate(tmp_path, meta["name"])
+    moderator = build_moderator("rules,learned", data_dir=str(tmp_path))
+    assert set(moderator.check("garden sky", "out", partial=True).scores) == {"rules"}
+    assert set(moderator.check("garden sky", "out").scores) == {"rules", "learned"}
