@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"
+MIDDLE = 15  # of SmolLM2-135M's 30 blocks: what EncoderSpec's layer 0 resolves to
 
 
 def _llamacpp_embedder(gguf: Path, threads: int):
@@ -95,7 +96,7 @@ def main() -> None:
               f"| {(oof[n:] >= 0.5).mean():.1%} |", flush=True)
 
     configs = [(layer, "mean", False) for layer in args.layers] + [
-        (EncoderSpec.layer, pooling, False) for pooling in ("last", "mean+last")] + [(EncoderSpec.layer, "mean", True)]
+        (MIDDLE, pooling, False) for pooling in ("last", "mean+last")] + [(MIDDLE, "mean", True)]
     for layer, pooling, int8 in configs:
         enc = HiddenStateEncoder(EncoderSpec(model_dir=model_dir, layer=layer, pooling=pooling, int8=int8))
         report(f"hidden states, layer {layer}/30, {pooling}, {'int8' if int8 else 'float32'}", enc.encode)
@@ -107,7 +108,7 @@ def main() -> None:
     words = statistics.median(len(m.split()) for m in messages)
     profanity = ProfanityBackend()
     backends = [("profanity (alt-profanity-check, baseline)", profanity.score)]
-    for layer, int8 in ((EncoderSpec.layer, False), (EncoderSpec.layer, True), (10, False)):
+    for layer, int8 in ((MIDDLE, False), (MIDDLE, True), (10, False)):
         encoder = HiddenStateEncoder(EncoderSpec(model_dir=model_dir, layer=layer, int8=int8))
         head = fit_linear_head(encoder.encode(texts + everyday), y_all)
         backends.append((f"learned (layer {layer}, {'int8' if int8 else 'float32'})",

@@ -176,3 +176,29 @@ def test_streaming_checks_skip_the_learned_head_and_the_complete_reply_gets_it(t
     moderator = build_moderator("rules,learned", data_dir=str(tmp_path))
     assert set(moderator.check("garden sky", "out", partial=True).scores) == {"rules"}
     assert set(moderator.check("garden sky", "out").scores) == {"rules", "learned"}
+
+
+def test_admin_trains_and_switches_on_a_head_in_the_running_app(tiny_model_dir, tmp_path):
+    """Through the real app's Gradio API in local mode (admin): Train a head (calibration set +
+    everyday messages), read its metrics, Switch on; the next chat message is scored by it and
+    the active pointer is written for the next start."""
+    from gradio_client import Client
+    from sqlalchemy import select
+
+    from feedback.db import make_engine, make_session_factory
+    from tests.live_app import live_app
+
+    with live_app(tmp_path, tiny_model_dir) as url:
+        client = Client(url + "/", verbose=False)
+        note, _, name = client.predict(None, api_name="/train_moderation_head")
+        assert "ROC AUC" in note and name == "head-0001", note
+        note, _ = client.predict("head-9999", api_name="/switch_moderation_head")
+        assert "No head named" in note
+        note, heads = client.predict(name, api_name="/switch_moderation_head")
+        assert f"{name} is on" in note and "learned" in note
+        client.predict("What is the capital of France?", [], "", 0.0, 0.9, 8, 4, 1.1, api_name="/send")
+    assert (tmp_path / "moderation" / "heads" / "active").read_text().strip() == name
+    factory = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'chat.db'}"))
+    with factory() as s:
+        event = s.scalars(select(ModerationEvent).where(ModerationEvent.direction == "in")).first()
+        assert "learned" in event.scores and 0 <= event.scores["learned"]["toxicity"] <= 1

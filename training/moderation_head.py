@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--labels", nargs="*", type=Path, default=[], help="JSONL files of {text, label[, category]}")
     parser.add_argument("--no-calibration", action="store_true", help="leave out the shipped ToxiGen calibration set")
     parser.add_argument("--no-reviews", action="store_true", help="leave out the review queue's decisions")
-    parser.add_argument("--layer", type=int, default=EncoderSpec.layer, help="hidden layer the features come from")
+    parser.add_argument("--layer", type=int, default=0, help="blocks run before pooling (0 = half the model's depth)")
     parser.add_argument("--pooling", default=EncoderSpec.pooling, choices=list(POOLINGS))
     parser.add_argument("--c", type=float, default=0.05, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--threshold", type=float, default=float(os.environ.get("CHAT_MODERATION_THRESHOLD", 0.5)))

@@ -207,7 +207,7 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
     sources: dict[str, int] = {"everyday": len(everyday)} if everyday else {}
     for r in rows:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
-    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "encoder": asdict(spec), "categories": list(heads),
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "encoder": asdict(encoder.spec), "categories": list(heads),
             "threshold": threshold, "c": c, "metrics": metrics, "train_seconds": round(time.monotonic() - started, 1),
             "data": {"rows": len(rows) + len(everyday), "positives": int(labels.sum()), "sources": sources,
                      "sha256": hashlib.sha256(snapshot.encode()).hexdigest()}}
