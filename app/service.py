@@ -413,28 +413,12 @@ class ChatService:
             raise ChatError(str(exc)) from exc
 
 
-# C0 control characters and DEL, except tab and the line breaks people type. NUL above all:
-# PostgreSQL refuses it in text, and a message made only of them must count as empty.
-_CONTROL_CHARS = dict.fromkeys([c for c in range(32) if chr(c) not in "\t\n\r"] + [0x7F])
-
-
-def clean_text(text: str) -> str:
-    """Drop control characters, then trim. In this order: trimming first would let a message of
-    only NULs through the empty check and store it empty."""
-    return text.translate(_CONTROL_CHARS).strip()
-
-
 def _checked_text(text: str, what: str, limit: int) -> str:
     """``text`` cleaned; ChatError if it is longer than ``limit`` or not valid Unicode."""
-    text = clean_text(text)
-    if len(text) > limit:
-        raise ChatError(f"{what} has {len(text):,} characters; the limit is {limit:,}. "
-                        "Shorten it or split it into parts.")
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (JSON can carry "\ud800"): no database stores it
-        raise ChatError(f"{what} contains invalid Unicode (a lone surrogate).") from None
-    return text
+        return repo.checked_text(text, what, limit)
+    except repo.ValidationError as exc:
+        raise ChatError(str(exc)) from None
 
 
 def _clean_messages(messages: list[dict], max_chars: int, max_count: int) -> list[dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from app.auth import require_role
 from feedback import training_repo as trepo
 from feedback.db import session_scope
+from feedback.repository import checked_id
 from training.config import RetrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,7 @@ class TrainingControl:
     def promote(self, user: str, version_id: int, action: str = "promote") -> str:
         """Serve ``version_id`` from now on. In-flight replies finish on the old engine."""
         require_role(self.factory, user, ("admin",), f"{action} model", f"version {version_id}")
+        version_id = checked_id(version_id, "a version id")
         with session_scope(self.factory) as s:
             version = trepo.get_version(session=s, version_id=version_id)
             path, name = version.path, version.name

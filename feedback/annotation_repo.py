@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback.models import Candidate, Conversation, Demonstration, Message, Ranking, RankingTask, User
-from feedback.repository import NotFoundError, ValidationError, thread
+from feedback.repository import NotFoundError, ValidationError, clean_text, thread
 
 FLAG_KINDS = ("unsafe", "false", "off-topic")
 LABELS = "ABCDEFGH"
@@ -158,13 +158,14 @@ def submit_ranking(*, session: Session, task_id: int, annotator: User, order: li
     for cid, kind in flags.items():
         if cid not in cand_ids or kind not in FLAG_KINDS:
             raise ValidationError(f"A flag names a candidate of this task and one of {', '.join(FLAG_KINDS)}.")
+    demonstration = clean_text(demonstration) if isinstance(demonstration, str) else None
+    if demonstration and len(demonstration) > 8000:
+        raise ValidationError("A demonstration is limited to 8000 characters.")
     ranking = Ranking(task_id=task_id, annotator_id=annotator.id, order=order,
                       flags={str(k): v for k, v in flags.items()}, skipped=skipped)
     session.add(ranking)
-    if demonstration and demonstration.strip():
-        if len(demonstration) > 8000:
-            raise ValidationError("A demonstration is limited to 8000 characters.")
-        session.add(Demonstration(task_id=task_id, context=task.context, content=demonstration.strip(),
+    if demonstration:
+        session.add(Demonstration(task_id=task_id, context=task.context, content=demonstration,
                                   author_id=annotator.id))
     session.flush()
     return ranking

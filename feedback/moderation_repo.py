@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback.models import ModerationEvent, ModerationTemplate, utcnow
-from feedback.repository import NotFoundError, ValidationError
+from feedback.repository import NotFoundError, ValidationError, checked_id, checked_text
 
 REVIEW_VERDICTS = ("correct", "false_positive", "missed")
 # What a review says about the text: flagged and rightly so, or passed but should have been flagged.
@@ -27,7 +27,7 @@ def flagged_events(*, session: Session, limit: int = 100, unreviewed_only: bool 
 def review_event(*, session: Session, event_id: int, verdict: str, reviewer: str) -> ModerationEvent:
     if verdict not in REVIEW_VERDICTS:
         raise ValidationError(f"A review is one of {', '.join(REVIEW_VERDICTS)}, not {verdict!r}.")
-    event = session.get(ModerationEvent, event_id)
+    event = session.get(ModerationEvent, checked_id(event_id, "an event id"))
     if event is None:
         raise NotFoundError(f"No moderation event {event_id}.")
     if (event.decision, verdict) not in _HARMFUL | _ACCEPTABLE:
@@ -99,9 +99,9 @@ def load_templates(*, session: Session) -> dict[tuple[str, str], str]:
 def set_template(*, session: Session, direction: str, category: str, text: str, editor: str) -> ModerationTemplate:
     if direction not in ("in", "out"):
         raise ValidationError("direction is 'in' (user message) or 'out' (model reply)")
-    category = (category or "*").strip() or "*"
-    text = (text or "").strip()
-    if not text or len(text) > 2000:
+    category = checked_text(category or "*", "A category name", 40) or "*"
+    text = checked_text(text or "", "A template", 2000)
+    if not text:
         raise ValidationError("A template needs 1 to 2000 characters of text.")
     row = session.scalar(select(ModerationTemplate).where(ModerationTemplate.direction == direction,
                                                           ModerationTemplate.category == category))

@@ -13,6 +13,49 @@ from feedback.models import ROLES, AuditLog, Conversation, Message, User, Vote, 
 VOTE_REASONS = ("wrong", "unhelpful", "unsafe", "rude", "other")
 
 
+
+# C0 control characters and DEL, except tab and the line breaks people type. NUL above all:
+# PostgreSQL refuses it in text, and a message made only of them must count as empty.
+_CONTROL_CHARS = dict.fromkeys([c for c in range(32) if chr(c) not in "\t\n\r"] + [0x7F])
+
+
+MAX_ID = 2**31 - 1  # the largest id an INTEGER column holds on PostgreSQL
+
+
+def checked_id(value, what: str = "id") -> int:
+    """A row id from a form or request: a whole number in 1..MAX_ID, else ValidationError (a huge
+    number would otherwise reach the database driver and fail there)."""
+    try:
+        number = float(value)
+        valid = number.is_integer() and 1 <= number <= MAX_ID
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValidationError(f"{str(what).capitalize()} must be a whole number from 1 to {MAX_ID}, not {value!r:.40}.")
+    return int(number)
+
+
+def checked_text(text, what: str, limit: int) -> str:
+    """Free text cleaned (``clean_text``); ValidationError if it is not text, longer than ``limit``
+    or not valid Unicode (a lone surrogate, which JSON can carry and no database stores)."""
+    if not isinstance(text, str):
+        raise ValidationError(f"{what} must be text.")
+    text = clean_text(text)
+    if len(text) > limit:
+        raise ValidationError(f"{what} has {len(text):,} characters; the limit is {limit:,}. "
+                              "Shorten it or split it into parts.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{what} contains invalid Unicode (a lone surrogate).") from None
+    return text
+
+
+def clean_text(text: str) -> str:
+    """Drop control characters, then trim. In this order: trimming first would let a text of
+    only NULs through an empty check and store it empty. Every free text we store passes here."""
+    return text.translate(_CONTROL_CHARS).strip()
+
 class ValidationError(ValueError):
     """Bad input to a repository function; the message says what was wrong."""
 
@@ -144,7 +187,9 @@ def get_vote(*, session: Session, message_id: int, user: User) -> Vote | None:
 # audit ---------------------------------------------------------------------------------
 
 def audit(*, session: Session, user_name: str | None, action: str, allowed: bool, detail: str = "") -> AuditLog:
-    row = AuditLog(user_name=user_name, action=action, allowed=allowed, detail=detail[:2000])
+    # The detail often quotes what a caller sent: whatever it was, store it as safe text.
+    detail = clean_text(str(detail)).encode("utf-8", "replace").decode("utf-8")[:2000]
+    row = AuditLog(user_name=user_name, action=action, allowed=allowed, detail=detail)
     session.add(row)
     session.flush()
     return row

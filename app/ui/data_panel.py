@@ -45,6 +45,8 @@ def build_data_panel(service) -> tuple:
     def do_export(k, request: gr.Request):
         if (msg := denied(service, request, ADMIN, "export data", k)) is not None:
             return msg, None
+        if k not in KINDS:
+            return f"⚠ Choose what to export: {', '.join(KINDS)}.", None
         out = Path(service.settings.data_dir) / "exports" / f"{k}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         with session_scope(service.session_factory) as s:
             snap = export(session=s, kind=k, out=out)

@@ -76,10 +76,10 @@ def build_moderation_panel(service) -> callable:
             return msg, gr.update(), gr.update()
         try:
             with session_scope(service.session_factory) as s:
-                mrepo.review_event(session=s, event_id=int(eid or 0), verdict=verdict, reviewer=caller_name(request))
+                mrepo.review_event(session=s, event_id=eid, verdict=verdict, reviewer=caller_name(request))
         except (NotFoundError, ValidationError) as exc:
             return f"⚠ {exc}", gr.update(), gr.update()
-        return (f"Event {int(eid)} marked {verdict.replace('_', ' ')}.", _summary(service),
+        return (f"Event {eid:.0f} marked {verdict.replace('_', ' ')}.", _summary(service),
                 _queue_rows(service, all_events, order_by))
 
     def toggle(all_events, order_by, request: gr.Request):

@@ -147,7 +147,7 @@ def build_training_panel(service, control) -> tuple:
     def on_switch(vid, rollback_: bool, request: gr.Request):
         try:
             fn = control.rollback if rollback_ else control.promote
-            name = fn(caller_name(request), int(vid or 0))
+            name = fn(caller_name(request), vid)  # checked after the role check, inside
         except PermissionDenied as exc:
             return f"Denied: {exc}"
         except (ValidationError, NotFoundError, OSError) as exc:
