@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from app.my_data import DataLinks
+from feedback import moderation_repo as mrepo
 from feedback import repository as repo
 from feedback.db import session_scope
 from feedback.models import Message
@@ -339,7 +340,7 @@ class ChatService:
             reply_id = reply.id
             if out_verdict is not None:
                 # The original flagged text stays in the database for review only.
-                self.moderator.attach(session=s, verdict=out_verdict, message_id=reply_id)
+                mrepo.record_verdict(session=s, verdict=out_verdict, message_id=reply_id)
         yield ChatUpdate(conv_id, final, user_msg_id, reply_id, done=True, blocked=flagged,
                          status="blocked" if flagged else status,
                          finish_reason="content_filter" if flagged else st.finish_reason,
@@ -355,7 +356,7 @@ class ChatService:
             self.metrics.flags.labels(direction).inc()
         if message_id is not None and (log_pass or verdict.flagged):
             with session_scope(self.session_factory) as s:
-                self.moderator.attach(session=s, verdict=verdict, message_id=message_id, user_id=user_id)
+                mrepo.record_verdict(session=s, verdict=verdict, message_id=message_id, user_id=user_id)
         return verdict
 
     def _set_moderation(self, message_id: int, value: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -12,6 +14,18 @@ REVIEW_VERDICTS = ("correct", "false_positive", "missed")
 # What a review says about the text: flagged and rightly so, or passed but should have been flagged.
 _HARMFUL = {("flag", "correct"), ("pass", "missed")}
 _ACCEPTABLE = {("flag", "false_positive"), ("pass", "correct")}
+
+
+def record_verdict(*, session: Session, verdict, message_id: int | None, user_id: int | None = None) -> ModerationEvent:
+    """Store a moderation verdict (``model.moderation.Verdict``) as one moderation_events row."""
+    event = ModerationEvent(
+        message_id=message_id, user_id=user_id, direction=verdict.direction, text=verdict.text,
+        text_hash=hashlib.sha256(verdict.text.encode()).hexdigest(), backend=verdict.backend,
+        scores=verdict.scores, thresholds=verdict.thresholds,
+        decision="error" if verdict.error else ("flag" if verdict.flagged else "pass"),
+        category=verdict.category, error=verdict.error)
+    session.add(event)
+    return event
 
 
 def flagged_events(*, session: Session, limit: int = 100, unreviewed_only: bool = False,

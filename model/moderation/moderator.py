@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -85,17 +84,6 @@ class Moderator:
 
     def template(self, direction: str, category: str | None) -> str:
         return self.templates.get((direction, category or "*")) or self.templates[(direction, "*")]
-
-    def attach(self, *, session, verdict: Verdict, message_id: int | None, user_id: int | None = None) -> None:
-        """Store the verdict as a moderation_events row (one per decision)."""
-        from feedback.models import ModerationEvent
-
-        session.add(ModerationEvent(
-            message_id=message_id, user_id=user_id, direction=verdict.direction, text=verdict.text,
-            text_hash=hashlib.sha256(verdict.text.encode()).hexdigest(), backend=verdict.backend,
-            scores=verdict.scores, thresholds=verdict.thresholds,
-            decision="error" if verdict.error else ("flag" if verdict.flagged else "pass"),
-            category=verdict.category, error=verdict.error))
 
 
 def parse_thresholds(spec: str) -> dict[str, float]:
