@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.annotation_repo import add_task
@@ -23,12 +24,13 @@ class ImportFileError(ValueError):
 @dataclass
 class ImportReport:
     imported: int = 0
+    already_present: int = 0  # pairs the database (or an earlier line of the file) already holds
     tasks_added: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
 
     def summary(self) -> str:
-        lines = [f"imported {self.imported} pairs, added {self.tasks_added} ranking prompts, "
-                 f"skipped {len(self.skipped)} rows"]
+        lines = [f"imported {self.imported} pairs ({self.already_present} already present, not added again), "
+                 f"added {self.tasks_added} ranking prompts, skipped {len(self.skipped)} rows"]
         lines += [f"  line {n}: {why}" for n, why in self.skipped[:50]]
         if len(self.skipped) > 50:
             lines.append(f"  ... and {len(self.skipped) - 50} more")
@@ -115,10 +117,22 @@ def import_file(*, session: Session, path: str | Path, add_tasks: bool = True, w
             report.skipped.append((n, str(exc)))
     if not valid:
         raise ImportFileError(f"{path}: no valid rows.\n" + report.summary())
+    # Importing a file twice must not double its pairs: a pair is its prompt and both replies.
+    present = {_pair_key(*row) for row in session.execute(select(ImportedPair.prompt, ImportedPair.chosen,
+                                                                 ImportedPair.rejected))}
     for prompt, chosen, rejected in valid:
+        key = _pair_key(prompt, chosen, rejected)
+        if key in present:
+            report.already_present += 1
+            continue
+        present.add(key)
         session.add(ImportedPair(prompt=prompt, chosen=chosen, rejected=rejected, source=path.name))
+        report.imported += 1
         if add_tasks and add_task(session=session, context=prompt, source="import", wanted=wanted):
             report.tasks_added += 1
     session.flush()
-    report.imported = len(valid)
     return report
+
+
+def _pair_key(prompt, chosen: str, rejected: str) -> str:
+    return json.dumps([prompt, chosen, rejected], sort_keys=True)

@@ -25,6 +25,17 @@ def test_import_shared_hh_sample(session):
     assert report.tasks_added == session.scalar(select(func.count(RankingTask.id))) > 0
 
 
+def test_importing_the_same_file_again_adds_nothing_and_says_so(session):
+    """A second import of the HH sample stores no second copy and reports 598 already present."""
+    import_file(session=session, path=HH)
+    tasks = session.scalar(select(func.count(RankingTask.id)))
+    again = import_file(session=session, path=HH)
+    assert (again.imported, again.already_present, again.tasks_added) == (0, 598, 0)
+    assert "imported 0 pairs (598 already present" in again.summary()
+    assert session.scalar(select(func.count(ImportedPair.id))) == 598
+    assert session.scalar(select(func.count(RankingTask.id))) == tasks
+
+
 def test_malformed_rows_reported_and_file_is_all_or_nothing(session, tmp_path):
     good = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
             "rejected": [{"role": "assistant", "content": "Go away"}]}
