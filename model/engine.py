@@ -135,10 +135,13 @@ class QueuedRequest:
         deadline = self.submitted + busy_wait_s
         while True:
             waiting = not started(self)
+            if waiting and self.cancel.is_set():  # stopped, or its reader left, before it got a slot
+                return
             try:
-                item = self.out.get(timeout=max(0.01, deadline - time.perf_counter()) if waiting else 300)
+                # While waiting, wake every 0.1 s to notice a cancel (it ends the wait as stopped).
+                item = self.out.get(timeout=min(0.1, max(0.01, deadline - time.perf_counter())) if waiting else 300)
             except queue.Empty:
-                if waiting and started(self):  # got a slot just as the wait ran out
+                if waiting and (started(self) or time.perf_counter() < deadline):
                     continue
                 self.cancel.set()
                 raise EngineBusyError(BUSY_MESSAGE) from None

@@ -173,3 +173,23 @@ def test_reply_closed_after_its_final_update_counts_by_its_outcome(session_facto
     updates.close()
     assert requests.labels("complete")._value.get() == 1 and requests.labels("disconnected")._value.get() == 0
     assert _statuses(session_factory) == [("user", "answered"), ("assistant", "complete")]
+
+
+def test_a_request_cancelled_while_it_waits_for_a_slot_ends_at_once_not_busy():
+    """A queued request (no slot yet) whose reader left or who pressed Stop ends within ~0.1 s
+    with no text, instead of waiting out busy_wait_s and failing with 'busy' (the turn then ends
+    stopped, as a generating one does); one that is never cancelled still gets the busy error."""
+    import threading
+
+    import pytest
+
+    from model.engine import EngineBusyError, GenerationStats, QueuedRequest, SamplingParams
+
+    req = QueuedRequest([{"role": "user", "content": "hi"}], SamplingParams(), threading.Event(), GenerationStats())
+    threading.Timer(0.2, req.cancel.set).start()
+    start = time.perf_counter()
+    assert list(req.drain(busy_wait_s=30, started=lambda r: False)) == []
+    assert time.perf_counter() - start < 1.0
+    waiting = QueuedRequest([], SamplingParams(), threading.Event(), GenerationStats())
+    with pytest.raises(EngineBusyError):
+        list(waiting.drain(busy_wait_s=0.3, started=lambda r: False))
