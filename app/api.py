@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
 
 from app.auth import LOCAL_USER, ApiKeyCache, auth_enabled
+from app.login_guard import LoginThrottle, LoginThrottled
 from app.reply_pump import ReplyPump
 from app.service import ChatError
 from feedback import training_repo as trepo
@@ -194,20 +195,25 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
                                                                "code": code}})
 
 
-def _caller(request: Request, service, keys: ApiKeyCache | None = None) -> str | None:
+def _caller(request: Request, service, keys: ApiKeyCache | None = None,
+            throttle: LoginThrottle | None = None) -> str | None:
     """The user an API key belongs to; LOCAL_USER in single-user local mode; None if refused.
-    ``keys`` remembers keys verified recently (argon2 costs ~0.1 s a call otherwise)."""
+    ``keys`` remembers keys verified recently (argon2 costs ~0.1 s a call otherwise). Wrong keys
+    count like wrong passwords (``throttle``: per key id and per client address), so guessing
+    them is as slow as guessing a login; LoginThrottled when the caller must wait."""
     if not auth_enabled(service.session_factory):
         return LOCAL_USER
     header = request.headers.get("authorization", "")
     key = header.removeprefix("Bearer ").strip()
-    if not key.startswith("sk-fc-") or "." not in key:
-        return None
-    user_id = key.removeprefix("sk-fc-").split(".", 1)[0]
+    user_id = key.removeprefix("sk-fc-").split(".", 1)[0] if key.startswith("sk-fc-") and "." in key else ""
     # isdigit() alone takes '²' or Arabic-Indic digits, and 25 digits overflow the id column.
-    if not (user_id.isascii() and user_id.isdigit() and len(user_id) <= 18):
-        return None
-    return (keys or ApiKeyCache(ttl_s=0)).user_name(service.session_factory, int(user_id), key)
+    well_formed = user_id.isascii() and user_id.isdigit() and len(user_id) <= 18
+    address = request.client.host if request.client else None
+    stamp = throttle.attempt(f"key-{user_id}" if well_formed else None, address) if throttle else None
+    name = (keys or ApiKeyCache(ttl_s=0)).user_name(service.session_factory, int(user_id), key) if well_formed else None
+    if name is not None and throttle is not None:
+        throttle.succeeded(f"key-{user_id}", address, stamp)
+    return name
 
 
 def _known_models(service) -> list[str]:
@@ -219,20 +225,34 @@ def _known_models(service) -> list[str]:
 def build_router(service) -> APIRouter:
     router = APIRouter(prefix="/v1")
     keys = ApiKeyCache(service.settings.api_key_cache_s)
+    st = service.settings  # wrong keys are limited by the same rule as wrong passwords
+    throttle = LoginThrottle(st.login_failures_per_name, st.login_failures_per_address, st.login_window_s,
+                             attempts="API calls", secrets="API keys", names="this key id")
+
+    async def authenticate(request: Request) -> tuple[str | None, JSONResponse | None]:
+        """(user, None), or (None, the 401/429 to send)."""
+        try:
+            user = await run_in_threadpool(_caller, request, service, keys, throttle)
+        except LoginThrottled as exc:
+            res = error(429, str(exc), "rate_limit_error", code="too_many_failed_keys")
+            res.headers["Retry-After"] = str(exc.retry_after_s)
+            return None, res
+        if user is None:
+            return None, error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
+                               "authentication_error", code="invalid_api_key")
+        return user, None
 
     @router.get("/models")
     async def models(request: Request):
-        if await run_in_threadpool(_caller, request, service, keys) is None:
-            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
-                         "authentication_error", code="invalid_api_key")
+        if (refused := (await authenticate(request))[1]) is not None:
+            return refused
         names = await run_in_threadpool(_known_models, service)
         return {"object": "list", "data": [_model(n) for n in names]}
 
     @router.get("/models/{model_id:path}")
     async def model(model_id: str, request: Request):
-        if await run_in_threadpool(_caller, request, service, keys) is None:
-            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
-                         "authentication_error", code="invalid_api_key")
+        if (refused := (await authenticate(request))[1]) is not None:
+            return refused
         if model_id not in await run_in_threadpool(_known_models, service):
             return error(404, f"The model '{model_id[:200]}' does not exist. GET /v1/models lists the available ones.",
                          param="model", code="model_not_found")
@@ -240,10 +260,9 @@ def build_router(service) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        user = await run_in_threadpool(_caller, request, service, keys)
-        if user is None:
-            return error(401, "Missing or invalid API key. Create one with: python -m app.users api-key NAME",
-                         "authentication_error", code="invalid_api_key")
+        user, refused = await authenticate(request)
+        if refused is not None:
+            return refused
         try:
             body = _parse(await _read_body(request, service.settings.max_request_bytes))
         except ApiError as exc:

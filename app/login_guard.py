@@ -44,8 +44,10 @@ class LoginThrottled(Exception):
 
 
 class LoginThrottle:
-    def __init__(self, per_name: int = 5, per_address: int = 20, window_s: float = 300.0):
+    def __init__(self, per_name: int = 5, per_address: int = 20, window_s: float = 300.0,
+                 attempts: str = "logins", secrets: str = "passwords", names: str = "this user name"):
         self.per_name, self.per_address, self.window_s = per_name, per_address, window_s
+        self.words = attempts, secrets, names  # what the refusal calls them: logins or API calls
         self._failures: dict[tuple[str, str], deque] = {}
         self._lock = threading.Lock()
 
@@ -55,7 +57,8 @@ class LoginThrottle:
         and return its time stamp."""
         now = time.monotonic()
         with self._lock:
-            for kind, key, limit, what in (("name", name, self.per_name, "this user name"),
+            attempts, secrets, names = self.words
+            for kind, key, limit, what in (("name", name, self.per_name, names),
                                            ("address", address, self.per_address, "your address")):
                 if key is None or limit <= 0:
                     continue
@@ -63,9 +66,9 @@ class LoginThrottle:
                 if q is not None and len(q) >= limit:
                     wait = max(1, int(q[-limit] + self.window_s - now + 0.999))
                     raise LoginThrottled(
-                        f"Too many failed logins for {what}: try again in {_duration(wait)}. "
-                        f"After {limit} wrong passwords within {_duration(int(self.window_s))}, "
-                        "logins wait until the oldest of them is that old.", wait)
+                        f"Too many failed {attempts} for {what}: try again in {_duration(wait)}. "
+                        f"After {limit} wrong {secrets} within {_duration(int(self.window_s))}, "
+                        f"{attempts} wait until the oldest of them is that old.", wait)
             for kind, key in (("name", name), ("address", address)):
                 if key is not None:
                     self._failures.setdefault((kind, key), deque()).append(now)

@@ -107,8 +107,9 @@ def test_guesses_in_flight_count_and_a_right_password_clears_the_name():
         t2.attempt("carol", "10.0.0.1")
 
 
-def _key_request(key: str) -> Request:
-    return Request({"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]})
+def _key_request(key: str, client: tuple[str, int] | None = None) -> Request:
+    scope = {"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    return Request({**scope, "client": client} if client else scope)
 
 
 def test_a_verified_api_key_is_not_checked_again_until_a_new_key_replaces_it(session_factory, settings,
@@ -129,3 +130,29 @@ def test_a_verified_api_key_is_not_checked_again_until_a_new_key_replaces_it(ses
     before = len(argon2_calls)
     assert [_caller(_key_request(wrong), service, keys) for _ in range(2)] == [None, None]
     assert len(argon2_calls) == before + 2
+
+
+def test_wrong_api_keys_are_throttled_like_wrong_passwords(session_factory, settings):
+    """After 5 wrong keys for one key id, the 6th call is refused with LoginThrottled (the API
+    answers 429 with Retry-After) even with the right key, without an argon2 check; malformed
+    keys count against the caller's address; a right key clears its id's count."""
+    from app.login_guard import LoginThrottle
+
+    add_user(session_factory, "alice", "user", "alice-password")
+    add_user(session_factory, "bob", "user", "bob-password")
+    key, bob = new_api_key(session_factory, "alice"), new_api_key(session_factory, "bob")
+    service = ChatService(ScriptedEngine("ok"), session_factory, settings)
+    throttle = LoginThrottle(per_name=5, per_address=8, window_s=60, attempts="API calls", secrets="API keys",
+                             names="this key id")
+    wrong = key.rsplit(".", 1)[0] + ".wrong"
+    at = ("10.0.0.9", 4242)
+    assert _caller(_key_request(key, at), service, None, throttle) == "alice"
+    for _ in range(5):
+        assert _caller(_key_request(wrong, at), service, None, throttle) is None
+    with pytest.raises(LoginThrottled, match="Too many failed API calls for this key id"):
+        _caller(_key_request(key, at), service, None, throttle)
+    assert _caller(_key_request(bob, at), service, None, throttle) == "bob"  # another id, 5 of 8 for the address
+    for _ in range(3):
+        assert _caller(_key_request("sk-nonsense", at), service, None, throttle) is None
+    with pytest.raises(LoginThrottled, match="your address"):
+        _caller(_key_request(bob, at), service, None, throttle)
