@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback.models import Candidate, Conversation, Demonstration, Message, Ranking, RankingTask, User
-from feedback.repository import NotFoundError, ValidationError, clean_text, thread
+from feedback.repository import NotFoundError, ValidationError, clean_text, storable, thread
 
 FLAG_KINDS = ("unsafe", "false", "off-topic")
 LABELS = "ABCDEFGH"
@@ -86,7 +86,7 @@ def mark_task_skipped(*, session: Session, task_id: int, reason: str) -> None:
 
 def add_candidate(*, session: Session, task: RankingTask, content: str, model_version: str | None,
                   sampling: dict | None = None, moderation: str | None = None) -> Candidate:
-    cand = Candidate(task_id=task.id, content=content, model_version=model_version, sampling=sampling,
+    cand = Candidate(task_id=task.id, content=storable(content), model_version=model_version, sampling=sampling,
                      moderation=moderation)
     session.add(cand)
     session.flush()

@@ -71,11 +71,7 @@ def _fuzz(client, name: str, arity: int, examples: int, failures: list) -> None:
 
 
 @pytest.mark.slow
-def test_gradio_endpoints_survive_hostile_and_generated_inputs(any_db_url, tiny_model_dir, tmp_path, request):
-    if any_db_url.startswith("postgresql"):  # a known open bug, kept visible rather than skipped
-        request.applymarker(pytest.mark.xfail(reason="issue 13: a NUL still reaches PostgreSQL from one Gradio "
-                                                     "handler (psycopg.DataError in the app log); not yet found",
-                                              strict=False))
+def test_gradio_endpoints_survive_hostile_and_generated_inputs(any_db_url, tiny_model_dir, tmp_path):
     # Hypothesis values on SQLite only, the same ones every run (derandomize): one PostgreSQL run
     # in CI failed on a value not yet identified; the hostile list runs on both databases.
     examples = 0 if any_db_url.startswith("postgresql") else 20
