@@ -294,7 +294,7 @@ class ChatService:
                 # Show only text that passed output moderation: the screen lags the model by
                 # at most `every` characters and never shows an unchecked flagged reply.
                 if self.moderator is None:
-                    shown = gen.text
+                    shown = repo.storable(gen.text)
                     yield ChatUpdate(conv_id, shown, user_msg_id)
                 elif len(gen.text) - checked_len >= every:
                     checked_len = len(gen.text)
@@ -302,7 +302,7 @@ class ChatService:
                     if out_verdict.flagged:
                         cancel.set()
                         break
-                    shown = gen.text
+                    shown = repo.storable(gen.text)
                     yield ChatUpdate(conv_id, shown, user_msg_id)
             if turn.gone:
                 self._end_abandoned(user_msg_id, gen)
@@ -319,7 +319,7 @@ class ChatService:
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
             raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
 
-        full = gen.text
+        full = repo.storable(gen.text)  # a sampled NUL is neither shown nor stored (PostgreSQL refuses it)
         if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
             out_verdict = self._moderate(full, "out", user_id, None)
         flagged = out_verdict is not None and out_verdict.flagged

@@ -53,7 +53,8 @@ def checked_text(text, what: str, limit: int) -> str:
 
 def storable(text: str) -> str:
     """``text`` without control characters (no trimming): model output can hold a NUL byte token,
-    and PostgreSQL refuses NUL in text. Candidates are stored through this."""
+    and PostgreSQL refuses NUL in text. Messages and candidates are stored through this; the chat
+    streams model output through it too, so what a user saw is what was stored."""
     return text.translate(_CONTROL_CHARS) if isinstance(text, str) else text
 
 
@@ -123,7 +124,7 @@ def add_message(*, session: Session, conversation: Conversation, role: str, cont
     if parent is not None and parent.conversation_id != conversation.id:
         raise ValidationError("parent message belongs to another conversation")
     msg = Message(conversation_id=conversation.id, parent_id=parent.id if parent else None,
-                  role=role, content=content, **fields)
+                  role=role, content=storable(content), **fields)
     session.add(msg)
     conversation.updated_at = utcnow()
     session.flush()

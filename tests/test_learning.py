@@ -65,6 +65,23 @@ def test_verdict_is_better_only_when_the_interval_clears_half_and_no_probe_trips
     assert verdict({**base, "flag_rate_new": 0.25})[0] == "not better"
 
 
+def test_a_held_out_reward_model_win_counts_only_when_that_judge_is_trusted_and_the_pairs_agree():
+    """A win by the held-out reward model is "better" only when that judge ranks pairs it never saw
+    above the gate and the held-out pairs' own interval clears 0.5; otherwise "inconclusive", saying why."""
+    won = dict(win_rate=0.7, win_rate_lo=0.6, win_rate_hi=0.8, win_rate_n=32, win_rate_judge="held-out reward model",
+               length_new=50, length_current=50, judge_accuracy=0.72, judge_gate=0.6,
+               heldout_pref_acc=0.66, heldout_pref_acc_lo=0.56, heldout_pref_acc_hi=0.76)
+    assert verdict(won)[0] == "better"
+    untrusted = verdict({**won, "judge_accuracy": 0.55})
+    assert untrusted[0] == "inconclusive" and "ranks only 55% of the training pairs" in untrusted[1]
+    disagree = verdict({**won, "heldout_pref_acc": 0.53, "heldout_pref_acc_lo": 0.43, "heldout_pref_acc_hi": 0.63})
+    assert disagree[0] == "inconclusive" and "held-out pairs do not agree (53% ± 10%)" in disagree[1]
+    assert verdict({k: v for k, v in won.items() if k != "judge_accuracy"})[0] == "inconclusive"
+    # A loss is still a loss, whoever judged it.
+    assert verdict({**won, "judge_accuracy": 0.5, "win_rate": 0.3, "win_rate_lo": 0.2,
+                    "win_rate_hi": 0.4})[0] == "not better"
+
+
 def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
     """No pair is dropped: long dialogues lose their start and keep the reply's last tokens."""
     from transformers import AutoTokenizer
@@ -151,8 +168,8 @@ def test_retrain_moves_the_policy_towards_the_preferred_reply(session_factory, t
     before = _margin(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, prompt, good, bad)
     after = _margin(AutoModelForCausalLM.from_pretrained(new_path), tok, prompt, good, bad)
     assert after > before + 1.0, (before, after)
-    # held-out pairs judge it, and they agree: the chosen side gained more
-    assert ev["win_rate_judge"] == "held-out preference pairs" and ev["heldout_pref_acc"] > 0.5
+    # the held-out reward model judges it; the held-out pairs agree: the chosen side gained more
+    assert ev["win_rate_judge"] == "held-out reward model" and ev["heldout_pref_acc"] > 0.5
     # a Monte-Carlo KL on 4 short replies may dip just below 0; its arithmetic is tested above
     assert math.isfinite(ev["kl_to_current"]) and ev["verdict"] in ("better", "not better", "inconclusive")
 

@@ -28,6 +28,17 @@ def test_send_streams_and_logs_everything(tiny_engine, session_factory, settings
         assert reply.prompt_tokens > 0 and reply.completion_tokens > 0 and reply.latency_ms > 0
 
 
+def test_a_reply_with_control_characters_is_streamed_and_stored_without_them(session_factory, settings):
+    """A model can sample a NUL or a bell: the user sees the reply without them and exactly that is
+    stored (PostgreSQL refuses NUL in text; the Gradio fuzz found it)."""
+    service = ChatService(ScriptedEngine("tab\there a\x00b\x07c"), session_factory, settings)
+    updates = list(service.send("alice", "Hello"))
+    assert all("\x00" not in u.text and "\x07" not in u.text for u in updates)
+    with session_factory() as s:
+        stored = s.get(Message, updates[-1].assistant_message_id).content
+    assert stored == updates[-1].text == "tab\there abc"
+
+
 def test_multi_turn_keeps_context(session_factory, settings):
     engine = ScriptedEngine("ok")
     service = ChatService(engine, session_factory, settings)

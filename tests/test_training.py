@@ -38,6 +38,28 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
 
 
+def test_the_win_rate_is_judged_by_a_reward_model_trained_only_on_held_out_pairs(session_factory, tmp_path,
+                                                                               tiny_model_dir):
+    """The evaluation's judge is trained on the held-out pairs and checked on training pairs it never
+    saw; its score of both versions' sampled replies is the win rate, reported with its accuracy."""
+    import json
+
+    seed_preferences(session_factory, tiny_model_dir)
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
+    assert status == "done", run.error
+    m, ev = run.metrics, run.metrics["eval"]
+    assert m["judge_train_pairs"] == m["data"]["preferences_heldout"]
+    assert m["judge_check_pairs"] == min(100, m["data"]["preferences_train"])
+    data = tmp_path / "data" / "runs" / f"run-{run.id}" / "data"
+    rows = lambda name: [json.dumps(json.loads(line), sort_keys=True)  # noqa: E731
+                         for line in (data / name).read_text().splitlines()]
+    check, train, heldout = rows("judge_check.jsonl"), rows("preferences_train.jsonl"), rows("preferences_heldout.jsonl")
+    assert set(check) <= set(train) and not set(check) & set(heldout)
+    assert ev["win_rate_judge"] == "held-out reward model" and ev["win_rate"] == ev["judge_win_rate"]
+    assert 0 <= ev["judge_accuracy"] <= 1 and ev["judge_accuracy_lo"] <= ev["judge_accuracy"] <= ev["judge_accuracy_hi"]
+    assert "judge" in m["timings_s"] and not (data.parent / "judge").exists()  # scratch removed after use
+
+
 def test_accuracy_gate_stops_random_label_run(session_factory, tmp_path, tiny_model_dir):
     """With sft_when_gated off, a reward model below the gate stops the run and registers nothing."""
     seed_preferences(session_factory, tiny_model_dir, random_labels=True)
@@ -57,7 +79,7 @@ def test_gated_reward_model_skips_ppo_and_registers_the_evaluated_sft_model(sess
     assert status == "done", run.error
     assert "cannot rank must not steer PPO" in run.metrics["ppo_skipped"]
     assert "ppo" not in run.metrics["timings_s"]
-    assert run.metrics["eval"]["win_rate_judge"] == "held-out preference pairs"
+    assert run.metrics["eval"]["win_rate_judge"] == "held-out reward model"
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)
         assert version.stage == "sft" and version.name.endswith("-sft") and not version.is_active

@@ -60,6 +60,11 @@ class RetrainConfig:
                                                                    "(no top-p, no penalty: the KL is exact for it)."})
     eval_engine: str = field(default="auto", metadata={"help": "Engine that writes evaluation replies (auto = "
                                                                "llama.cpp on CPU, as served)."})
+    judge_epochs: float = field(default=2.0, metadata={"help": "Epochs of the evaluation's judge, a reward model "
+                                                               "trained from the current model on the held-out "
+                                                               "pairs only (fewer pairs than the reward model's)."})
+    judge_check_pairs: int = field(default=100, metadata={"help": "Training pairs the judge is checked on (it never "
+                                                                  "saw them); below accuracy_gate it is not trusted."})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +84,9 @@ class RetrainConfig:
                   (self.ppo_episodes % self.ppo_batch_size == 0, "ppo_episodes must be a multiple of ppo_batch_size"),
                   (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
-                  (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)")]
+                  (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),
+                  (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
+                   "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -2,14 +2,17 @@
 
     python -m training.evaluate --current data/models/smollm2-135m-instruct --new data/runs/x/ppo \
         --reward data/runs/x/reward --prompts prompts_heldout.jsonl [--pairs prefs_heldout.jsonl] \
-        [--texts sft_heldout.jsonl]
+        [--texts sft_heldout.jsonl] [--judge data/runs/x/judge]
 
 Nothing here is judged by the reward model PPO optimised, except the one column that says
 so. Both models answer the same held-out prompts with the same seeds, sampled from a plain
 tempered distribution (no top-p, no penalty) so the KL is measured on exactly what was
-sampled. The verdict comes from a judge PPO never saw: held-out human preference pairs
-(does the new model move probability towards the chosen reply more than the current one
-does?), or a gold preference function where one exists (the learning benchmark). Length,
+sampled. The verdict comes from judges PPO never saw: a reward model trained on the held-out
+pairs only scores both versions' sampled replies (training/judge.py), and the held-out pairs
+themselves must agree (does the new model move probability towards the chosen reply more than
+the current one does?); a gold preference function decides where one exists (the learning
+benchmark). Log-probability margins alone were misleading: after best-reply SFT they said
+"better on 70%" where the gold judge saw 53% [45%, 62%]. Length,
 repetition, moderation flags and perplexity are reward-hacking probes that stop a version
 from being called better (training/probes.py).
 """
@@ -61,13 +64,22 @@ def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[floa
     return win_values(shifts["chosen"], shifts["rejected"])
 
 
+def _scores(reward_path, convs: dict[str, list], cfg: RetrainConfig) -> dict[str, list[float]]:
+    from training.reward import load_reward_model, score_conversations
+
+    rm, tok = load_reward_model(reward_path)
+    return {name: score_conversations(rm, tok, c, cfg.max_length) for name, c in convs.items()}
+
+
 def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: list[list[dict]], cfg: RetrainConfig,
-             moderator=None, progress=None, pairs: list[dict] = (), judge=None) -> dict:
-    """Compare two versions. ``judge(prompt_messages, reply) -> float`` (a gold preference), when
-    given, decides the win rate; otherwise the held-out preference pairs do."""
+             moderator=None, progress=None, pairs: list[dict] = (), judge=None, judge_path=None,
+             judge_metrics: dict | None = None) -> dict:
+    """Compare two versions. The win rate is decided by ``judge(prompt_messages, reply) -> float``
+    (a gold preference) when given, else by the held-out reward model at ``judge_path`` scoring
+    both versions' sampled replies, else by the held-out preference pairs. ``judge_metrics`` (its
+    accuracy on pairs it never saw) decide whether that judge is trusted (probes.verdict)."""
     from model.engine import SamplingParams
     from model.loader import build_engine, load_model
-    from training.reward import load_reward_model, score_conversations
 
     prompts = [r["prompt"] for r in prompts[:cfg.eval_prompts]]
     texts = texts[:cfg.eval_prompts]  # bounded time
@@ -103,21 +115,28 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     if progress:
         progress(3, 4)
 
+    convs = {name: [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts_of[name])]
+             for name in replies}
     # The reward model PPO optimised: reported, never used for the verdict (it is optimistic).
-    rm, rm_tok = load_reward_model(reward_path)
-    rm_scores = {name: score_conversations(rm, rm_tok, [p + [{"role": "assistant", "content": t}]
-                                                        for p, t in zip(prompts, texts_of[name])], cfg.max_length)
-                 for name in replies}
+    rm_scores = _scores(reward_path, convs, cfg)
     ev["reward_new"], ev["reward_current"] = mean(rm_scores["new"]), mean(rm_scores["current"])
     ev["rm_win_rate"] = mean(win_values(rm_scores["new"], rm_scores["current"]))
 
     pair_values = preference_accuracy(new_model, cur_model, tokenizer, list(pairs)[:cfg.eval_pairs])
     ev["heldout_pref_acc"], ev["heldout_pref_acc_lo"], ev["heldout_pref_acc_hi"] = mean_interval(pair_values)
     ev["heldout_pairs"] = len(pair_values)
+    if judge_path is not None:  # a reward model trained on the held-out split only (training/judge.py)
+        j = _scores(judge_path, convs, cfg)
+        judge_values = win_values(j["new"], j["current"])
+        ev.update(judge_metrics or {})
+        ev["judge_gate"] = cfg.accuracy_gate
+        ev["judge_win_rate"], ev["judge_win_rate_lo"], ev["judge_win_rate_hi"] = mean_interval(judge_values)
     if judge is not None:
         wins = win_values([judge(p, t) for p, t in zip(prompts, texts_of["new"])],
                           [judge(p, t) for p, t in zip(prompts, texts_of["current"])])
         ev["win_rate_judge"] = "gold preference"
+    elif judge_path is not None:
+        wins, ev["win_rate_judge"] = judge_values, "held-out reward model"
     else:
         wins, ev["win_rate_judge"] = pair_values, "held-out preference pairs"
     ev["win_rate"], ev["win_rate_lo"], ev["win_rate_hi"] = mean_interval(wins)
@@ -138,10 +157,11 @@ def main() -> None:
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--pairs", default=None, help="held-out preference pairs (the judge)")
     parser.add_argument("--texts", default=None, help="held-out {messages} rows for perplexity")
+    parser.add_argument("--judge", default=None, help="a reward model trained on held-out pairs (training.judge)")
     args = parser.parse_args()
     texts = [r["messages"] for r in read_jsonl(args.texts)] if args.texts else []
     metrics = evaluate(args.current, args.new, args.reward, read_jsonl(args.prompts), texts, RetrainConfig(),
-                       pairs=read_jsonl(args.pairs) if args.pairs else [])
+                       pairs=read_jsonl(args.pairs) if args.pairs else [], judge_path=args.judge)
     for k, v in metrics.items():
         if k != "samples":
             print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")

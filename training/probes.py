@@ -98,7 +98,9 @@ def probe_failures(ev: dict) -> list[str]:
 def verdict(ev: dict) -> tuple[str, str]:
     """('better' | 'not better' | 'inconclusive', plain words) from the judged win rate and probes.
 
-    Better only when the 95% interval of the win rate lies above 0.5 and no probe trips.
+    Better only when the 95% interval of the win rate lies above 0.5, no probe trips, and, when
+    the held-out reward model judged, it is trusted (its accuracy on pairs it never saw is above
+    the gate) and the held-out pairs agree (their interval lies above 0.5 too).
     """
     rate, lo, hi, n = ev.get("win_rate"), ev.get("win_rate_lo"), ev.get("win_rate_hi"), ev.get("win_rate_n", 0)
     if rate is None or rate != rate or not n:
@@ -113,7 +115,21 @@ def verdict(ev: dict) -> tuple[str, str]:
     if fails:
         return "not better", f"{words}, but {'; '.join(fails)}"
     if lo > 0.5:
-        return "better", words
+        doubt = _judge_doubt(ev) if what == "held-out reward model" else None
+        return ("inconclusive", f"{words}, but {doubt}") if doubt else ("better", words)
     if hi < 0.5:
         return "not better", words.replace("better on", "worse: better on only")
     return "inconclusive", words + " — no clear difference"
+
+
+def _judge_doubt(ev: dict) -> str | None:
+    """Why a win by the held-out reward model must not be believed, or None."""
+    acc, gate = ev.get("judge_accuracy"), ev.get("judge_gate", 0.5)
+    if acc is None or not acc > gate:
+        return (f"that judge ranks only {acc:.0%} of the training pairs right (not above the gate {gate:.0%}), "
+                "so it is not trusted" if acc is not None else "that judge was not checked")
+    pair, pair_lo, pair_hi = ev.get("heldout_pref_acc"), ev.get("heldout_pref_acc_lo"), ev.get("heldout_pref_acc_hi")
+    if pair is None or pair != pair or not pair_lo > 0.5:
+        shown = "no held-out pairs" if pair is None or pair != pair else f"{pair:.0%} ± {(pair_hi - pair_lo) / 2:.0%}"
+        return f"the held-out pairs do not agree ({shown})"
+    return None

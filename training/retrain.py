@@ -1,4 +1,4 @@
-"""The whole loop: snapshot -> SFT -> reward model -> PPO -> evaluate -> register a version.
+"""The whole loop: snapshot -> SFT -> reward model -> PPO -> judge -> evaluate -> register a version.
 
     python -m training.retrain                       # from the configured database, default settings
     python -m training.retrain --ppo-episodes 32     # any RetrainConfig field as a flag
@@ -29,7 +29,7 @@ from training.config import RetrainConfig, add_config_args, config_from_args
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "sft", "reward", "ppo", "evaluate", "register")
+STAGES = ("snapshot", "sft", "reward", "ppo", "judge", "evaluate", "register")
 
 
 class GateFailed(Exception):
@@ -48,6 +48,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     """Execute every stage for an existing run row. Returns the metrics. Raises on failure."""
     from training.data import take_snapshot
     from training.evaluate import evaluate
+    from training.judge import check_sample, train_judge
     from training.ppo import run_ppo
     from training.reward import run_reward
     from training.sft import run_sft
@@ -111,9 +112,17 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     heldout_prompts = snap.rows("prompts_heldout") or [{"prompt": r["prompt"]} for r in snap.rows("preferences_heldout")]
     texts = [r["messages"] for r in snap.rows("sft_heldout")] or \
         [r["prompt"] + r["chosen"] for r in snap.rows("preferences_heldout")]
+    t = stage("judge")  # a referee PPO never saw: trained on the held-out pairs, checked on the training ones
+    check = write_jsonl(run_dir / "data" / "judge_check.jsonl",
+                        check_sample(snap.rows("preferences_train"), cfg.judge_check_pairs, cfg.seed))
+    judge_path, judge_metrics = train_judge(base_path, snap.path("preferences_heldout"), check, run_dir / "judge", cfg,
+                                            callbacks=[ReporterCallback(reporter, reporter.stage)])
+    metrics.update(judge_metrics)
+    timings["judge"] = time.monotonic() - t
     t = stage("evaluate", 4)
     metrics["eval"] = evaluate(base_path, candidate_path, reward_path, heldout_prompts, texts, cfg, moderator,
-                               progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"))
+                               progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"),
+                               judge_path=judge_path, judge_metrics=judge_metrics)
     timings["evaluate"] = time.monotonic() - t
 
     t = stage("register")
@@ -135,7 +144,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                                     metrics=metrics, config=cfg.to_dict(), snapshot_id=snap.snapshot_id,
                                     training_run_id=run_id)
         metrics["version_id"] = version.id
-    for leftover in ("sft",):
+    for leftover in ("sft", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     reporter.close()
     return metrics

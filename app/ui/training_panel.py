@@ -14,7 +14,8 @@ from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
 from training.config import RetrainConfig
 
-VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "verdict", "win rate (95%)", "RM acc (95%)",
+VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
+                   "judge acc on unseen pairs (95%)", "RM acc (95%)",
                    "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
                    "flag rate new/cur", "created"]
 RUN_HEADERS = ["run", "status", "stage", "step", "by", "version", "error", "started"]
@@ -42,7 +43,8 @@ def _version_rows(s) -> list[list]:
         m, e = v.metrics or {}, (v.metrics or {}).get("eval", {})
         verdict = f"{e.get('verdict', '')}: {e.get('verdict_text', '')}" if e.get("verdict") else ""
         rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""), verdict,
-                     _interval(e, "win_rate"), _interval({"acc": m.get("rm_heldout_accuracy"),
+                     _interval(e, "win_rate"), e.get("win_rate_judge", ""), _interval(e, "heldout_pref_acc"),
+                     _interval(m, "judge_accuracy"), _interval({"acc": m.get("rm_heldout_accuracy"),
                                                          "acc_lo": m.get("rm_heldout_accuracy_lo"),
                                                          "acc_hi": m.get("rm_heldout_accuracy_hi")}, "acc"),
                      f"{_fmt(e.get('reward_new'))} / {_fmt(e.get('reward_current'))}" if e else "",
