@@ -10,7 +10,8 @@ simulated annotator ranks them as the Rank tab stores rankings (a share of ranki
 real annotators disagree), the default retrain runs unchanged, and then both versions answer
 held-out prompts that never reached the database, with the same seeds and the app's default
 sampling. The gold function judges. One table: gold win rate of new vs current (0.5 = no
-change) with its 95% interval, the retrain's own judge (held-out pairs) and verdict, and its KL
+change) with its 95% interval, the retrain's own judges (a reward model trained on the held-out
+pairs only, and those pairs' log-probability margins), its verdict, its KL
 to current, mean length and perplexity on held-out text, and stage times. Candidates depend
 only on the base model and the prompt, so they are generated once and reused by every cell.
 """
@@ -145,7 +146,8 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
         result.update(gold_win_rate(base.path, new_path, held, gold, args.max_new_tokens, args.seeds))
         ev = metrics.get("eval", {})  # the retrain's own probes, on its held-out prompts
         result.update({k: ev.get(k) for k in ("kl_to_current", "length_new", "length_current", "ppl_new",
-                                              "ppl_current", "win_rate", "win_rate_lo", "win_rate_hi")})
+                                              "ppl_current", "win_rate", "win_rate_lo", "win_rate_hi",
+                                              "heldout_pref_acc", "judge_accuracy")})
     (cell / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -154,13 +156,14 @@ def print_table(results: list[dict]) -> None:
     f = lambda x, nd=2: "—" if x is None or x != x else f"{x:.{nd}f}"  # noqa: E731
     print("\n| preference | flipped | status | RM acc | gold win rate, held-out prompts (95%) | retrain's judge (95%) "
           "| KL/token | length new/cur | ppl new/cur | retrain s (sft / reward / ppo / eval) | verdict |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         t = r.get("timings_s", {})
         stages = " / ".join(f(t.get(k), 0) for k in ("sft", "reward", "ppo", "evaluate"))
         print(f"| {r['preference']} | {r['noise']:.0%} | {r['status']} | {f(r.get('rm_acc'))} "
               f"| {f(r.get('gold_win_rate'))} [{f(r.get('gold_lo'))}, {f(r.get('gold_hi'))}] n={r.get('gold_n', 0)} "
               f"| {f(r.get('win_rate'))} [{f(r.get('win_rate_lo'))}, {f(r.get('win_rate_hi'))}] "
+              f"| {f(r.get('heldout_pref_acc'))} | {f(r.get('judge_accuracy'))} "
               f"| {f(r.get('kl_to_current'), 3)} | {f(r.get('length_new'), 0)} / {f(r.get('length_current'), 0)} "
               f"| {f(r.get('ppl_new'))} / {f(r.get('ppl_current'))} | {f(r.get('retrain_s'), 0)} ({stages}) "
               f"| {r.get('verdict') or r.get('error') or ''} |")
