@@ -21,6 +21,7 @@ from typing import Iterator
 from app.my_data import DataLinks
 from feedback import moderation_repo as mrepo
 from feedback import repository as repo
+from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.models import Message
 from model.engine import ContextTooLongError, EngineBusyError, SamplingParams
@@ -76,6 +77,9 @@ class ChatService:
         self._lock = threading.Lock()
         self._known_users: set[str] = set()
         self.data_links = DataLinks()  # one-time links to a user's own data (app.my_data)
+        from app.side_by_side import SideBySide
+
+        self.side_by_side = SideBySide(self)  # blind A/B turns while a trial runs
 
     def in_flight(self) -> int:
         """Chat replies being generated right now (background work waits for zero)."""
@@ -122,6 +126,7 @@ class ChatService:
                 conv = repo.get_conversation(session=s, conversation_id=conversation_id, owner=user)
             except repo.NotFoundError as exc:
                 raise ChatError(str(exc)) from exc
+            trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # a pick left undone when they left
             msgs = [{"role": m.role, "content": m.content, "id": m.id}
                     for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
             return msgs, conv.system_prompt
@@ -175,6 +180,12 @@ class ChatService:
         params = self._check_params(params)
         if system_prompt is not None:
             system_prompt = _checked_text(str(system_prompt), "The system prompt", self.settings.max_message_chars)
+        conv_id, user_msg_id = self._post_user_message(user_name, text, conversation_id, system_prompt)
+        yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
+
+    def _post_user_message(self, user_name: str, text: str, conversation_id: int | None,
+                           system_prompt: str | None) -> tuple[int, int]:
+        """Store a validated user message as the next turn (pending); (conversation id, message id)."""
         self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
@@ -188,13 +199,13 @@ class ChatService:
                     raise ChatError(f"This conversation reached {self.settings.max_turns} messages; start a new chat.")
                 if system_prompt is not None:
                     conv.system_prompt = system_prompt
+                trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # went on without a pick
                 thread = repo.latest_thread(session=s, conversation=conv)
                 parent = thread[-1] if thread else None
             # "pending" until the outcome is written: a crash leaves the turn marked, not lost.
             user_msg = repo.add_message(session=s, conversation=conv, role="user", content=text,
                                         parent=parent, status="pending")
-            conv_id, user_msg_id = conv.id, user_msg.id
-        yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
+            return conv.id, user_msg.id
 
     def complete(self, user_name: str, messages: list[dict], params: SamplingParams | None = None,
                  cancel_key: str | None = None) -> Iterator[ChatUpdate]:
@@ -233,16 +244,18 @@ class ChatService:
         yield from self._reply(user_name, conversation_id, user_msg_id, params, cancel_key)
 
     # the pipeline ------------------------------------------------------------------------
-    def _reply(self, user_name, conv_id, user_msg_id, params, cancel_key) -> Iterator[ChatUpdate]:
-        """The pipeline, counted in /metrics."""
+    def _reply(self, user_name, conv_id, user_msg_id, params, cancel_key, engine=None, turn=None,
+               check_input=True) -> Iterator[ChatUpdate]:
+        """The pipeline, counted in /metrics. A side-by-side turn (app.side_by_side) passes each side's
+        engine and turn, and checks the input once itself."""
         m = self.metrics
-        turn = _Turn()
+        turn = turn or _Turn()
         if cancel_key:  # from the start: a reader may go away while input moderation runs
             self._turns[cancel_key] = turn
         m.in_flight.inc()
         outcome = "error"
         try:
-            for up in self._pipeline(user_name, conv_id, user_msg_id, params, turn):
+            for up in self._pipeline(user_name, conv_id, user_msg_id, params, turn, engine, check_input):
                 if up.done:
                     outcome = "blocked" if up.blocked else up.status
                     m.tokens.inc(up.completion_tokens)
@@ -260,15 +273,27 @@ class ChatService:
             m.in_flight.dec()
             m.requests.labels(outcome).inc()
 
-    def _pipeline(self, user_name, conv_id, user_msg_id, params, turn: _Turn) -> Iterator[ChatUpdate]:
-        engine = self._engine  # pinned for this reply: a promote mid-stream does not affect it
+    def _pipeline(self, user_name, conv_id, user_msg_id, params, turn: _Turn, engine=None,
+                  check_input=True) -> Iterator[ChatUpdate]:
+        engine = engine or self._engine  # pinned for this reply: a promote mid-stream does not affect it
         with session_scope(self.session_factory) as s:
             user_msg = repo.get_message(session=s, message_id=user_msg_id)
             conv = user_msg.conversation
             history = _model_context(repo.thread(session=s, leaf=user_msg), conv.system_prompt)
             user_id = conv.owner_id
+        if check_input:
+            blocked = self.check_input(conv_id, user_msg_id, engine.version)
+            if blocked is not None:
+                yield blocked
+                return
+        yield from self._generate(engine, conv_id, user_msg_id, user_id, history, params, turn)
 
-        verdict = self._moderate(user_msg.content, "in", user_id, user_msg_id)
+    def check_input(self, conv_id: int, user_msg_id: int, version: str | None) -> ChatUpdate | None:
+        """Input moderation of a stored user message: the final (template) update when flagged."""
+        with session_scope(self.session_factory) as s:
+            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            text, user_id = user_msg.content, user_msg.conversation.owner_id
+        verdict = self._moderate(text, "in", user_id, user_msg_id)
         if verdict is not None and verdict.flagged:
             template = self.moderator.template("in", verdict.category)
             with session_scope(self.session_factory) as s:
@@ -278,12 +303,13 @@ class ChatService:
                                          content=template, parent=user_msg, status="blocked",
                                          moderation="flagged", model_version=None)
                 reply_id = reply.id
-            yield ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked",
-                             finish_reason="content_filter", model_version=engine.version)
-            return
+            return ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked",
+                              finish_reason="content_filter", model_version=version)
         if verdict is not None:
             self._set_moderation(user_msg_id, "pass")
+        return None
 
+    def _generate(self, engine, conv_id, user_msg_id, user_id, history, params, turn: _Turn) -> Iterator[ChatUpdate]:
         cancel = turn.cancel
         shown, status, out_verdict, gen = "", "complete", None, None
         every = max(1, self.settings.moderation_stream_every)

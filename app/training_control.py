@@ -15,6 +15,7 @@ from pathlib import Path
 
 from app.auth import require_role
 from feedback import training_repo as trepo
+from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.repository import checked_id
 from training.config import RetrainConfig
@@ -35,9 +36,64 @@ class TrainingControl:
         return self.service.session_factory
 
     def recover(self) -> list[int]:
-        """At start-up: runs a crash or kill left 'running' are marked failed."""
+        """At start-up: runs a crash or kill left 'running' are marked failed; a running trial is
+        served again (or stopped, saying why, when its version can no longer be loaded)."""
         with session_scope(self.factory) as s:
-            return trepo.fail_stale_runs(session=s)
+            failed = trepo.fail_stale_runs(session=s)
+            trial = trial_repo.running_trial(session=s)
+            trial_id = trial.id if trial else None
+        if trial_id is not None:
+            try:
+                self._serve_trial(trial_id)
+            except Exception as exc:  # a missing or broken version: the chat must still start
+                with session_scope(self.factory) as s:
+                    trial_repo.end_trial(session=s, trial_id=trial_id)
+                import logging
+
+                logging.getLogger("app").warning("trial %s stopped at start-up: %s", trial_id, exc)
+        return failed
+
+    # A/B trials --------------------------------------------------------------------------
+    def start_trial(self, user: str, version_id, share) -> int:
+        """Put a registered version on trial for ``share`` of chat turns. Load first, then record."""
+        require_role(self.factory, user, ("admin",), "start trial", f"version {version_id} share {share}")
+        with session_scope(self.factory) as s:  # every check before anything loads or is written
+            version = trial_repo.check_new_trial(session=s, candidate_version_id=version_id, share=share)
+            path, name = version.path, version.name
+        engine = self._load_engine(path, name)  # a version that does not load never reaches a user
+        with session_scope(self.factory) as s:
+            trial_id = trial_repo.start_trial(session=s, candidate_version_id=version_id, share=share,
+                                              started_by=user).id
+        self.service.side_by_side.start(trial_id, engine, trial_repo.checked_share(share))
+        return trial_id
+
+    def stop_trial(self, user: str, trial_id) -> None:
+        require_role(self.factory, user, ("admin",), "stop trial", f"trial {trial_id}")
+        with session_scope(self.factory) as s:
+            trial_repo.end_trial(session=s, trial_id=trial_id)
+        self.service.side_by_side.stop()
+
+    def promote_trial(self, user: str, trial_id) -> str:
+        """Serve the trial's candidate from now on and end the trial as promoted."""
+        require_role(self.factory, user, ("admin",), "promote trial", f"trial {trial_id}")
+        with session_scope(self.factory) as s:
+            trial = trial_repo.get_trial(session=s, trial_id=trial_id)
+            if trial.status != "running" or trial.candidate_version_id is None:
+                raise trepo.ValidationError(f"Trial {trial.id} is {trial.status}; only a running trial's "
+                                            "version can be promoted from it.")
+            version_id = trial.candidate_version_id
+        name = self.promote(user, version_id)
+        with session_scope(self.factory) as s:
+            trial_repo.end_trial(session=s, trial_id=trial_id, status="promoted")
+        self.service.side_by_side.stop()
+        return name
+
+    def _serve_trial(self, trial_id: int) -> None:
+        with session_scope(self.factory) as s:
+            trial = trial_repo.get_trial(session=s, trial_id=trial_id)
+            path, name = trial_repo.candidate_of(session=s, trial=trial)
+            share = trial.share
+        self.service.side_by_side.start(trial_id, self._load_engine(path, name), share)
 
     def start(self, user: str, config: dict | None = None) -> int:
         # The role first: a non-admin's attempt is refused and audited whatever settings it sent.

@@ -28,6 +28,8 @@ class User(Base):
     api_key_hash: Mapped[str | None] = mapped_column(String(255))
     # Users who opt out keep chatting, but their data leaves every training export.
     opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Users may turn side-by-side (A/B) turns off for themselves.
+    ab_opt_out: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -212,6 +214,40 @@ class TrainingRun(Base):
     requested_by: Mapped[str | None] = mapped_column(String(80))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class AbTrial(Base):
+    """A registered version on trial against the serving one for a share of chat turns."""
+
+    __tablename__ = "ab_trials"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    candidate_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    baseline_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    share: Mapped[float] = mapped_column(Float)  # of eligible chat turns that become A/B turns
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | stopped | promoted
+    started_by: Mapped[str | None] = mapped_column(String(80))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+
+class AbTurn(Base):
+    """One side-by-side turn: both replies (siblings of the user's message), which was shown on
+    the left, and the user's pick. A pick of one side is a preference pair for training."""
+
+    __tablename__ = "ab_turns"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("ab_trials.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    candidate_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    baseline_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    candidate_version: Mapped[str] = mapped_column(String(120))
+    baseline_version: Mapped[str] = mapped_column(String(120))
+    left: Mapped[str] = mapped_column(String(16))  # candidate | baseline: the random order shown
+    # None until picked: candidate | baseline | tie | both_bad | none (the user went on without one)
+    pick: Mapped[str | None] = mapped_column(String(16))
+    picked_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditLog(Base):

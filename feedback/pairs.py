@@ -2,6 +2,7 @@
 
 - rankings: every ordered pair between tie groups (ties give none);
 - chat thumbs: sibling replies to the same context with opposite votes (up beats down);
+- A/B picks in the chat: the picked side's reply beats the other (ties and "both bad" give none);
 - imported pairs: as they came.
 Flagged candidates and moderation-flagged replies are never "chosen". Identical pairs
 (same prompt, chosen, rejected) are merged with a count. Opted-out users are excluded.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from feedback.models import Candidate, Conversation, ImportedPair, Message, Ranking, RankingTask, User, Vote
+from feedback.models import AbTurn, Candidate, Conversation, ImportedPair, Message, Ranking, RankingTask, User, Vote
 from feedback.repository import thread
 
 
@@ -80,13 +81,33 @@ def vote_pairs(session: Session) -> list[Pair]:
         downs = [(v, m) for v, m in rows if v.value < 0]
         if not ups or not downs:
             continue
-        parent = session.get(Message, parent_id)
-        context = [{"role": m.role, "content": m.content} for m in thread(session=session, leaf=parent)
-                   if m.role in ("user", "assistant") and m.moderation != "flagged" and m.status != "blocked"]
+        context = _context(session, session.get(Message, parent_id))
         for uv, um in ups:
             for dv, dm in downs:
                 if um.content != dm.content:
                     out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]}))
+    return out
+
+
+def _context(session: Session, parent: Message) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in thread(session=session, leaf=parent)
+            if m.role in ("user", "assistant") and m.moderation != "flagged" and m.status != "blocked"]
+
+
+def ab_pairs(session: Session) -> list[Pair]:
+    """A side-by-side pick: the picked reply beats the other one, unless either was blocked."""
+    out, opted = [], _opted_out(session)
+    stmt = select(AbTurn).where(AbTurn.pick.in_(("candidate", "baseline"))).order_by(AbTurn.id)
+    for turn in session.scalars(stmt):
+        if turn.user_id in opted:
+            continue
+        cand, base = session.get(Message, turn.candidate_message_id), session.get(Message, turn.baseline_message_id)
+        if cand is None or base is None or {cand.status, base.status} & {"blocked", "failed"}:
+            continue
+        chosen, rejected = (cand, base) if turn.pick == "candidate" else (base, cand)
+        if chosen.content != rejected.content:
+            out.append(Pair(_context(session, session.get(Message, turn.user_message_id)), chosen.content,
+                            rejected.content, "ab", refs={"ab_turns": [turn.id]}))
     return out
 
 
@@ -111,4 +132,4 @@ def merge(pairs: list[Pair]) -> list[Pair]:
 
 
 def all_pairs(session: Session) -> list[Pair]:
-    return merge(ranking_pairs(session) + vote_pairs(session) + imported_pairs(session))
+    return merge(ranking_pairs(session) + vote_pairs(session) + ab_pairs(session) + imported_pairs(session))

@@ -147,8 +147,10 @@ def thread(*, session: Session, leaf: Message) -> list[Message]:
 
 
 def latest_thread(*, session: Session, conversation: Conversation) -> list[Message]:
-    """The thread ending at the newest message: after a regenerate, the newest sibling."""
-    leaf = session.scalar(select(Message).where(Message.conversation_id == conversation.id)
+    """The thread ending at the newest message: after a regenerate, the newest sibling. The reply a
+    user did not pick in a side-by-side (A/B) turn is never the thread's end (feedback.trial_repo)."""
+    leaf = session.scalar(select(Message).where(Message.conversation_id == conversation.id,
+                                                Message.status != "unpicked")
                           .order_by(Message.id.desc()).limit(1))
     return thread(session=session, leaf=leaf) if leaf else []
 

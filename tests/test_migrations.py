@@ -59,3 +59,26 @@ def test_upgrade_to_0002_marks_prompts_that_already_became_tasks(tmp_path):
         states = conn.execute(text("SELECT id, ranking_state FROM messages ORDER BY id")).all()
     engine.dispose()
     assert states == [(1, "task"), (2, None)]
+
+
+def test_upgrade_to_0003_keeps_every_user_and_conversation(tmp_path):
+    """Revision 0003 adds users.ab_opt_out in place: a copy-and-move of users on SQLite would
+    cascade-delete their conversations through the foreign keys (it did, in development)."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    migrate(url, "0002")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, role, opted_out, created_at) "
+                          "VALUES (1, 'a', 'user', 0, '2026-01-01')"))
+        conn.execute(text("INSERT INTO conversations (id, owner_id, title, system_prompt, created_at, updated_at) "
+                          "VALUES (1, 1, 't', '', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO messages (id, conversation_id, role, content, status, created_at) "
+                          "VALUES (1, 1, 'user', 'q', 'answered', '2026-01-01')"))
+    migrate(url)
+    with engine.connect() as conn:
+        users = conn.execute(text("SELECT name, ab_opt_out FROM users")).all()
+        messages = conn.execute(text("SELECT count(*) FROM messages")).scalar()
+    engine.dispose()
+    assert users == [("a", False)] and messages == 1

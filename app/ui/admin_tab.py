@@ -7,6 +7,7 @@ import gradio as gr
 from app.ui.data_panel import build_data_panel
 from app.ui.moderation_panel import build_moderation_panel
 from app.ui.training_panel import build_training_panel
+from app.ui.trial_panel import build_trial_panel
 
 
 def build_admin_tab(service, control) -> tuple:
@@ -15,14 +16,16 @@ def build_admin_tab(service, control) -> tuple:
         refresh_btn = gr.Button("Refresh", size="sm")
         with gr.Tab("Training"):
             refresh_train, train_outputs = build_training_panel(service, control)
+        with gr.Tab("Trials"):
+            refresh_trials, trial_outputs = build_trial_panel(service, control)
         with gr.Tab("Data"):
             refresh_data, data_outputs = build_data_panel(service)
         with gr.Tab("Moderation"):
             refresh_mod, mod_outputs = build_moderation_panel(service)
-    outputs = train_outputs + data_outputs + mod_outputs
+    outputs = train_outputs + trial_outputs + data_outputs + mod_outputs
 
     def refresh(request: gr.Request):
-        return (*refresh_train(request), refresh_data(request), *refresh_mod(request))
+        return (*refresh_train(request), *refresh_trials(request), refresh_data(request), *refresh_mod(request))
 
     refresh_btn.click(refresh, None, outputs, api_name="admin_refresh")
     return tab, refresh, outputs

@@ -1,4 +1,5 @@
-"""The chat tab: streamed replies, sampling settings, regenerate, stop, conversations, thumbs."""
+"""The chat tab: streamed replies, sampling settings, regenerate, stop, conversations, thumbs, and
+side-by-side (A/B) turns while an admin runs a trial (app.side_by_side)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ def build_chat_tab(service) -> None:
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
                                  feedback_options=("Like", "Dislike"), buttons=["copy"])
+            with gr.Group(visible=False, elem_id="ab-turn") as ab_box:
+                gr.Markdown("**Two replies to compare.** Which one is better? The conversation continues "
+                            "with the one you pick.")
+                with gr.Row():
+                    left_md = gr.Markdown("", elem_id="ab-left", container=True, sanitize_html=True)
+                    right_md = gr.Markdown("", elem_id="ab-right", container=True, sanitize_html=True)
+                with gr.Row():
+                    pick_left = gr.Button("👈 Left is better", size="sm", elem_id="ab-pick-left")
+                    pick_tie = gr.Button("Tie", size="sm", elem_id="ab-pick-tie")
+                    pick_bad = gr.Button("Both are bad", size="sm", elem_id="ab-pick-both-bad")
+                    pick_right = gr.Button("Right is better 👉", size="sm", elem_id="ab-pick-right")
             hint = gr.Markdown("", elem_id="chat-hint")
             with gr.Row():
                 box = gr.Textbox(placeholder="Message the model… (Enter to send)", show_label=False, scale=6,
@@ -45,6 +57,7 @@ def build_chat_tab(service) -> None:
             with gr.Accordion("Your data", open=False):
                 opt_out = gr.Checkbox(label="Keep my conversations and votes out of model training",
                                       elem_id="opt-out")
+                ab_opt_out = gr.Checkbox(label="Never show me two replies to compare", elem_id="ab-opt-out")
                 with gr.Row():
                     export_btn = gr.Button("Download all my data (JSON)", size="sm")
                     delete_btn = gr.Button("Delete all my data", size="sm", variant="stop", elem_id="delete-data")
@@ -53,6 +66,7 @@ def build_chat_tab(service) -> None:
     conv_id = gr.State(None)   # the open conversation
     ids = gr.State([])         # message id for each chatbot row (None while streaming)
     voted = gr.State(None)     # (message_id, value) awaiting an optional reason
+    ab_turn = gr.State(None)   # the side-by-side turn waiting for this user's pick
     sampling = [temperature, top_p, top_k, max_new, rep]
 
     def refresh_list(request: gr.Request, current=None):
@@ -73,31 +87,71 @@ def build_chat_tab(service) -> None:
         except ChatError as exc:
             yield history, row_ids, cid, f"⚠ {exc}"
 
-    def on_send(text, history, row_ids, cid, system_prompt, temperature, top_p, top_k, max_new, rep,
+    def on_send(text, history, row_ids, cid, pending, system_prompt, temperature, top_p, top_k, max_new, rep,
                 request: gr.Request):
+        same = (gr.update(),) * 4  # the side-by-side box, both sides, the pending turn: unchanged
+        if pending is not None:
+            yield gr.update(), history, row_ids, cid, "Pick one of the two replies first (or Tie / Both are bad).", \
+                gr.update(), *same
+            return
         user = caller_name(request)
+        params = _params(temperature, top_p, top_k, max_new, rep)
+        two = service.side_by_side.wanted(user)
         try:
-            updates = service.send(user, text, cid, _params(temperature, top_p, top_k, max_new, rep),
-                                   system_prompt or None,
-                                   cancel_key=request.session_hash)
+            sender = service.side_by_side.send if two else service.send
+            updates = sender(user, text, cid, params, system_prompt or None, cancel_key=request.session_hash)
             first = next(updates)  # validation and the user row happen here, before anything shows
         except ChatError as exc:
-            yield text, history, row_ids, cid, f"⚠ {exc}", gr.update()
+            yield text, history, row_ids, cid, f"⚠ {exc}", gr.update(), *same
             return
         history = history + [{"role": "user", "content": text.strip()}]
         row_ids = row_ids + [first.user_message_id]
+        if two and first.single is None:
+            yield from _stream_pair(first, updates, history, row_ids, request)
+            return
 
         def chain():
-            yield first
-            yield from updates
+            yield first.single if two else first
+            if not two:
+                yield from updates
 
         # Clear the box once: later yields leave it alone, so a user can type the next message
         # while this reply is still streaming.
         box_update = ""
         for rows, rids, cid, note in stream_reply(chain(), history, row_ids, cid):
-            yield box_update, rows, rids, cid, note, gr.update()
+            yield box_update, rows, rids, cid, note, gr.update(), *same
             box_update = gr.update()
-        yield gr.update(), rows, rids, cid, note, refresh_list(request, cid)
+        yield gr.update(), rows, rids, cid, note, refresh_list(request, cid), *same
+
+    def _stream_pair(first, updates, history, row_ids, request):
+        rows = history + [{"role": "assistant", "content": "⟷ Two replies below: pick the one you prefer."}]
+        up, box_update = first, ""
+        try:
+            for up in [first, *updates]:
+                yield box_update, rows, row_ids + [None], up.conversation_id, "", gr.update(), \
+                    gr.update(visible=True), up.left or "…", up.right or "…", None
+                box_update = gr.update()
+        except ChatError as exc:
+            yield gr.update(), history, row_ids, up.conversation_id, f"⚠ {exc}", gr.update(), \
+                gr.update(visible=False), "", "", None
+            return
+        if not up.done:  # stopped before both ended: nothing to pick on
+            yield gr.update(), history, row_ids, up.conversation_id, "Stopped.", gr.update(), \
+                gr.update(visible=False), "", "", None
+            return
+        yield gr.update(), rows, row_ids + [None], up.conversation_id, "", refresh_list(request, up.conversation_id), \
+            gr.update(visible=True), up.left, up.right, up.turn_id
+
+    def on_pick(choice, pending, history, row_ids, request: gr.Request):
+        if pending is None:
+            return history, row_ids, "There is no comparison waiting for a pick.", gr.update(visible=False), None
+        try:
+            result = service.side_by_side.pick(caller_name(request), pending, choice)
+        except (ValidationError, NotFoundError) as exc:
+            return history, row_ids, f"⚠ {exc}", gr.update(), pending
+        history = history[:-1] + [{"role": "assistant", "content": result.text}]
+        return history, row_ids[:-1] + [result.message_id], f"Thanks, your pick is saved. {result.reveal}", \
+            gr.update(visible=False), None
 
     def on_regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request: gr.Request):
         if cid is None or not history:
@@ -139,17 +193,17 @@ def build_chat_tab(service) -> None:
         return "Feedback saved, thank you.", gr.update(visible=False), None, ""
 
     def on_new():
-        return [], [], None, "", gr.update(value=None)
+        return [], [], None, "", gr.update(value=None), gr.update(visible=False), None
 
     def on_open(selected, request: gr.Request):
         if selected is None:
-            return gr.update(), gr.update(), gr.update(), gr.update(), ""
+            return gr.update(), gr.update(), gr.update(), gr.update(), "", gr.update(), gr.update()
         try:
             msgs, system_prompt = service.open_conversation(caller_name(request), int(selected))
         except ChatError as exc:
-            return [], [], None, "", f"⚠ {exc}"
+            return [], [], None, "", f"⚠ {exc}", gr.update(visible=False), None
         rows = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        return rows, [m["id"] for m in msgs], int(selected), system_prompt, ""
+        return rows, [m["id"] for m in msgs], int(selected), system_prompt, "", gr.update(visible=False), None
 
     def on_opt_out(value, request: gr.Request):
         service.set_opt_out(caller_name(request), value)
@@ -165,13 +219,26 @@ def build_chat_tab(service) -> None:
         counts = service.delete_my_data(caller_name(request))
         return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None), gr.update(value="", visible=False)
 
+    def on_ab_opt_out(value, request: gr.Request):
+        service.side_by_side.set_opt_out(caller_name(request), bool(value))
+        return "You will not be asked to compare replies." if value else "You may sometimes see two replies to compare."
+
     opt_out.input(on_opt_out, [opt_out], hint, api_name="opt_out")
+    ab_opt_out.input(on_ab_opt_out, [ab_opt_out], hint, api_name="ab_opt_out")
+    def picker(choice):
+        def handler(pending, history, row_ids, request: gr.Request):
+            return on_pick(choice, pending, history, row_ids, request)
+        return handler
+
+    for button, choice in ((pick_left, "left"), (pick_right, "right"), (pick_tie, "tie"), (pick_bad, "both_bad")):
+        button.click(picker(choice), [ab_turn, chatbot, ids], [chatbot, ids, hint, ab_box, ab_turn],
+                     api_name=f"pick_{choice}")
     export_btn.click(on_export, None, my_file, api_name="export_my_data")
     delete_btn.click(on_delete, None, [chatbot, ids, conv_id, hint, convs, my_file], api_name="delete_my_data",
                      js="() => { if (!confirm('Delete all your conversations, votes and rankings?')) throw new Error('kept'); }")
 
-    send_inputs = [box, chatbot, ids, conv_id, system, *sampling]
-    send_outputs = [box, chatbot, ids, conv_id, hint, convs]
+    send_inputs = [box, chatbot, ids, conv_id, ab_turn, system, *sampling]
+    send_outputs = [box, chatbot, ids, conv_id, hint, convs, ab_box, left_md, right_md, ab_turn]
     # Progress shows on the chat only, not on the message box or the conversation list.
     send.click(on_send, send_inputs, send_outputs, api_name="send", concurrency_limit=None,
                show_progress_on=[chatbot])
@@ -182,6 +249,6 @@ def build_chat_tab(service) -> None:
     stop.click(on_stop, None, None, api_name="stop")
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
     save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
-    new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs], api_visibility="private")
-    convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint], api_visibility="private")
+    new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
+    convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private")
     return refresh_list, convs
