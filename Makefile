@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python is compiled here (~8 min on 2 cores): GGML_NATIVE tunes it for this CPU, and
 # GGML_OPENMP=OFF gives ggml its own thread pool. With OpenMP, torch in the same process (the
 # moderation model) shares libgomp, which then stops spinning between llama.cpp's ~900 ops a step:
-# decoding measured 2x slower. pip's wheel cache ignores CMAKE_ARGS, so the wheel is kept in a
-# folder named after the version and the flags, and built only when that folder has none.
+# decoding measured 2x slower. AMX stays off: a virtual CPU can list amx_tile without running it
+# (seen 2026-12-02: ldtilecfg crashed every llama.cpp decode), and gcc honours an explicit -mno-*
+# over -march=native wherever it appears. pip's wheel cache ignores CMAKE_ARGS, so the wheel is
+# kept in a folder named after the version and the flags, and built only when that folder has none.
 LLAMA_PIN := $(shell grep -E '^llama-cpp-python==' requirements.txt)
-LLAMA_CMAKE := -DGGML_NATIVE=ON -DGGML_OPENMP=OFF
-LLAMA_WHEELS := $(HOME)/.cache/chat-llama-wheels/$(subst ==,-,$(LLAMA_PIN))-native-noomp-$(shell uname -m)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE := -DGGML_NATIVE=ON -DGGML_OPENMP=OFF '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+LLAMA_WHEELS := $(HOME)/.cache/chat-llama-wheels/$(subst ==,-,$(LLAMA_PIN))-native-noamx-noomp-$(shell uname -m)
 
 .PHONY: setup run test test-fast migrate bench clean
 

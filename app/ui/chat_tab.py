@@ -153,7 +153,10 @@ def build_chat_tab(service) -> None:
         return history, row_ids[:-1] + [result.message_id], f"Thanks, your pick is saved. {result.reveal}", \
             gr.update(visible=False), None
 
-    def on_regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request: gr.Request):
+    def on_regen(history, row_ids, cid, pending, temperature, top_p, top_k, max_new, rep, request: gr.Request):
+        if pending is not None:
+            yield history, row_ids, cid, "Pick one of the two replies first (or Tie / Both are bad)."
+            return
         if cid is None or not history:
             yield history, row_ids, cid, "Nothing to regenerate yet."
             return
@@ -244,7 +247,7 @@ def build_chat_tab(service) -> None:
                show_progress_on=[chatbot])
     box.submit(on_send, send_inputs, send_outputs, api_visibility="private", concurrency_limit=None,
                show_progress_on=[chatbot])
-    regen.click(on_regen, [chatbot, ids, conv_id, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate",
+    regen.click(on_regen, [chatbot, ids, conv_id, ab_turn, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate",
                 show_progress_on=[chatbot])
     stop.click(on_stop, None, None, api_name="stop")
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")

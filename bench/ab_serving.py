@@ -1,0 +1,126 @@
+"""What a blind A/B trial costs the serving path: memory of a second version, and TTFT of everyone else.
+
+    python -m bench.ab_serving                       # 4 users, 40 s per case, the embedded model
+    python -m bench.ab_serving --users 4 --seconds 20
+
+Three cases in one run, each with the same simulated users sending chat turns one after
+another through the real ChatService (llama.cpp engines, moderation off, SQLite):
+  1. no trial (the baseline);
+  2. a trial loaded but on no turns (share 0): the candidate's engine only sits in memory;
+  3. a trial on ``--share`` of turns: those turns are side-by-side (two replies at once).
+TTFT is measured on the turns that are not side-by-side (the users a trial must not slow
+down), as p50/p95 and as a ratio to case 1. Memory is the process's resident set after
+loading the serving engine and after loading the candidate (a copy of the weights in its own
+directory, as a retrained version has): a trial adds one version's weights and cache, once,
+however many users there are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_case(service, users: int, seconds: float, share: float) -> dict:
+    from model.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=32, temperature=0.7, seed=0)
+    ttfts, ab_ttfts, lock = [], [], threading.Lock()
+    stop_at = time.time() + seconds
+    rng = random.Random(0)
+
+    def user(i: int):
+        n = 0
+        while time.time() < stop_at:
+            n += 1
+            text = f"user {i} message {n}: tell me something about the sea"
+            with lock:
+                two = share > 0 and rng.random() < share
+            start = time.perf_counter()
+            sender = service.side_by_side.send if two else service.send
+            first = None
+            for up in sender(f"u{i}", text, None, params):
+                if first is None and (getattr(up, "text", "") or getattr(up, "left", "") or getattr(up, "right", "")):
+                    first = time.perf_counter() - start
+            with lock:
+                (ab_ttfts if two else ttfts).append(first if first is not None else float("nan"))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    good = sorted(x for x in ttfts if x == x)
+    p95 = good[round(0.95 * (len(good) - 1))] if good else float("nan")  # nearest rank
+    return {"turns": len(ttfts), "ab_turns": len(ab_ttfts), "p50": statistics.median(good) if good else float("nan"),
+            "p95": p95}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--share", type=float, default=0.25, help="share of turns that are side by side in case 3")
+    parser.add_argument("--model", default="embedded")
+    args = parser.parse_args()
+
+    from app.service import ChatService
+    from app.settings import Settings, engine_options
+    from feedback import training_repo as trepo
+    from feedback import trial_repo
+    from feedback.db import make_engine, make_session_factory, migrate, session_scope
+    from model.loader import build_engine
+    from model.weights import resolve_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ab-"))
+    url = f"sqlite:///{work / 'bench.db'}"
+    migrate(url)
+    settings = Settings(data_dir=str(work), database_url=url, messages_per_minute=0, moderation_backends="rules")
+    base = resolve_model(args.model, Path("data"))
+    cand_dir = work / "candidate"
+    shutil.copytree(base.path, cand_dir, ignore=shutil.ignore_patterns("*.gguf"))  # its own GGUF, as a new version
+    factory = make_session_factory(make_engine(url))
+    with session_scope(factory) as s:
+        b = trepo.ensure_base_version(session=s, name=base.name, path=str(base.path))
+        c = trepo.add_version(session=s, name="candidate", path=str(cand_dir), parent_id=b.id, stage="ppo",
+                              metrics={}, config={}, snapshot_id=None, training_run_id=None)
+        cand_id = c.id
+    before = rss_mb()
+    engine = build_engine(base.path, base.name, **engine_options(settings))
+    service = ChatService(engine, factory, settings)
+    run_case(service, 1, 3, 0)  # warm-up
+    one = rss_mb()
+    results = {"no trial": run_case(service, args.users, args.seconds, 0)}
+    candidate = build_engine(cand_dir, "candidate", **engine_options(settings))
+    with session_scope(factory) as s:
+        trial_id = trial_repo.start_trial(session=s, candidate_version_id=cand_id, share=1.0, started_by="bench").id
+    service.side_by_side.start(trial_id, candidate, 1.0)
+    run_case(service, 1, 3, 1.0)  # warm the candidate too
+    two = rss_mb()
+    results["trial loaded, share 0"] = run_case(service, args.users, args.seconds, 0)
+    results[f"trial on {args.share:.0%} of turns"] = run_case(service, args.users, args.seconds, args.share)
+
+    print(f"\nresident memory: before engines {before:.0f} MB, serving one version {one:.0f} MB, "
+          f"with the candidate loaded {two:.0f} MB (+{two - one:.0f} MB, x{two / one:.2f} of one version)\n")
+    base_p95 = results["no trial"]["p95"]
+    print("| case | non-trial turns | side-by-side turns | TTFT p50 s | TTFT p95 s | p95 vs no trial |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        print(f"| {name} | {r['turns']} | {r['ab_turns']} | {r['p50']:.3f} | {r['p95']:.3f} | {r['p95'] / base_p95:.2f}x |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
