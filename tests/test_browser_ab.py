@@ -32,7 +32,7 @@ def test_admin_starts_a_trial_and_a_user_picks_between_two_replies(tiny_model_di
         page.get_by_role("tab", name="Chat").click()
         page.fill("#chat-input textarea", "Tell me about kites")
         page.click("#send-btn")
-        page.locator("#ab-turn").wait_for(state="visible", timeout=60000)
+        page.locator("#ab-pick-left").wait_for(state="visible", timeout=60000)
         page.wait_for_function("document.querySelector('#ab-left').innerText.trim().length > 1 && "
                                "document.querySelector('#ab-right').innerText.trim().length > 1", timeout=90000)
         page.locator("#conversations").get_by_text("Tell me about kites").wait_for(timeout=90000)  # both ended
@@ -43,7 +43,7 @@ def test_admin_starts_a_trial_and_a_user_picks_between_two_replies(tiny_model_di
         page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('pick is saved')",
                                timeout=30000)
         assert "Left was" in page.locator("#chat-hint").inner_text()
-        page.locator("#ab-turn").wait_for(state="hidden", timeout=10000)
+        page.locator("#ab-pick-left").wait_for(state="hidden", timeout=10000)
         assert left[:20] in page.locator("#chatbot").inner_text()
 
         page.get_by_role("tab", name="Admin").click()

@@ -31,10 +31,10 @@ def build_chat_tab(service) -> None:
                     left_md = gr.Markdown("", elem_id="ab-left", container=True, sanitize_html=True)
                     right_md = gr.Markdown("", elem_id="ab-right", container=True, sanitize_html=True)
                 with gr.Row():
-                    pick_left = gr.Button("👈 Left is better", size="sm", elem_id="ab-pick-left")
+                    pick_left = gr.Button("← Left is better", size="sm", elem_id="ab-pick-left")
                     pick_tie = gr.Button("Tie", size="sm", elem_id="ab-pick-tie")
                     pick_bad = gr.Button("Both are bad", size="sm", elem_id="ab-pick-both-bad")
-                    pick_right = gr.Button("Right is better 👉", size="sm", elem_id="ab-pick-right")
+                    pick_right = gr.Button("Right is better →", size="sm", elem_id="ab-pick-right")
             hint = gr.Markdown("", elem_id="chat-hint")
             with gr.Row():
                 box = gr.Textbox(placeholder="Message the model… (Enter to send)", show_label=False, scale=6,
