@@ -9,12 +9,12 @@ from tests.live_app import live_app
 def test_chat_through_gradio_client_is_logged(tiny_model_dir, tmp_path):
     with live_app(tmp_path, tiny_model_dir) as url:
         client = Client(url + "/", verbose=False)
-        box, history, hint, convs = client.predict("Hello model", [], "", 0.0, 0.9, 50, 8, 1.1, api_name="/send")
+        box, history, hint, convs = client.predict("Hello model", [], "", 0.0, 0.9, 50, 8, 1.1, api_name="/send")[:4]
         assert hint == ""  # the box was cleared on the first streamed update
         assert [m["role"] for m in history] == ["user", "assistant"]
         reply = history[1]["content"][0]["text"]
         # Refusals come back as a hint and keep the text in the box.
-        box2, _, hint2, _ = client.predict("x" * 9000, [], "", 0.0, 0.9, 50, 8, 1.1, api_name="/send")
+        box2, _, hint2, _ = client.predict("x" * 9000, [], "", 0.0, 0.9, 50, 8, 1.1, api_name="/send")[:4]
         assert box2 == "x" * 9000 and "limit is 8,000" in hint2
     engine = create_engine(f"sqlite:///{tmp_path / 'chat.db'}")
     with engine.connect() as conn:

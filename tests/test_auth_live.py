@@ -51,7 +51,7 @@ def test_roles_hold_on_direct_api_calls(users_db, tiny_model_dir, tmp_path):
         assert alice.predict("head-0001", api_name="/switch_moderation_head")[0].startswith("Denied")
         ranked = alice.predict("ABCD", "", "ok", "ok", "ok", "ok", api_name="/rank_submit")
         assert ranked.startswith("Denied")
-        _, history, _, _ = alice.predict("Hi", [], "", 0.0, 0.9, 50, 4, 1.1, api_name="/send")
+        _, history, _, _ = alice.predict("Hi", [], "", 0.0, 0.9, 50, 4, 1.1, api_name="/send")[:4]
         assert history[0]["role"] == "user"
         root = Client(url + "/", auth=("root", "root-password"), verbose=False)
         data = root.predict(api_name="/admin_refresh")

@@ -82,6 +82,17 @@ def test_a_held_out_reward_model_win_counts_only_when_that_judge_is_trusted_and_
                     "win_rate_hi": 0.4})[0] == "not better"
 
 
+def test_reference_overlap_is_sacrebleus_corpus_bleu_and_chrf():
+    """Replies equal to the ideal ones score 100 on both; unrelated words score far lower; none is NaN."""
+    from training.probes import reference_overlap
+
+    refs = ["The kite is blue and flies high above the park.", "Water boils at one hundred degrees."]
+    assert reference_overlap(refs, refs) == (pytest.approx(100.0), pytest.approx(100.0))
+    bleu, chrf = reference_overlap(["Zebras eat grass.", "I cannot say."], refs)
+    assert bleu < 10 and chrf < 30
+    assert all(math.isnan(x) for x in reference_overlap([], []))
+
+
 def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
     """No pair is dropped: long dialogues lose their start and keep the reply's last tokens."""
     from transformers import AutoTokenizer

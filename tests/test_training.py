@@ -28,7 +28,8 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     m = run.metrics
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]
-    for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current"):
+    for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current",
+                "bleu_new", "bleu_current", "chrf_new", "chrf_current"):
         assert key in ev and ev[key] == ev[key], key  # present and not NaN
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)
@@ -36,6 +37,14 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
         assert version.metrics["eval"]["win_rate"] == ev["win_rate"] and not version.is_active
         assert {h["stage"].split(" ")[1] for h in run.history} >= {"reward", "ppo"}
     assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
+    assert ev["reference_n"] == min(16, m["data"]["preferences_heldout"])  # chosen replies when no demonstrations
+    from training.report import version_report
+
+    with session_factory() as s:
+        table = version_report(s, [version.name])
+        with pytest.raises(LookupError, match="No version named 'nope'"):
+            version_report(s, ["nope"])
+    assert f"| BLEU vs ideal replies | {ev['bleu_new']:.3f} |" in table and "no comparisons yet" in table
 
 
 def test_the_win_rate_is_judged_by_a_reward_model_trained_only_on_held_out_pairs(session_factory, tmp_path,

@@ -53,6 +53,8 @@ class RetrainConfig:
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
     # evaluation
     eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
+    eval_references: int = field(default=16, metadata={"help": "Held-out ideal replies (demonstrations, else chosen "
+                                                              "replies) both versions answer for BLEU and chrF."})
     eval_pairs: int = field(default=100, metadata={"help": "Held-out preference pairs that judge new vs current."})
     eval_max_new_tokens: int = field(default=160, metadata={"help": "New tokens per evaluation reply (long enough "
                                                                     "for most replies to end)."})

@@ -3,6 +3,7 @@
     python -m training.evaluate --current data/models/smollm2-135m-instruct --new data/runs/x/ppo \
         --reward data/runs/x/reward --prompts prompts_heldout.jsonl [--pairs prefs_heldout.jsonl] \
         [--texts sft_heldout.jsonl] [--judge data/runs/x/judge]
+    python -m training.evaluate --report base run3-ppo     # stored evaluations side by side (training/report.py)
 
 Nothing here is judged by the reward model PPO optimised, except the one column that says
 so. Both models answer the same held-out prompts with the same seeds, sampled from a plain
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
-from training.probes import (kl_per_token, mean_interval, repetition_rate, reply_logprobs, verdict,
-                             win_values)
+from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs,
+                             verdict, win_values)
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
@@ -82,14 +83,17 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     from model.loader import build_engine, load_model
 
     prompts = [r["prompt"] for r in prompts[:cfg.eval_prompts]]
+    # Ideal replies (held-out demonstrations, else the held-out chosen replies) for BLEU and chrF.
+    refs = [(c[:-1], c[-1]["content"]) for c in texts[:cfg.eval_references] if c and c[-1]["role"] == "assistant"]
     texts = texts[:cfg.eval_prompts]  # bounded time
-    replies = {}
+    replies, ref_replies = {}, {}
     for name, path in (("current", current_path), ("new", new_path)):
         engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
         try:
-            replies[name] = answer_all(engine, prompts, lambda i: SamplingParams(
+            out = answer_all(engine, prompts + [p for p, _ in refs], lambda i: SamplingParams(
                 temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
                 max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + i))
+            replies[name], ref_replies[name] = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
         finally:
             getattr(engine, "close", lambda: None)()
         if progress:
@@ -112,6 +116,9 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
         ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
                                         for t in texts_of[name]]) if moderator else float("nan")
     ev["ppl_new"], ev["ppl_current"] = perplexity(new_model, tokenizer, texts), perplexity(cur_model, tokenizer, texts)
+    ev["reference_n"] = len(refs)
+    for name in replies:
+        ev[f"bleu_{name}"], ev[f"chrf_{name}"] = reference_overlap(ref_replies[name], [r for _, r in refs])
     if progress:
         progress(3, 4)
 
@@ -151,14 +158,29 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--current", required=True)
-    parser.add_argument("--new", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--report", nargs="+", metavar="VERSION", default=None,
+                        help="list registered versions' stored evaluations side by side (training/report.py)")
+    parser.add_argument("--url", default=None, help="database URL for --report (default: the configured one)")
+    parser.add_argument("--current")
+    parser.add_argument("--new")
+    parser.add_argument("--reward")
+    parser.add_argument("--prompts")
     parser.add_argument("--pairs", default=None, help="held-out preference pairs (the judge)")
     parser.add_argument("--texts", default=None, help="held-out {messages} rows for perplexity")
     parser.add_argument("--judge", default=None, help="a reward model trained on held-out pairs (training.judge)")
     args = parser.parse_args()
+    if args.report:
+        from feedback.db import default_url, make_engine, make_session_factory, session_scope
+        from training.report import version_report
+
+        with session_scope(make_session_factory(make_engine(args.url or default_url()))) as s:
+            try:
+                print(version_report(s, args.report))
+            except LookupError as exc:
+                parser.error(str(exc))
+        return
+    if not (args.current and args.new and args.reward and args.prompts):
+        parser.error("--current, --new, --reward and --prompts are needed (or --report VERSION ...)")
     texts = [r["messages"] for r in read_jsonl(args.texts)] if args.texts else []
     metrics = evaluate(args.current, args.new, args.reward, read_jsonl(args.prompts), texts, RetrainConfig(),
                        pairs=read_jsonl(args.pairs) if args.pairs else [], judge_path=args.judge)

@@ -56,6 +56,19 @@ def win_values(new_scores: list[float], current_scores: list[float]) -> list[flo
     return [1.0 if n > c else 0.5 if n == c else 0.0 for n, c in zip(new_scores, current_scores)]
 
 
+def reference_overlap(replies: list[str], references: list[str]) -> tuple[float, float]:
+    """Corpus BLEU and chrF (sacrebleu, 0-100) of ``replies`` against the ideal replies; NaN for none.
+
+    They say how close a version comes to what annotators wrote, not whether it is better: a
+    good reply in other words scores low. Reported, never part of the verdict."""
+    if not replies:
+        return float("nan"), float("nan")
+    import sacrebleu
+
+    return (float(sacrebleu.corpus_bleu(replies, [references]).score),
+            float(sacrebleu.corpus_chrf(replies, [references]).score))
+
+
 def repetition_rate(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
     words = text.split()

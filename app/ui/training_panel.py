@@ -17,6 +17,7 @@ from training.config import RetrainConfig
 VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
                    "judge acc on unseen pairs (95%)", "RM acc (95%)",
                    "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
+                   "BLEU new/cur", "chrF new/cur",
                    "flag rate new/cur", "created"]
 RUN_HEADERS = ["run", "status", "stage", "step", "by", "version", "error", "started"]
 PLOT_STAGES = {"reward": ("loss", "accuracy"), "ppo": ("reward", "kl")}
@@ -49,7 +50,7 @@ def _version_rows(s) -> list[list]:
                                                          "acc_hi": m.get("rm_heldout_accuracy_hi")}, "acc"),
                      f"{_fmt(e.get('reward_new'))} / {_fmt(e.get('reward_current'))}" if e else "",
                      _fmt(e.get("kl_to_current"), 3), _pair(e, "length", 1), _pair(e, "repetition"),
-                     _pair(e, "ppl", 1), _pair(e, "flag_rate"), v.created_at.strftime("%Y-%m-%d %H:%M")])
+                     _pair(e, "ppl", 1), _pair(e, "bleu", 1), _pair(e, "chrf", 1), _pair(e, "flag_rate"), v.created_at.strftime("%Y-%m-%d %H:%M")])
     return rows
 
 
