@@ -221,7 +221,7 @@ def list_users(*, session: Session) -> list[User]:
 
 def export_user_data(*, session: Session, user: User) -> dict:
     """Everything we hold about one user, as plain JSON-able data."""
-    from feedback.models import Demonstration, Ranking
+    from feedback.models import AbTurn, Demonstration, Ranking
 
     convs = []
     for conv in list_conversations(session=session, owner=user, limit=100_000):
@@ -233,26 +233,29 @@ def export_user_data(*, session: Session, user: User) -> dict:
     votes = session.scalars(select(Vote).where(Vote.user_id == user.id)).all()
     rankings = session.scalars(select(Ranking).where(Ranking.annotator_id == user.id)).all()
     demos = session.scalars(select(Demonstration).where(Demonstration.author_id == user.id)).all()
-    return {"user": {"name": user.name, "role": user.role, "opted_out": user.opted_out,
+    picks = session.scalars(select(AbTurn).where(AbTurn.user_id == user.id).order_by(AbTurn.id)).all()
+    return {"user": {"name": user.name, "role": user.role, "opted_out": user.opted_out, "ab_opt_out": user.ab_opt_out,
                      "created_at": user.created_at.isoformat()},
             "conversations": convs,
             "votes": [{"message_id": v.message_id, "value": v.value, "reason": v.reason, "comment": v.comment}
                       for v in votes],
             "rankings": [{"task_id": r.task_id, "order": r.order, "flags": r.flags, "skipped": r.skipped}
                          for r in rankings],
-            "demonstrations": [{"task_id": d.task_id, "content": d.content} for d in demos]}
+            "demonstrations": [{"task_id": d.task_id, "content": d.content} for d in demos],
+            "ab_picks": [{"user_message_id": t.user_message_id, "candidate_message_id": t.candidate_message_id,
+                          "baseline_message_id": t.baseline_message_id, "pick": t.pick} for t in picks]}
 
 
 def delete_user_data(*, session: Session, user: User) -> dict[str, int]:
-    """Delete a user's conversations, votes, rankings, demonstrations and chat-derived tasks.
+    """Delete a user's conversations, votes, A/B picks, rankings, demonstrations and chat-derived tasks.
     The account stays (so they can keep using the app); future training exports no longer
     contain any of it."""
     from sqlalchemy import delete
 
-    from feedback.models import Demonstration, Ranking, RankingTask
+    from feedback.models import AbTurn, Demonstration, Ranking, RankingTask
 
     counts = {}
-    for model, column in ((Vote, Vote.user_id), (Ranking, Ranking.annotator_id),
+    for model, column in ((Vote, Vote.user_id), (AbTurn, AbTurn.user_id), (Ranking, Ranking.annotator_id),
                           (Demonstration, Demonstration.author_id), (RankingTask, RankingTask.owner_id),
                           (Conversation, Conversation.owner_id)):
         counts[model.__tablename__] = session.execute(delete(model).where(column == user.id)).rowcount

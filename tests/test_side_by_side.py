@@ -235,3 +235,31 @@ def test_trial_actions_need_the_admin_role_and_a_version_that_loads(session_fact
     TrainingControl(again, engine_loader=lambda path, name: ScriptedEngine(version=name)).recover()
     with session_factory() as s:
         assert again.side_by_side.trial_id is None and s.get(AbTrial, gone_id).status == "stopped"
+
+
+def test_a_users_picks_are_in_their_data_export_and_gone_with_delete_my_data(session_factory, settings, versions):
+    """"Download all my data" lists the user's A/B picks; "Delete all my data" removes them, and the
+    preference pair they gave leaves the training data."""
+    service, _, _ = _service(session_factory, settings, versions)
+    final = list(service.side_by_side.send("alice", "Hi there", None))[-1]
+    service.side_by_side.pick("alice", final.turn_id, "right")
+    assert [p["pick"] for p in service.my_data("alice")["ab_picks"]] in (["candidate"], ["baseline"])
+    counts = service.delete_my_data("alice")
+    assert counts["ab_turns"] == 1
+    with session_factory() as s:
+        assert s.scalar(select(func.count()).select_from(AbTurn)) == 0 and pairs_mod.ab_pairs(s) == []
+
+
+def test_rankings_across_versions_are_leaderboard_comparisons(session):
+    """An annotator's order "v2 > v1 = v2b > v1b" over candidates of two versions gives v2 one win over
+    each v1 candidate, a tie for the v1/v2b group, and v2b one win over v1b; same-version pairs count nothing."""
+    from feedback import annotation_repo as arepo
+    from feedback.leaderboard import ranking_comparisons
+
+    user = repo.get_or_create_user(session=session, name="ann", role="annotator")
+    task = arepo.add_task(session=session, context=[{"role": "user", "content": "Name a colour"}], source="import")
+    a, b, c, d = (arepo.add_candidate(session=session, task=task, content=text, model_version=version)
+                  for text, version in (("Blue", "v2"), ("Red", "v1"), ("Green", "v2"), ("Grey", "v1")))
+    arepo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id, c.id], [d.id]])
+    comps = sorted((x.first, x.second, x.outcome) for x in ranking_comparisons(session))
+    assert comps == [("v1", "v2", 0.5), ("v2", "v1", 1.0), ("v2", "v1", 1.0), ("v2", "v1", 1.0)]
