@@ -36,6 +36,9 @@ class Settings:
     model: str = field(default="embedded", metadata={"help": "embedded, a HF directory, a .gguf file or a hub id."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), cpu or cuda."})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch and llama.cpp; 0 = all cores."})
+    trial_threads: int = field(default=1, metadata={"help": "CPU threads of the engine of a version on A/B trial; "
+                                                            "0 = all cores (two engines with all cores each spin "
+                                                            "against each other on a small machine: bench.ab_serving)."})
     max_message_chars: int = field(default=8000, metadata={"help": "Longer messages (any role, API too) are refused."})
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation (and in one API call)."})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Larger HTTP API bodies are refused (413) unread."})
@@ -102,3 +105,12 @@ def engine_options(settings: Settings) -> dict:
                 max_queue=settings.max_queue, busy_wait_s=settings.busy_wait_s, threads=settings.threads,
                 gguf_type=settings.gguf_type, context_tokens=settings.context_tokens,
                 prefix_cache=settings.prefix_cache)
+
+
+def trial_engine_options(settings: Settings, share: float) -> dict:
+    """Options for the engine of a version on A/B trial: slots in proportion to the trial's share
+    of turns (its KV cache is most of an engine's memory) and ``trial_threads`` threads."""
+    import math
+
+    slots = max(2, math.ceil(settings.max_concurrent * min(max(share, 0.0), 1.0)))
+    return {**engine_options(settings), "max_concurrent": slots, "threads": settings.trial_threads}

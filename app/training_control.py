@@ -27,8 +27,10 @@ class TrainingControl:
     def __init__(self, service, engine_loader=None):
         self.service = service
         self.settings = service.settings
-        # How a version directory becomes an engine (tests pass a cheaper one).
+        # How a version directory becomes an engine (tests pass a cheaper one, used for trials too).
         self._load_engine = engine_loader or _default_loader(service)
+        self._load_trial_engine = (lambda path, name, share: engine_loader(path, name)) if engine_loader \
+            else _default_loader(service, trial=True)
         self._procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -60,11 +62,12 @@ class TrainingControl:
         with session_scope(self.factory) as s:  # every check before anything loads or is written
             version = trial_repo.check_new_trial(session=s, candidate_version_id=version_id, share=share)
             path, name = version.path, version.name
-        engine = self._load_engine(path, name)  # a version that does not load never reaches a user
+        share = trial_repo.checked_share(share)
+        engine = self._load_trial_engine(path, name, share)  # a version that does not load never reaches a user
         with session_scope(self.factory) as s:
             trial_id = trial_repo.start_trial(session=s, candidate_version_id=version_id, share=share,
                                               started_by=user).id
-        self.service.side_by_side.start(trial_id, engine, trial_repo.checked_share(share))
+        self.service.side_by_side.start(trial_id, engine, share)
         return trial_id
 
     def stop_trial(self, user: str, trial_id) -> None:
@@ -93,7 +96,7 @@ class TrainingControl:
             trial = trial_repo.get_trial(session=s, trial_id=trial_id)
             path, name = trial_repo.candidate_of(session=s, trial=trial)
             share = trial.share
-        self.service.side_by_side.start(trial_id, self._load_engine(path, name), share)
+        self.service.side_by_side.start(trial_id, self._load_trial_engine(path, name, share), share)
 
     def start(self, user: str, config: dict | None = None) -> int:
         # The role first: a non-admin's attempt is refused and audited whatever settings it sent.
@@ -154,11 +157,14 @@ class TrainingControl:
                 del self._procs[run_id]
 
 
-def _default_loader(service):
-    def load(path: str, name: str):
-        from app.settings import engine_options
-        from model.loader import build_engine
+def _default_loader(service, trial: bool = False):
+    from app.settings import engine_options, trial_engine_options
+    from model.loader import build_engine
 
+    def load(path: str, name: str):
         return build_engine(path, name, **engine_options(service.settings))
 
-    return load
+    def load_trial(path: str, name: str, share: float):  # fewer slots and threads: app.settings
+        return build_engine(path, name, **trial_engine_options(service.settings, share))
+
+    return load_trial if trial else load

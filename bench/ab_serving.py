@@ -74,10 +74,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--share", type=float, default=0.25, help="share of turns that are side by side in case 3")
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--trial-threads", type=int, default=None, help="override CHAT_TRIAL_THREADS (default 1)")
     args = parser.parse_args()
 
     from app.service import ChatService
-    from app.settings import Settings, engine_options
+    from app.settings import Settings, engine_options, trial_engine_options
     from feedback import training_repo as trepo
     from feedback import trial_repo
     from feedback.db import make_engine, make_session_factory, migrate, session_scope
@@ -87,10 +88,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     url = f"sqlite:///{work / 'bench.db'}"
     migrate(url)
-    settings = Settings(data_dir=str(work), database_url=url, messages_per_minute=0, moderation_backends="rules")
+    settings = Settings(data_dir=str(work), database_url=url, messages_per_minute=0)
+    if args.trial_threads is not None:
+        settings.trial_threads = args.trial_threads
     base = resolve_model(args.model, Path("data"))
     cand_dir = work / "candidate"
-    shutil.copytree(base.path, cand_dir, ignore=shutil.ignore_patterns("*.gguf"))  # its own GGUF, as a new version
+    shutil.copytree(base.path, cand_dir)  # its own files (nothing shared in the page cache), as a new version has
     factory = make_session_factory(make_engine(url))
     with session_scope(factory) as s:
         b = trepo.ensure_base_version(session=s, name=base.name, path=str(base.path))
@@ -103,7 +106,7 @@ def main() -> None:
     run_case(service, 1, 3, 0)  # warm-up
     one = rss_mb()
     results = {"no trial": run_case(service, args.users, args.seconds, 0)}
-    candidate = build_engine(cand_dir, "candidate", **engine_options(settings))
+    candidate = build_engine(cand_dir, "candidate", **trial_engine_options(settings, args.share))  # as the app does
     with session_scope(factory) as s:
         trial_id = trial_repo.start_trial(session=s, candidate_version_id=cand_id, share=1.0, started_by="bench").id
     service.side_by_side.start(trial_id, candidate, 1.0)
@@ -112,8 +115,11 @@ def main() -> None:
     results["trial loaded, share 0"] = run_case(service, args.users, args.seconds, 0)
     results[f"trial on {args.share:.0%} of turns"] = run_case(service, args.users, args.seconds, args.share)
 
-    print(f"\nresident memory: before engines {before:.0f} MB, serving one version {one:.0f} MB, "
-          f"with the candidate loaded {two:.0f} MB (+{two - one:.0f} MB, x{two / one:.2f} of one version)\n")
+    slots = trial_engine_options(settings, args.share)["max_concurrent"]
+    print(f"\nresident memory: before engines {before:.0f} MB, serving one version {one:.0f} MB "
+          f"({settings.max_concurrent} slots), with the candidate loaded {two:.0f} MB "
+          f"(+{two - one:.0f} MB for {slots} slots, {settings.trial_threads or 'all'} thread(s); "
+          f"x{two / one:.2f} of one version)\n")
     base_p95 = results["no trial"]["p95"]
     print("| case | non-trial turns | side-by-side turns | TTFT p50 s | TTFT p95 s | p95 vs no trial |")
     print("| --- | --- | --- | --- | --- | --- |")
