@@ -80,6 +80,7 @@ def create_app(service, worker=None, control=None):
     from fastapi import FastAPI
     from gradio.routes import App as GradioApp
 
+    from app.my_data import EXPORT_PATH
     from app.my_data import PATH as MY_DATA_PATH
 
     from app.ui.demo import CSS, build_demo
@@ -107,6 +108,10 @@ def create_app(service, worker=None, control=None):
     @api.get(MY_DATA_PATH + "{ticket}")
     def my_data_download(ticket: str, request: Request):
         return my_data_response(service, ticket, gradio_app.get("app"), request)
+
+    @api.get(EXPORT_PATH + "{ticket}")
+    def admin_export_download(ticket: str, request: Request):
+        return export_response(service, ticket, gradio_app.get("app"), request)
 
     @api.get("/healthz")
     def healthz():
@@ -137,6 +142,35 @@ def login_message(throttle) -> str:
     return "Log in with the account your admin created." + rule
 
 
+def _caller(gradio_app, request) -> str | None:
+    """Who is calling, from Gradio's login cookie (the local user in single-user mode)."""
+    from app.auth import LOCAL_USER
+
+    if gradio_app is None or gradio_app.auth is None:
+        return LOCAL_USER  # single-user local mode: no logins, one user
+    cookie = gradio_app.cookie_id
+    token = request.cookies.get(f"access-token-{cookie}") or request.cookies.get(f"access-token-unsecure-{cookie}")
+    return gradio_app.tokens.get(token)
+
+
+def export_response(service, ticket: str, gradio_app, request):
+    """An admin's training-data export through its one-time link: the caller must be the admin who
+    exported it and still be an admin now. Nothing goes through Gradio's file cache."""
+    from fastapi.responses import FileResponse
+
+    from app.api import error
+    from app.auth import role_of
+
+    caller = _caller(gradio_app, request)
+    allowed = caller is not None and role_of(service.session_factory, caller) == "admin"
+    path = service.export_links.take_payload(ticket, caller) if allowed else None
+    if path is None:
+        return error(404, "This download link does not work (any more): it was used, it expired, it is someone "
+                          "else's, or you are not logged in as an admin. Export again.", code="link_not_valid")
+    return FileResponse(path, media_type="application/jsonl", filename=Path(path).name,
+                        headers={"Cache-Control": "no-store, private"})
+
+
 def my_data_response(service, ticket: str, gradio_app, request):
     """A user's data export through their one-time link (app.my_data), built now, stored nowhere."""
     import json
@@ -144,14 +178,8 @@ def my_data_response(service, ticket: str, gradio_app, request):
     from fastapi.responses import Response
 
     from app.api import error
-    from app.auth import LOCAL_USER
 
-    if gradio_app is None or gradio_app.auth is None:
-        caller = LOCAL_USER  # single-user local mode: no logins, one user
-    else:
-        cookie = gradio_app.cookie_id
-        token = request.cookies.get(f"access-token-{cookie}") or request.cookies.get(f"access-token-unsecure-{cookie}")
-        caller = gradio_app.tokens.get(token)
+    caller = _caller(gradio_app, request)
     user = service.data_links.take(ticket, caller)
     if user is None:
         return error(404, "This download link does not work (any more): it was used, it expired, it is someone "

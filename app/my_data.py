@@ -20,6 +20,7 @@ import time
 
 TTL_S = 600
 PATH = "/my-data/"
+EXPORT_PATH = "/admin-export/"  # an admin's training-data export, the same way (app/ui/data_panel.py)
 LEGACY_EXPORTS = "my-chat-data-*.json"  # the files earlier versions left in the temp dir and Gradio's cache
 
 
@@ -28,33 +29,43 @@ class DataLinks:
 
     def __init__(self, ttl_s: float = TTL_S):
         self.ttl_s = ttl_s
-        self._tickets: dict[str, tuple[str, float]] = {}  # ticket -> (user name, expiry)
+        self._tickets: dict[str, tuple[str, float, object]] = {}  # ticket -> (user name, expiry, payload)
         self._lock = threading.Lock()
 
-    def issue(self, user_name: str) -> str:
-        """A new link for ``user_name`` (their previous one stops working)."""
+    def issue(self, user_name: str, payload=None, path: str = PATH) -> str:
+        """A new link for ``user_name`` (their previous one stops working); ``payload`` is what
+        the link serves when it is not the user's own data (an admin's export file)."""
         ticket = secrets.token_urlsafe(32)
         with self._lock:
             self._drop(lambda user, expiry: user == user_name or expiry < time.monotonic())
-            self._tickets[ticket] = (user_name, time.monotonic() + self.ttl_s)
-        return PATH + ticket
+            self._tickets[ticket] = (user_name, time.monotonic() + self.ttl_s, payload)
+        return path + ticket
 
     def take(self, ticket: str, caller: str | None) -> str | None:
         """The user whose data ``ticket`` opens, if ``caller`` is that user and the ticket is
         open; the ticket is then used up. Someone else's attempt leaves it to its owner."""
+        entry = self._take(ticket, caller)
+        return entry[0] if entry else None
+
+    def take_payload(self, ticket: str, caller: str | None):
+        """Like ``take``, returning the ticket's payload (None when the link does not work)."""
+        entry = self._take(ticket, caller)
+        return entry[2] if entry else None
+
+    def _take(self, ticket: str, caller: str | None):
         with self._lock:
             entry = self._tickets.get(ticket)
             if entry is None or caller is None or entry[0] != caller:
                 return None
             del self._tickets[ticket]
-        return entry[0] if entry[1] >= time.monotonic() else None
+        return entry if entry[1] >= time.monotonic() else None
 
     def revoke(self, user_name: str) -> None:
         with self._lock:
             self._drop(lambda user, expiry: user == user_name)
 
     def _drop(self, which) -> None:
-        for ticket in [t for t, (user, expiry) in self._tickets.items() if which(user, expiry)]:
+        for ticket in [t for t, (user, expiry, _) in self._tickets.items() if which(user, expiry)]:
             del self._tickets[ticket]
 
 

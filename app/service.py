@@ -77,6 +77,7 @@ class ChatService:
         self._lock = threading.Lock()
         self._known_users: set[str] = set()
         self.data_links = DataLinks()  # one-time links to a user's own data (app.my_data)
+        self.export_links = DataLinks()  # one-time links to an admin's training-data export
         from app.side_by_side import SideBySide
 
         self.side_by_side = SideBySide(self)  # blind A/B turns while a trial runs

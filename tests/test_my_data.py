@@ -96,6 +96,33 @@ def test_delete_all_my_data_also_ends_the_export(two_users):
         assert MARKER not in alice.get(link).text
 
 
+def test_an_admins_training_export_is_a_one_time_link_for_that_admin_only(two_users, session_factory):
+    """Admin > Data > Export gives a link, not a gr.File (which Gradio would copy into its cache and
+    serve to anyone logged in with the URL): another admin, a user and a caller without login get
+    404; the exporting admin gets the JSONL once, not cached; a demoted admin's link stops working."""
+    from feedback import repository as repo
+
+    add_user(session_factory, "root", "admin", "root-password")
+    add_user(session_factory, "root2", "admin", "root2-password")
+    start = time.time() - 1
+    with serve(two_users) as url, _login(url, "root") as root, _login(url, "root2") as root2, \
+            _login(url, "alice") as alice:
+        outputs = _call(root, "export_data", "preferences")
+        link = re.search(r"\((/admin-export/[^)\s]+)\)", outputs[1]).group(1)
+        assert root2.get(link).status_code == 404 and alice.get(link).status_code == 404
+        assert httpx.get(httpx.URL(url).join(link)).status_code in (401, 403, 404)
+        got = root.get(link)
+        assert got.status_code == 200 and "no-store" in got.headers["cache-control"]
+        assert root.get(link).status_code == 404  # one time
+        second = re.search(r"\((/admin-export/[^)\s]+)\)", _call(root, "export_data", "sft")[1]).group(1)
+        with session_factory.begin() as s:
+            repo.set_role(session=s, name="root", role="user")
+        assert root.get(second).status_code == 404  # no longer an admin
+    from gradio.utils import get_upload_folder
+
+    assert [p for p in Path(get_upload_folder()).rglob("*.jsonl") if p.stat().st_mtime >= start] == []
+
+
 def test_local_mode_link_needs_no_login(session_factory, settings):
     """Single-user local mode (no logins): the link serves the local user's data."""
     service = ChatService(ScriptedEngine("ok"), session_factory, settings)

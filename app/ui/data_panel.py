@@ -7,6 +7,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.auth import caller_name
+from app.my_data import EXPORT_PATH
 from app.ui.guard import ADMIN, denied
 from feedback.datasets import KINDS, export
 from feedback.db import session_scope
@@ -31,7 +33,8 @@ def build_data_panel(service) -> tuple:
     with gr.Row():
         kind = gr.Dropdown(list(KINDS), value="preferences", label="Export kind")
         export_btn = gr.Button("Export JSONL")
-        exported = gr.File(label="Exported file", interactive=False)
+        # A one-time link for this admin (app.my_data): no copy in Gradio's file cache.
+        exported = gr.Markdown("", elem_id="export-link")
     with gr.Row():
         upload = gr.File(label="Import preferences (TRL or HH-RLHF JSONL)", file_types=[".jsonl", ".json"])
         import_btn = gr.Button("Import")
@@ -44,13 +47,17 @@ def build_data_panel(service) -> tuple:
 
     def do_export(k, request: gr.Request):
         if (msg := denied(service, request, ADMIN, "export data", k)) is not None:
-            return msg, None
+            return msg, ""
         if k not in KINDS:
-            return f"⚠ Choose what to export: {', '.join(KINDS)}.", None
+            return f"⚠ Choose what to export: {', '.join(KINDS)}.", ""
         out = Path(service.settings.data_dir) / "exports" / f"{k}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         with session_scope(service.session_factory) as s:
             snap = export(session=s, kind=k, out=out)
-            return f"Exported {snap.counts} as data snapshot {snap.id}.", str(out)
+            counts, snap_id = snap.counts, snap.id
+        link = service.export_links.issue(caller_name(request), payload=str(out.resolve()), path=EXPORT_PATH)
+        minutes = round(service.export_links.ttl_s / 60)
+        return (f"Exported {counts} as data snapshot {snap_id} (kept at `{out}`).",
+                f"[Download {out.name}]({link}): a link for you only, valid once for {minutes} minutes.")
 
     def do_import(file, request: gr.Request):
         if (msg := denied(service, request, ADMIN, "import data")) is not None:
