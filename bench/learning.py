@@ -154,12 +154,13 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
 
 def print_table(results: list[dict]) -> None:
     f = lambda x, nd=2: "—" if x is None or x != x else f"{x:.{nd}f}"  # noqa: E731
-    print("\n| preference | flipped | status | RM acc | gold win rate, held-out prompts (95%) | retrain's judge (95%) "
-          "| KL/token | length new/cur | ppl new/cur | retrain s (sft / reward / ppo / eval) | verdict |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| preference | flipped | status | RM acc | gold win rate, held-out prompts (95%) "
+          "| retrain's judge: held-out RM (95%) | held-out pairs agree | judge acc, unseen pairs | KL/token "
+          "| length new/cur | ppl new/cur | retrain s (sft / reward / ppo / judge / eval) | verdict |")
+    print("|" + " --- |" * 13)
     for r in results:
         t = r.get("timings_s", {})
-        stages = " / ".join(f(t.get(k), 0) for k in ("sft", "reward", "ppo", "evaluate"))
+        stages = " / ".join(f(t.get(k), 0) for k in ("sft", "reward", "ppo", "judge", "evaluate"))
         print(f"| {r['preference']} | {r['noise']:.0%} | {r['status']} | {f(r.get('rm_acc'))} "
               f"| {f(r.get('gold_win_rate'))} [{f(r.get('gold_lo'))}, {f(r.get('gold_hi'))}] n={r.get('gold_n', 0)} "
               f"| {f(r.get('win_rate'))} [{f(r.get('win_rate_lo'))}, {f(r.get('win_rate_hi'))}] "
