@@ -128,3 +128,22 @@ def _kill_run(url_db: str) -> None:
     for pid in pids:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_chat_trash_icon_starts_a_new_conversation(tiny_model_dir, tmp_path):
+    """Issue 15 item 2: after the chat box's trash icon, the next message starts a new conversation
+    (listed on the left, and the model does not see the old one), instead of continuing the old
+    conversation out of sight."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("chat-trash") as page:
+        page.goto(url)
+        page.fill("#chat-input textarea", "First topic")
+        page.click("#send-btn")
+        page.locator("#conversations").get_by_text("First topic").wait_for(timeout=90000)
+        page.locator("#chatbot").get_by_role("button", name="Clear").click()
+        page.wait_for_function("!document.querySelector('#chatbot').innerText.includes('First topic')", timeout=10000)
+        page.fill("#chat-input textarea", "Second topic")
+        page.click("#send-btn")
+        page.locator("#conversations").get_by_text("Second topic").wait_for(timeout=90000)
+    rows = _db_rows(tmp_path, "SELECT c.title, count(m.id) FROM conversations c JOIN messages m "
+                              "ON m.conversation_id = c.id GROUP BY c.id ORDER BY c.id")
+    assert rows == [("First topic", 2), ("Second topic", 2)]

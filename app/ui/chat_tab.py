@@ -253,5 +253,8 @@ def build_chat_tab(service) -> None:
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
     save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
     new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
+    # The chat's trash icon starts a new chat too: clearing only the screen made the next message
+    # continue the old conversation out of sight.
+    chatbot.clear(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
     convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private")
     return refresh_list, convs
