@@ -120,7 +120,8 @@ class ChatService:
             return [(c.title, c.id) for c in repo.list_conversations(session=s, owner=user)]
 
     def open_conversation(self, user_name: str, conversation_id: int) -> tuple[list[dict], str]:
-        """(messages for display with their ids, system prompt) of the latest thread."""
+        """(messages for display with their ids and this user's vote, +1 / -1 / None; system prompt)
+        of the latest thread."""
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
             try:
@@ -128,8 +129,9 @@ class ChatService:
             except repo.NotFoundError as exc:
                 raise ChatError(str(exc)) from exc
             trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # a pick left undone when they left
-            msgs = [{"role": m.role, "content": m.content, "id": m.id}
-                    for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
+            thread = [m for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
+            votes = repo.votes_by_message(session=s, user=user, message_ids=[m.id for m in thread])
+            msgs = [{"role": m.role, "content": m.content, "id": m.id, "vote": votes.get(m.id)} for m in thread]
             return msgs, conv.system_prompt
 
     def my_data(self, user_name: str) -> dict:

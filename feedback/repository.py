@@ -189,6 +189,15 @@ def add_vote(*, session: Session, message_id: int, user: User, value: int,
     return vote
 
 
+def votes_by_message(*, session: Session, user: User, message_ids: list[int]) -> dict[int, int]:
+    """``user``'s vote value on each of ``message_ids`` that has one."""
+    if not message_ids:
+        return {}
+    rows = session.execute(select(Vote.message_id, Vote.value).where(Vote.user_id == user.id,
+                                                                     Vote.message_id.in_(message_ids)))
+    return {mid: value for mid, value in rows}
+
+
 def get_vote(*, session: Session, message_id: int, user: User) -> Vote | None:
     return session.scalar(select(Vote).where(Vote.message_id == message_id, Vote.user_id == user.id))
 

@@ -23,7 +23,7 @@ def _db_rows(tmp_path, sql):
 
 def test_chat_vote_and_reopen_after_reload(tiny_model_dir, tmp_path):
     """Chat, vote down the finished reply (the hint says saved), reload, reopen the conversation
-    from the list; one -1 vote is stored.
+    from the list: its thumb shows the vote again; one -1 vote is stored.
 
     The vote waits for the reply to finish streaming: the send handler's last update is the one
     that puts the new conversation into the list, in the same update as the final reply and hint,
@@ -40,6 +40,8 @@ def test_chat_vote_and_reopen_after_reload(tiny_model_dir, tmp_path):
         page.get_by_text("Hello from the browser").first.wait_for(timeout=30000)  # in the conversation list
         page.locator("#conversations label").first.click()
         page.locator("#chatbot").get_by_text("Hello from the browser").wait_for(timeout=30000)
+        # Issue 15 item 4: the reopened conversation shows the stored vote on its thumb.
+        page.locator('#chatbot button[aria-label="Disliked"]').wait_for(timeout=10000)
     votes = _db_rows(tmp_path, "SELECT value FROM votes")
     assert votes == [(-1,)]
 

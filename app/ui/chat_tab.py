@@ -206,7 +206,10 @@ def build_chat_tab(service) -> None:
         except ChatError as exc:
             return [], [], None, "", f"⚠ {exc}", gr.update(visible=False), None
         rows = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        return rows, [m["id"] for m in msgs], int(selected), system_prompt, "", gr.update(visible=False), None
+        # The thumbs show the votes this user gave (one value per assistant message).
+        feedback = [{1: "Like", -1: "Dislike"}.get(m["vote"]) for m in msgs if m["role"] == "assistant"]
+        return (gr.update(value=rows, feedback_value=feedback), [m["id"] for m in msgs], int(selected), system_prompt,
+                "", gr.update(visible=False), None)
 
     def on_opt_out(value, request: gr.Request):
         service.set_opt_out(caller_name(request), value)
