@@ -149,3 +149,19 @@ def test_the_chat_trash_icon_starts_a_new_conversation(tiny_model_dir, tmp_path)
     rows = _db_rows(tmp_path, "SELECT c.title, count(m.id) FROM conversations c JOIN messages m "
                               "ON m.conversation_id = c.id GROUP BY c.id ORDER BY c.id")
     assert rows == [("First topic", 2), ("Second topic", 2)]
+
+
+def test_a_reply_cut_at_the_token_limit_says_so(tiny_model_dir, tmp_path):
+    """Issue 15 item 10: with Max new tokens at 3 the reply ends mid-sentence, and the hint says it
+    stopped at the length limit instead of leaving the user to guess."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("chat-length") as page:
+        page.goto(url)
+        page.get_by_text("Settings").click()
+        page.get_by_label("number input for Max new tokens").fill("3")
+        page.keyboard.press("Tab")
+        page.fill("#chat-input textarea", "Tell me a long story")
+        page.click("#send-btn")
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('length limit')",
+                               timeout=90000)
+    [(tokens,)] = _db_rows(tmp_path, "SELECT completion_tokens FROM messages WHERE role = 'assistant'")
+    assert tokens == 3

@@ -81,6 +81,8 @@ def build_chat_tab(service) -> None:
                 if up.done:
                     row_ids = row_ids + [up.assistant_message_id]
                     note = {"blocked": "⚠ Moderation replaced this reply.", "stopped": "Stopped."}.get(up.status, "")
+                    if not note and up.finish_reason == "length":
+                        note = "Stopped at the length limit (Settings › Max new tokens); Regenerate for another try."
                     yield rows, row_ids, cid, note
                     return
                 yield rows, row_ids + [None], cid, ""
