@@ -60,7 +60,7 @@ class TrainingControl:
         """Put a registered version on trial for ``share`` of chat turns. Load first, then record."""
         require_role(self.factory, user, ("admin",), "start trial", f"version {version_id} share {share}")
         with session_scope(self.factory) as s:  # every check before anything loads or is written
-            version = trial_repo.check_new_trial(session=s, candidate_version_id=version_id, share=share)
+            version, _ = trial_repo.check_new_trial(session=s, candidate_version_id=version_id, share=share)
             path, name = version.path, version.name
         share = trial_repo.checked_share(share)
         engine = self._load_trial_engine(path, name, share)  # a version that does not load never reaches a user

@@ -116,10 +116,15 @@ def add_version(*, session: Session, name: str, path: str, parent_id: int | None
     return version
 
 
+def has_weights(version: ModelVersion) -> bool:
+    """Whether the version's directory still holds a checkpoint (what serving it needs)."""
+    return os.path.isfile(os.path.join(version.path, "config.json"))
+
+
 def activate_version(*, session: Session, version_id: int) -> ModelVersion:
     """Make one version the served one (promote or roll back)."""
     version = get_version(session=session, version_id=version_id)
-    if not os.path.isfile(os.path.join(version.path, "config.json")):
+    if not has_weights(version):
         raise ValidationError(f"Version {version.name} has no weights at {version.path}.")
     for other in session.scalars(select(ModelVersion).where(ModelVersion.is_active.is_(True))):
         other.is_active = False

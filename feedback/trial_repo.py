@@ -9,20 +9,16 @@ the serving version's otherwise (tie, both bad, or the user went on without a pi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.models import AbTrial, AbTurn, Message, ModelVersion, User, utcnow
 from feedback.repository import NotFoundError, ValidationError, checked_id
+from feedback.training_repo import has_weights
 
 PICKS = ("candidate", "baseline", "tie", "both_bad")  # what a user may pick; "none" is set when they go on
 UNPICKED = "unpicked"
-
-
-def _has_weights(version: ModelVersion) -> bool:
-    return (Path(version.path) / "config.json").is_file()  # what activate_version checks too
 
 
 def running_trial(*, session: Session) -> AbTrial | None:
@@ -51,27 +47,27 @@ def checked_share(share) -> float:
     return value
 
 
-def check_new_trial(*, session: Session, candidate_version_id, share) -> ModelVersion:
-    """Every check a new trial needs, writing nothing; the candidate version when all pass."""
+def check_new_trial(*, session: Session, candidate_version_id, share) -> tuple[ModelVersion, ModelVersion]:
+    """Every check a new trial needs, writing nothing; (candidate, serving version) when all pass."""
     checked_share(share)
     version = session.get(ModelVersion, checked_id(candidate_version_id, "a version id"))
     if version is None:
         raise NotFoundError(f"Version {candidate_version_id} does not exist.")
     if version.is_active:
         raise ValidationError(f"Version {version.name} is already serving; pick another version to try against it.")
-    if not _has_weights(version):
+    if not has_weights(version):
         raise ValidationError(f"Version {version.name} is gone: it has no weights at {version.path}.")
-    if session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)).limit(1)) is None:
+    baseline = session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)).limit(1))
+    if baseline is None:
         raise ValidationError("No version is serving, so there is nothing to try a version against.")
     if (current := running_trial(session=session)) is not None:
         raise ValidationError(f"Trial {current.id} is still running; stop it before starting another.")
-    return version
+    return version, baseline
 
 
 def start_trial(*, session: Session, candidate_version_id, share, started_by: str | None) -> AbTrial:
     """Put a registered version on trial against the active one. Everything is checked first."""
-    version = check_new_trial(session=session, candidate_version_id=candidate_version_id, share=share)
-    baseline = session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)).limit(1))
+    version, baseline = check_new_trial(session=session, candidate_version_id=candidate_version_id, share=share)
     trial = AbTrial(candidate_version_id=version.id, baseline_version_id=baseline.id, share=checked_share(share),
                     status="running", started_by=started_by)
     session.add(trial)
@@ -82,7 +78,7 @@ def start_trial(*, session: Session, candidate_version_id, share, started_by: st
 def candidate_of(*, session: Session, trial: AbTrial) -> tuple[str, str]:
     """(path, name) of the trial's candidate; ValidationError when that version is gone."""
     version = session.get(ModelVersion, trial.candidate_version_id) if trial.candidate_version_id else None
-    if version is None or not _has_weights(version):
+    if version is None or not has_weights(version):
         raise ValidationError(f"Trial {trial.id}'s version is gone; stop the trial.")
     return version.path, version.name
 
