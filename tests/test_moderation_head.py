@@ -15,7 +15,7 @@ from feedback.models import ModerationEvent
 from feedback.repository import ValidationError
 from model.moderation import build_moderator
 from model.moderation.head_store import activate, list_heads, read_label_file, train_head
-from model.moderation.learned import EncoderSpec, HeadLoadError, LearnedBackend
+from model.moderation.learned import EncoderSpec, HeadLoadError, HiddenStateEncoder, LearnedBackend
 
 HARMFUL_WORDS = ["stupid", "hate", "vermin", "disgusting", "worthless", "filthy"]
 PLAIN_WORDS = ["garden", "weather", "Paris", "python", "sky", "music", "coffee", "holiday", "books"]
@@ -56,7 +56,9 @@ def test_head_trained_on_a_small_labelled_set_separates_rows_it_never_saw(tiny_m
     assert m["positives"] == 40 and m["negatives"] == 40 and m["logged_n"] == 2 and m["everyday_n"] == 3
     assert 0 <= m["everyday_flag_rate"] <= 1 and 0 <= m["logged_flag_rate"] <= 1
     stored = [json.loads(line) for line in (backend.head_dir / "train.jsonl").read_text().splitlines()]
-    assert len(stored) == 83 and meta["data"]["rows"] == 83 and meta["data"]["sources"]["everyday"] == 3
+    # 80 labelled rows, each also in the six request forms of model.moderation.reframe, and 3 everyday prompts.
+    assert meta["data"]["sources"] == {"import": 80, "reframed": 480, "everyday": 3}
+    assert len(stored) == 563 and meta["data"]["rows"] == 563
 
 
 def test_too_few_labels_is_a_clear_error_and_stores_nothing(tiny_model_dir, tmp_path):
@@ -202,3 +204,47 @@ def test_admin_trains_and_switches_on_a_head_in_the_running_app(tiny_model_dir, 
     with factory() as s:
         event = s.scalars(select(ModerationEvent).where(ModerationEvent.direction == "in")).first()
         assert "learned" in event.scores and 0 <= event.scores["learned"]["toxicity"] <= 1
+
+
+def test_a_statement_is_reframed_as_requests_and_a_question_is_left_alone():
+    """Reframing turns a statement into a clause inside each training form (an acronym and "I" keep their
+    capitals, "They" does not), and makes no copies of a question or of a long text."""
+    from model.moderation.reframe import TRAINING, as_clause, reframings
+
+    assert as_clause("They are all  the same.") == "they are all the same"
+    assert as_clause("I think so!") == "I think so"
+    assert as_clause("NASA hires people") == "NASA hires people"
+    assert reframings("They are all the same.")[0] == "Isn't it true that they are all the same?"
+    assert len(reframings("They are all the same.")) == len(TRAINING)
+    assert reframings("Why is that?") == [] and reframings("x " * 300) == [] and reframings("  ") == []
+
+
+def test_int8_features_of_a_text_do_not_depend_on_the_other_texts_encoded_with_it(tiny_model_dir):
+    """int8 activations are quantised per forward pass, so the encoder runs one text at a time: a
+    text's features are the same alone and in a list (training and serving see the same numbers);
+    with an early layer the features are both layers' pools side by side."""
+    spec = EncoderSpec(model_dir=str(tiny_model_dir), layer=2, early_layer=1, int8=True)
+    encoder = HiddenStateEncoder(spec)
+    hidden = encoder.model.config.hidden_size
+    together = encoder.encode(["a short text", "another, rather longer text with more words in it"])
+    alone = encoder.encode(["a short text"])
+    assert together.shape == (2, 4 * hidden) and encoder.n_features == 4 * hidden
+    np.testing.assert_array_equal(together[0], alone[0])
+    assert HiddenStateEncoder(EncoderSpec(model_dir=str(tiny_model_dir), layer=1, early_layer=1)).n_features == 2 * hidden
+
+
+def test_a_head_stored_before_early_layers_existed_still_loads_with_its_single_layer(tiny_model_dir, tmp_path):
+    """head.json files written without ``early_layer`` load as the one-layer heads they are."""
+    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=1))
+    head_dir = tmp_path / "moderation" / "heads" / meta["name"]
+    spec = json.loads((head_dir / "head.json").read_text())
+    one_layer = HiddenStateEncoder(EncoderSpec(model_dir=str(tiny_model_dir), layer=2, early_layer=0)).n_features
+    arrays = dict(np.load(head_dir / "head.npz"))
+    for key in [k for k in arrays if not k.endswith("intercept")]:
+        arrays[key] = arrays[key][:one_layer]  # what a one-layer head's weights look like
+    np.savez(head_dir / "head.npz", **arrays)
+    del spec["encoder"]["early_layer"]
+    (head_dir / "head.json").write_text(json.dumps(spec))
+    backend = LearnedBackend(head_dir)
+    assert backend.encoder.spec.early_layer == 0 and backend.encoder.n_features == one_layer
+    assert 0 <= backend.score(["hello"])[0]["toxicity"] <= 1

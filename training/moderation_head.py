@@ -22,7 +22,7 @@ from pathlib import Path
 from feedback import moderation_repo as mrepo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from model.moderation.head_store import CALIBRATION, activate, read_label_file, train_head
-from model.moderation.learned import POOLINGS, EncoderSpec
+from model.moderation.learned import POOLINGS, EncoderSpec, describe_encoder
 
 
 def gather_rows(session_factory=None, label_files: list[Path] = (), calibration: bool = True,
@@ -60,7 +60,7 @@ def flag_rate(m: dict, kind: str) -> str:
 
 def describe(meta: dict) -> str:
     lines = [f"{meta['name']}: {meta['data']['rows']} rows ({meta['data']['positives']} harmful), "
-             f"sources {meta['data']['sources']}, encoder layer {meta['encoder']['layer']} ({meta['encoder']['pooling']})"]
+             f"sources {meta['data']['sources']}, features: {describe_encoder(meta['encoder'])}"]
     for category, m in meta["metrics"].items():
         lines.append(f"  {category}: ROC AUC {m['auc']:.3f} [{m['auc_low']:.3f}, {m['auc_high']:.3f}] "
                      f"({m['folds']}-fold), at threshold {meta['threshold']}: recall {m['recall']:.2f}, "
@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--labels", nargs="*", type=Path, default=[], help="JSONL files of {text, label[, category]}")
     parser.add_argument("--no-calibration", action="store_true", help="leave out the shipped ToxiGen calibration set")
     parser.add_argument("--no-reviews", action="store_true", help="leave out the review queue's decisions")
-    parser.add_argument("--layer", type=int, default=0, help="blocks run before pooling (0 = half the model's depth)")
+    parser.add_argument("--layer", type=int, default=0, help="blocks run before pooling (0 = ~4/15 of the depth: 8 of 30)")
+    parser.add_argument("--early-layer", type=int, default=EncoderSpec.early_layer,
+                        help="a shallower block whose pooled states are appended (0 = none)")
+    parser.add_argument("--float32", action="store_true", help="float32 weights instead of int8 (~4x slower a check)")
     parser.add_argument("--pooling", default=EncoderSpec.pooling, choices=list(POOLINGS))
     parser.add_argument("--c", type=float, default=0.05, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--threshold", type=float, default=float(os.environ.get("CHAT_MODERATION_THRESHOLD", 0.5)))
@@ -88,7 +91,8 @@ def main() -> None:
         rows = gather_rows(factory, args.labels, calibration=not args.no_calibration, reviews=not args.no_reviews)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    spec = EncoderSpec(model_dir=encoder_model_dir(args.data_dir, args.model), layer=args.layer, pooling=args.pooling)
+    spec = EncoderSpec(model_dir=encoder_model_dir(args.data_dir, args.model), layer=args.layer,
+                       early_layer=args.early_layer, pooling=args.pooling, int8=not args.float32)
     try:
         meta = train_head(rows, spec, args.data_dir, ordinary=logged_chat(factory), c=args.c,
                           threshold=args.threshold, progress=lambda f, msg: print(f"[{f:4.0%}] {msg}", flush=True))

@@ -9,10 +9,10 @@ import gradio as gr
 from app.ui.guard import ADMIN, denied
 from training.moderation_head import describe, encoder_model_dir, flag_rate, gather_rows, logged_chat
 from model.moderation.head_store import activate, heads_dir, list_heads
-from model.moderation.learned import EncoderSpec, HeadLoadError, LearnedBackend
+from model.moderation.learned import EncoderSpec, HeadLoadError, LearnedBackend, describe_encoder
 
 HEAD_HEADERS = ["head", "created", "active", "rows (harmful)", "ROC AUC (95%)", "recall", "false positives",
-                "everyday prompts flagged (out of fold)", "logged chat flagged", "layer"]
+                "everyday prompts flagged (out of fold)", "logged chat flagged", "features"]
 
 
 def head_rows(data_dir) -> list[list]:
@@ -25,7 +25,7 @@ def head_rows(data_dir) -> list[list]:
         rows.append([h["name"], h["created"], "on" if h["active"] else "", f"{h['data']['rows']} ({h['data']['positives']})",
                      f"{m['auc']:.3f} [{m['auc_low']:.2f}, {m['auc_high']:.2f}]", f"{m['recall']:.2f}", f"{m['fpr']:.2f}",
                      flag_rate(m, "everyday"), flag_rate(m, "logged"),
-                     f"{h['encoder']['layer']} ({h['encoder']['pooling']})"])
+                     describe_encoder(h["encoder"])])
     return rows
 
 

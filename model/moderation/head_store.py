@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from model.moderation.learned import EncoderSpec, HeadLoadError, LinearHead, encoder_for, fit_linear_head
+from model.moderation.reframe import reframings
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 EVERYDAY_PROMPTS = DATA / "everyday_prompts.txt"
@@ -127,13 +128,16 @@ def _auc_interval(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     return auc, max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)
 
 
-def out_of_fold(features: np.ndarray, labels: np.ndarray, c: float, folds: int = 5, seed: int = 0) -> tuple:
-    """Scores of ``fit_linear_head`` where every row is scored by a head that never saw it."""
-    from sklearn.model_selection import StratifiedKFold
+def out_of_fold(features: np.ndarray, labels: np.ndarray, c: float, folds: int = 5, seed: int = 0,
+                groups: np.ndarray | None = None) -> tuple:
+    """Scores of ``fit_linear_head`` where every row is scored by a head that never saw it (nor, with
+    ``groups``, any row of its group: a statement's reframed copies stay in its fold)."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
     k = max(2, min(folds, int(labels.sum()), int(len(labels) - labels.sum())))
     oof = np.zeros(len(labels))
-    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels):
+    groups = np.arange(len(labels)) if groups is None else groups
+    for train, test in StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(features, labels, groups):
         oof[test] = fit_linear_head(features[train], labels[train], c).predict(features[test])
     return oof, k
 
@@ -175,11 +179,19 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
     seen = labelled | set(everyday)
     ordinary = list(dict.fromkeys(t for t in (ordinary or []) if t.strip() and t not in seen))
     started = time.monotonic()
-    progress(0.05, f"encoding {len(rows)} labelled texts and {len(everyday)} everyday prompts")
+    # Each labelled statement also in request forms with its label (model.moderation.reframe), so that
+    # "it is a question" cannot stand in for "it is harmless"; copies share their statement's fold.
+    reframed = [{**r, "text": t, "source": "reframed", "origin": i}
+                for i, r in enumerate(rows) for t in reframings(r["text"]) if t not in seen]
+    trained = rows + reframed
+    origin = np.array(list(range(len(rows))) + [r["origin"] for r in reframed]
+                      + list(range(len(rows), len(rows) + len(everyday))))
     encoder = encoder_for(spec)
-    features = encoder.encode([r["text"] for r in rows] + everyday)
-    is_everyday = np.array([False] * len(rows) + [True] * len(everyday))
-    labels = np.concatenate([labels_only, np.zeros(len(everyday), dtype=int)])
+    progress(0.1, f"encoding {len(trained)} labelled texts ({len(reframed)} reframed) and {len(everyday)} everyday prompts")
+    features = encoder.encode([r["text"] for r in trained] + everyday)
+    is_everyday = np.array([False] * len(trained) + [True] * len(everyday))
+    is_original = np.array([True] * len(rows) + [False] * len(reframed) + [False] * len(everyday))
+    labels = np.concatenate([[r["label"] for r in trained], np.zeros(len(everyday), dtype=int)]).astype(int)
     progress(0.6, f"encoding {len(ordinary)} logged chat messages")
     ordinary_features = encoder.encode(ordinary) if ordinary else None
     categories = [DEFAULT_CATEGORY] + sorted({r["category"] for r in rows if r["label"] and r["category"]
@@ -188,13 +200,14 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
     metrics: dict[str, dict] = {}
     for i, category in enumerate(categories):
         progress(0.7 + 0.25 * i / len(categories), f"cross-validating {category}")
-        keep = np.array([r["label"] == 0 or category == DEFAULT_CATEGORY or r["category"] == category for r in rows]
+        keep = np.array([r["label"] == 0 or category == DEFAULT_CATEGORY or r["category"] == category for r in trained]
                         + [True] * len(everyday))
         y, x = labels[keep], features[keep]
-        if y.sum() < MIN_PER_CLASS:
+        if y[is_original[keep]].sum() < MIN_PER_CLASS:
             continue  # too few examples of this category for its own head; the toxicity head still sees them
-        oof, k = out_of_fold(x, y, c)
-        m = {**summarise(y[~is_everyday[keep]], oof[~is_everyday[keep]], threshold), "folds": k}
+        oof, k = out_of_fold(x, y, c, groups=origin[keep])
+        # Metrics on the labelled rows as given (their copies are training aids, not more evidence).
+        m = {**summarise(y[is_original[keep]], oof[is_original[keep]], threshold), "folds": k}
         m["everyday_flag_rate"] = float((oof[is_everyday[keep]] >= threshold).mean()) if len(everyday) else None
         m["everyday_n"] = len(everyday)
         heads[category] = fit_linear_head(x, y, c)
@@ -202,14 +215,14 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
                                  if ordinary_features is not None else None)
         m["logged_n"] = len(ordinary)
         metrics[category] = m
-    snapshot = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows + [
+    snapshot = "".join(json.dumps({k: v for k, v in r.items() if k != "origin"}, sort_keys=True) + "\n" for r in trained + [
         {"text": t, "label": 0, "category": DEFAULT_CATEGORY, "source": "everyday"} for t in everyday])
     sources: dict[str, int] = {"everyday": len(everyday)} if everyday else {}
-    for r in rows:
+    for r in trained:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "encoder": asdict(encoder.spec), "categories": list(heads),
             "threshold": threshold, "c": c, "metrics": metrics, "train_seconds": round(time.monotonic() - started, 1),
-            "data": {"rows": len(rows) + len(everyday), "positives": int(labels.sum()), "sources": sources,
+            "data": {"rows": len(trained) + len(everyday), "positives": int(labels.sum()), "sources": sources,
                      "sha256": hashlib.sha256(snapshot.encode()).hexdigest()}}
     meta["name"] = _write_head(data_dir, meta, heads, snapshot).name
     progress(1.0, f"stored {meta['name']}")
