@@ -1,17 +1,22 @@
 """The learned moderation head: which features separate hate from neutral, and what a check costs.
 
-    python -m bench.moderation                          # feature layers, int8, llama.cpp; latency table
+    python -m bench.moderation                          # quality table and latency table, one run
     python -m bench.moderation --labels more.jsonl      # cross-validate on other labelled rows too
 
-Quality: for each feature source (the embedded model's hidden states after N blocks, mean- or
-last-token-pooled, float32 or int8, and llama.cpp's own mean-pooled embedding of the same GGUF,
-its last layer), trained as ``train_head`` trains (labelled rows plus the everyday prompts as
-acceptable): 5-fold cross-validated ROC AUC (95%) on the labelled rows (default: the ToxiGen
-calibration set), the same with whole target groups held out (the head never saw a statement
-about that group: closer to text from elsewhere), recall and false-positive rate at 0.5, and
-the out-of-fold flag rate on the everyday prompts. Latency: one user message at a time (everyday questions and HH red-team
-openers, 6 to 60 words), p50/p95 of each backend's ``score``, in the same run as the
-alt-profanity-check baseline, so the ratio holds even when the machine is slower than usual.
+Quality: for each feature source (the embedded model's hidden states after N blocks, mean- and
+last-token-pooled, float32 or int8, optionally next to block 1's; llama.cpp's own embedding of
+the GGUF for comparison), trained as ``train_head`` trains (labelled rows, their reframed copies
+unless the row says otherwise, the everyday prompts as acceptable):
+- ROC AUC (95%) and recall / false-positive rate at 0.5 on the labelled statements, 5-fold;
+- ROC AUC with whole target groups held out (the head never saw a statement about that group);
+- recall on the harmful statements in three *other* request wordings, never trained on
+  (``model.moderation.reframe.HELD_OUT``: "Why is it that ...?"), scored out of fold;
+- the out-of-fold flag rate on the everyday prompts, and the flag rate on 80 ordinary messages
+  that no head ever trains on (``bench/data/ordinary_heldout.txt``, half of them about
+  religions, nationalities, disabilities or LGBTQ topics).
+Latency: one user message at a time (everyday questions and HH red-team openers, 6 to 60
+words), p50/p95 of each backend's ``score`` and of the whole moderator's check (what a chat
+message waits for), in the same run as the alt-profanity-check baseline.
 """
 
 from __future__ import annotations
@@ -24,8 +29,31 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"
-MIDDLE = 15  # of SmolLM2-135M's 30 blocks: what EncoderSpec's layer 0 resolves to
+DATA = Path(__file__).parent / "data"
+PROMPTS = DATA / "learning_prompts.jsonl"
+ORDINARY = DATA / "ordinary_heldout.txt"
+
+
+def _truncated_gguf(src: Path, dst: Path, blocks: int) -> Path:
+    """The GGUF with only its first ``blocks`` blocks (what llama.cpp would run for block-N features)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch="llama")
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, blocks if f.name == "llama.block_count" else f.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        if not (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= blocks):
+            writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
 
 
 def _llamacpp_embedder(gguf: Path, threads: int):
@@ -47,10 +75,9 @@ def _latency(score, texts: list[str]) -> tuple[float, float]:
     return statistics.median(times), times[int(0.95 * (len(times) - 1))]
 
 
-def main() -> None:
+def main() -> None:  # noqa: C901 (one table after the other, in the order printed)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", nargs="*", type=Path, default=[], help="more {text, label} JSONL to evaluate on")
-    parser.add_argument("--layers", nargs="+", type=int, default=[5, 10, 15, 20, 30])
     parser.add_argument("--messages", type=int, default=120, help="messages timed per backend")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -59,11 +86,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from model.moderation.backends import ProfanityBackend
-    from sklearn.model_selection import GroupKFold
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
 
-    from model.moderation.head_store import CALIBRATION, everyday_prompts, out_of_fold, read_label_file, summarise
-    from model.moderation.learned import EncoderSpec, HiddenStateEncoder, fit_linear_head
+    from model.gguf_export import ensure_gguf
+    from model.moderation.backends import ProfanityBackend, RulesBackend, load_rules
+    from model.moderation.head_store import CALIBRATION, everyday_prompts, read_label_file, summarise
+    from model.moderation.learned import EncoderSpec, HiddenStateEncoder, fit_max_head
+    from model.moderation.moderator import Moderator
+    from model.moderation.reframe import HELD_OUT, TRAINING, as_clause
     from model.weights import embedded_gguf_path, resolve_model
 
     rows = read_label_file(CALIBRATION)
@@ -73,47 +103,90 @@ def main() -> None:
         rows, groups = rows + extra, groups + [path.name] * len(extra)
     texts, labels = [r["text"] for r in rows], np.array([r["label"] for r in rows])
     everyday = everyday_prompts()
+    ordinary = [line for line in ORDINARY.read_text().splitlines() if line.strip()]
+    assert not set(ordinary) & set(everyday) and not set(ordinary) & set(texts), "the held-out messages leaked"
+    n, harmful = len(texts), labels == 1
     model_dir = str(resolve_model("embedded", args.data_dir).path)
-    print(f"{len(texts)} labelled rows ({labels.sum()} harmful, {len(set(groups))} target groups), "
-          f"{len(everyday)} everyday prompts trained on as acceptable, {args.threads} threads\n")
+    print(f"{n} labelled rows ({labels.sum()} harmful, {len(set(groups))} target groups), {len(everyday)} everyday "
+          f"prompts trained on as acceptable, {len(ordinary)} held-out ordinary messages, {args.threads} threads\n")
     print("| features | ROC AUC, 5-fold (95%) | ROC AUC, unseen target groups | recall @0.5 | FPR @0.5 "
-          "| everyday flagged @0.5 (out of fold) |\n| --- | --- | --- | --- | --- | --- |")
-    y_all = np.concatenate([labels, np.zeros(len(everyday), dtype=int)])
-    n = len(texts)
+          "| recall, other wordings @0.5 | everyday flagged (out of fold) | held-out ordinary flagged |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
 
-    def report(name: str, encode) -> None:
-        feats = encode(texts + everyday)
-        oof, _ = out_of_fold(feats, y_all, c=0.05)
-        m = summarise(labels, oof[:n], 0.5)
-        # Leave-groups-out: the head never saw a statement about the group it is scored on.
-        by_group = np.zeros(n)
-        for train, test in GroupKFold(5).split(feats[:n], labels, groups):
-            train = np.concatenate([train, np.arange(n, len(y_all))])
-            by_group[test] = fit_linear_head(feats[train], y_all[train]).predict(feats[test])
-        g = summarise(labels, by_group, 0.5)
+    def report(name: str, encode, parts: str = "both") -> None:
+        base, ev, od = encode(texts), encode(everyday), encode(ordinary)
+        copies = [encode([t.format(as_clause(s)) for s in texts]) for t in TRAINING] if parts != "statements" else []
+        other = [encode([t.format(as_clause(s)) for s in texts]) for t in HELD_OUT]
+
+        def fit(train, ev=ev):  # as train_head: the rows, their reframed copies, the everyday prompts
+            x = np.concatenate([base[train]] + [c[train] for c in copies] + [ev])
+            y = np.concatenate([labels[train]] * (1 + len(copies)) + [np.zeros(len(ev), dtype=int)])
+            is_copy = np.arange(len(y)) >= len(train)
+            is_copy[len(y) - len(ev):] = False
+            head = fit_max_head(x, y, is_copy)
+            return head if parts == "both" else head.parts[-1]
+
+        oof, by_group, worded = np.zeros(n), np.zeros(n), np.zeros((len(other), n))
+        ev_oof = []
+        for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(base, labels):
+            head = fit(train)
+            oof[test] = head.predict(base[test])
+            worded[:, test] = [head.predict(o[test]) for o in other]
+        for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(ev, np.zeros(len(ev))):
+            ev_oof.append(fit(np.arange(n), ev[train]).predict(ev[test]))
+        for train, test in GroupKFold(5).split(base, labels, groups):
+            by_group[test] = fit(train).predict(base[test])
+        m, g = summarise(labels, oof, 0.5), summarise(labels, by_group, 0.5)
+        final = fit(np.arange(n))
         print(f"| {name} | {m['auc']:.3f} [{m['auc_low']:.2f}, {m['auc_high']:.2f}] | {g['auc']:.3f} "
               f"[{g['auc_low']:.2f}, {g['auc_high']:.2f}] | {m['recall']:.2f} | {m['fpr']:.2f} "
-              f"| {(oof[n:] >= 0.5).mean():.1%} |", flush=True)
+              f"| {(worded[:, harmful] >= 0.5).mean():.2f} | {(np.concatenate(ev_oof) >= 0.5).mean():.1%} "
+              f"| {(final.predict(od) >= 0.5).mean():.1%} |", flush=True)
 
-    configs = [(layer, "mean", False) for layer in args.layers] + [
-        (MIDDLE, pooling, False) for pooling in ("last", "mean+last")] + [(MIDDLE, "mean", True)]
-    for layer, pooling, int8 in configs:
-        enc = HiddenStateEncoder(EncoderSpec(model_dir=model_dir, layer=layer, pooling=pooling, int8=int8))
-        report(f"hidden states, layer {layer}/30, {pooling}, {'int8' if int8 else 'float32'}", enc.encode)
-    llama_embed = _llamacpp_embedder(embedded_gguf_path(), args.threads)
-    report("llama.cpp embedding (Q4_1 GGUF, layer 30, mean)", llama_embed)
+    def encoder(**kw):
+        return HiddenStateEncoder(EncoderSpec(model_dir=model_dir, **kw))
+
+    default = encoder()  # EncoderSpec's defaults: what the Train button uses
+    report("**blocks 1+8 of 30, mean+last, int8: max of both parts (default)**", default.encode)
+    report("same, statements part alone (no reframed copies)", default.encode, parts="statements")
+    report("same, requests part alone (trained with the copies)", default.encode, parts="requests")
+    report("same, float32", encoder(int8=False).encode)
+    report("block 8 alone, mean+last, int8", encoder(early_layer=0).encode)
+    report("block 15 alone, mean+last, float32 (the default until 2026-12-02)",
+           encoder(layer=15, early_layer=0, int8=False).encode)
+    report("block 15 alone, mean, float32", encoder(layer=15, early_layer=0, pooling="mean", int8=False).encode)
+    q8 = ensure_gguf(model_dir, "q8_0")
+    llama_full = _llamacpp_embedder(q8, args.threads)
+    report("llama.cpp's own embedding of the Q8_0 GGUF (30 blocks, mean)", llama_full)
 
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
     messages = [p for p in prompts if 6 <= len(p.split()) <= 60][::3][:args.messages]
     words = statistics.median(len(m.split()) for m in messages)
-    profanity = ProfanityBackend()
-    backends = [("profanity (alt-profanity-check, baseline)", profanity.score)]
-    for layer, int8 in ((MIDDLE, False), (MIDDLE, True), (10, False)):
-        encoder = HiddenStateEncoder(EncoderSpec(model_dir=model_dir, layer=layer, int8=int8))
-        head = fit_linear_head(encoder.encode(texts + everyday), y_all)
-        backends.append((f"learned (layer {layer}, {'int8' if int8 else 'float32'})",
-                         lambda t, e=encoder, h=head: h.predict(e.encode(t))))
-    backends.append(("llama.cpp embedding (for comparison)", llama_embed))
+    is_copy = np.array([False] * n + [True] * n * len(TRAINING) + [False] * len(everyday))
+    default_head = fit_max_head(
+        np.concatenate([default.encode(texts)] + [default.encode([t.format(as_clause(s)) for s in texts])
+                                                  for t in TRAINING] + [default.encode(everyday)]),
+        np.concatenate([labels] * (1 + len(TRAINING)) + [np.zeros(len(everyday), dtype=int)]), is_copy)
+
+    class Head:  # the trained default head as a moderation backend, without writing it to disk
+        name, streaming = "learned", False
+
+        def score(self, batch):
+            return [{"toxicity": float(p)} for p in default_head.predict(default.encode(batch))]
+
+    profanity, rules = ProfanityBackend(), RulesBackend(load_rules(None))
+    without = Moderator([rules, profanity])
+    with_head = Moderator([rules, profanity, Head()])
+    float32, block15 = encoder(int8=False), encoder(layer=15, early_layer=0, int8=False)
+    truncated = _truncated_gguf(q8, args.data_dir / "bench-moderation-8-blocks.gguf", 8)
+    backends = [("profanity (alt-profanity-check, baseline)", profanity.score),
+                ("learned, blocks 1+8, int8 (default)", Head().score),
+                ("learned, blocks 1+8, float32", float32.encode),
+                ("learned, block 15, float32 (the default until 2026-12-02)", block15.encode),
+                ("llama.cpp embedding, Q8_0, 30 blocks (llama-cpp-python `embed`)", llama_full),
+                ("llama.cpp embedding, Q8_0 cut to 8 blocks", _llamacpp_embedder(truncated, args.threads)),
+                ("whole check, rules + profanity (no head)", lambda b: without.check(b[0])),
+                ("whole check, rules + profanity + learned head (default)", lambda b: with_head.check(b[0]))]
     print(f"\nLatency per user message ({len(messages)} messages, median {words:.0f} words, one at a time):\n")
     print("| backend | p50 ms | p95 ms | p50 / profanity |\n| --- | --- | --- | --- |")
     base = None
@@ -121,6 +194,7 @@ def main() -> None:
         p50, p95 = _latency(score, messages)
         base = base or p50
         print(f"| {name} | {p50:.1f} | {p95:.1f} | {p50 / base:.1f}x |", flush=True)
+    truncated.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ switched-on head, and a broken head file is a clear error (issue 14)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -248,3 +249,45 @@ def test_a_head_stored_before_early_layers_existed_still_loads_with_its_single_l
     backend = LearnedBackend(head_dir)
     assert backend.encoder.spec.early_layer == 0 and backend.encoder.n_features == one_layer
     assert 0 <= backend.score(["hello"])[0]["toxicity"] <= 1
+
+
+def test_max_head_scores_the_larger_of_its_statement_and_request_parts():
+    """fit_max_head fits one part on the rows that are not copies and one on all rows; its score is
+    the larger of the two, and without copies it is a single part."""
+    from model.moderation.learned import fit_linear_head, fit_max_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    y = (x[:, 0] > 0).astype(int)
+    is_copy = np.arange(60) >= 40
+    head = fit_max_head(x, y, is_copy)
+    assert len(head.parts) == 2 and len(fit_max_head(x, y, np.zeros(60, dtype=bool)).parts) == 1
+    statements, everything = fit_linear_head(x[:40], y[:40]), fit_linear_head(x, y)
+    np.testing.assert_allclose(head.predict(x), np.maximum(statements.predict(x), everything.predict(x)))
+
+
+@pytest.mark.slow
+def test_a_head_trained_on_statements_also_flags_them_asked_as_questions(tmp_path):
+    """The real embedded model's head, trained by train_head on the ToxiGen calibration set, flags
+    at least a third of its harmful statements in three wordings it never trained on ("Why is it
+    that ...?"); a head without the reframed copies flagged none of them. Everyday questions stay
+    unflagged (at most 2% of the 80 held-out ordinary messages)."""
+    from pathlib import Path
+
+    from model.loader import resolve_model
+    from model.moderation.head_store import CALIBRATION
+    from model.moderation.reframe import HELD_OUT, as_clause
+
+    root = Path(__file__).resolve().parent.parent
+    model_dir = resolve_model("embedded", Path(os.environ.get("CHAT_TEST_MODEL_CACHE", root / "data"))).path
+    rows = read_label_file(CALIBRATION)
+    meta = train_head(rows, EncoderSpec(model_dir=str(model_dir)), tmp_path)
+    backend = LearnedBackend(tmp_path / "moderation" / "heads" / meta["name"])
+    assert len(backend.heads["toxicity"].parts) == 2
+    harmful = [r["text"] for r in rows if r["label"] == 1]
+    asked = [t.format(as_clause(s)) for t in HELD_OUT for s in harmful]
+    recall = np.mean([s["toxicity"] >= 0.5 for s in backend.score(asked)])
+    ordinary = (root / "bench" / "data" / "ordinary_heldout.txt").read_text()
+    flagged = np.mean([s["toxicity"] >= 0.5 for s in backend.score(ordinary.splitlines())])
+    assert recall >= 0.33, f"only {recall:.0%} of harmful statements asked as questions were flagged"
+    assert flagged <= 0.02, f"{flagged:.1%} of ordinary messages flagged"

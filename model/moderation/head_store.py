@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.moderation.learned import EncoderSpec, HeadLoadError, LinearHead, encoder_for, fit_linear_head
+from model.moderation.learned import EncoderSpec, HeadLoadError, MaxHead, encoder_for, fit_max_head
 from model.moderation.reframe import reframings
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -129,16 +129,17 @@ def _auc_interval(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
 
 
 def out_of_fold(features: np.ndarray, labels: np.ndarray, c: float, folds: int = 5, seed: int = 0,
-                groups: np.ndarray | None = None) -> tuple:
-    """Scores of ``fit_linear_head`` where every row is scored by a head that never saw it (nor, with
+                groups: np.ndarray | None = None, is_copy: np.ndarray | None = None) -> tuple:
+    """Scores of ``fit_max_head`` where every row is scored by a head that never saw it (nor, with
     ``groups``, any row of its group: a statement's reframed copies stay in its fold)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     k = max(2, min(folds, int(labels.sum()), int(len(labels) - labels.sum())))
     oof = np.zeros(len(labels))
     groups = np.arange(len(labels)) if groups is None else groups
+    is_copy = np.zeros(len(labels), dtype=bool) if is_copy is None else is_copy
     for train, test in StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(features, labels, groups):
-        oof[test] = fit_linear_head(features[train], labels[train], c).predict(features[test])
+        oof[test] = fit_max_head(features[train], labels[train], is_copy[train], c).predict(features[test])
     return oof, k
 
 
@@ -196,7 +197,7 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
     ordinary_features = encoder.encode(ordinary) if ordinary else None
     categories = [DEFAULT_CATEGORY] + sorted({r["category"] for r in rows if r["label"] and r["category"]
                                               != DEFAULT_CATEGORY})
-    heads: dict[str, LinearHead] = {}
+    heads: dict[str, MaxHead] = {}
     metrics: dict[str, dict] = {}
     for i, category in enumerate(categories):
         progress(0.7 + 0.25 * i / len(categories), f"cross-validating {category}")
@@ -205,12 +206,13 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
         y, x = labels[keep], features[keep]
         if y[is_original[keep]].sum() < MIN_PER_CLASS:
             continue  # too few examples of this category for its own head; the toxicity head still sees them
-        oof, k = out_of_fold(x, y, c, groups=origin[keep])
+        copy = ~is_original[keep] & ~is_everyday[keep]
+        oof, k = out_of_fold(x, y, c, groups=origin[keep], is_copy=copy)
         # Metrics on the labelled rows as given (their copies are training aids, not more evidence).
         m = {**summarise(y[is_original[keep]], oof[is_original[keep]], threshold), "folds": k}
         m["everyday_flag_rate"] = float((oof[is_everyday[keep]] >= threshold).mean()) if len(everyday) else None
         m["everyday_n"] = len(everyday)
-        heads[category] = fit_linear_head(x, y, c)
+        heads[category] = fit_max_head(x, y, copy, c)
         m["logged_flag_rate"] = (float((heads[category].predict(ordinary_features) >= threshold).mean())
                                  if ordinary_features is not None else None)
         m["logged_n"] = len(ordinary)
@@ -229,16 +231,18 @@ def train_head(rows: list[dict], spec: EncoderSpec, data_dir: str | Path, *, ord
     return meta
 
 
-def _write_head(data_dir, meta: dict, heads: dict[str, LinearHead], snapshot: str) -> Path:
+def _write_head(data_dir, meta: dict, heads: dict[str, MaxHead], snapshot: str) -> Path:
     """Written to a temporary directory and renamed: a head appears complete or not at all."""
     root = heads_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=root))
     try:
         arrays = {}
-        for c, h in heads.items():
-            arrays.update({f"{c}.mean": h.mean, f"{c}.scale": h.scale, f"{c}.coef": h.coef,
-                           f"{c}.intercept": np.array(h.intercept)})
+        for c, head in heads.items():
+            for i, h in enumerate(head.parts):  # "toxicity.mean", then "toxicity#1.mean" (model.moderation.learned)
+                p = c if i == 0 else f"{c}#{i}"
+                arrays.update({f"{p}.mean": h.mean, f"{p}.scale": h.scale, f"{p}.coef": h.coef,
+                               f"{p}.intercept": np.array(h.intercept)})
         np.savez(tmp / "head.npz", **arrays)
         (tmp / "train.jsonl").write_text(snapshot)
         for n in range(1, 100000):

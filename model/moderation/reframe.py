@@ -1,13 +1,14 @@
 """Statements rewritten as questions and requests, so a head cannot learn "a question is harmless".
 
 The labelled rows we have (ToxiGen) are statements; the everyday messages trained on as acceptable
-are questions. A head trained on both alone learns the sentence form: "Why are <group> so lazy?"
-scored 0.01 while the same claim as a statement scored 0.99; on the 120 ToxiGen rows in three
-held-out wordings such a head caught none of the harmful ones (recall 0.00 at 0.5; with these
-copies 0.57, bench/moderation.py). Each labelled statement is therefore
-also trained on in a few request forms with its own label, harmful and acceptable alike, so the form
-carries no label and the head has to read the content. ``HELD_OUT`` are other wordings, never
-trained on, for measuring whether that generalises (``python -m bench.moderation``).
+are questions. A head trained on both alone learns the sentence form: hateful questions such as
+"Why are <group> such lazy criminals?" scored 0.01 while hateful statements scored up to 0.99, and
+the 120 ToxiGen rows asked in three held-out wordings had none of their harmful ones caught
+(recall 0.00 at 0.5; 0.57 with these copies, bench/moderation.py). Each labelled statement is
+therefore also trained on in a few request forms with its own label, harmful and acceptable
+alike, so the form carries no label and the head has to read the content (the head's second
+part, ``learned.MaxHead``). ``HELD_OUT`` are other wordings, never trained on, for measuring
+whether that generalises (``python -m bench.moderation``).
 """
 
 from __future__ import annotations
