@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,8 +273,6 @@ def test_a_head_trained_on_statements_also_flags_them_asked_as_questions(tmp_pat
     at least a third of its harmful statements in three wordings it never trained on ("Why is it
     that ...?"); a head without the reframed copies flagged none of them. Everyday questions stay
     unflagged (at most 2% of the 80 held-out ordinary messages)."""
-    from pathlib import Path
-
     from model.loader import resolve_model
     from model.moderation.head_store import CALIBRATION
     from model.moderation.reframe import HELD_OUT, as_clause
@@ -291,3 +290,20 @@ def test_a_head_trained_on_statements_also_flags_them_asked_as_questions(tmp_pat
     flagged = np.mean([s["toxicity"] >= 0.5 for s in backend.score(ordinary.splitlines())])
     assert recall >= 0.33, f"only {recall:.0%} of harmful statements asked as questions were flagged"
     assert flagged <= 0.02, f"{flagged:.1%} of ordinary messages flagged"
+
+
+def test_model_moderation_train_trains_and_switches_on_a_head_like_the_training_command(tiny_model_dir, tmp_path):
+    """`python -m model.moderation --train ... --activate` (the issue's spelling) runs the training
+    stage's command: a head is stored with its metrics and becomes the active one."""
+    import subprocess
+    import sys
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in _rows(40, seed=3)))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "model.moderation", "--train", "--no-calibration", "--no-reviews",
+                           "--labels", str(labels), "--model", str(tiny_model_dir), "--data-dir", str(tmp_path),
+                           "--activate"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ROC AUC" in done.stdout
+    assert [(h["name"], h["active"]) for h in list_heads(tmp_path)] == [("head-0001", True)]

@@ -1,6 +1,7 @@
-"""Evaluate moderation backends on labelled text.
+"""Evaluate moderation backends on labelled text, or train a learned head.
 
     python -m model.moderation --eval ../shared/data/toxigen_calibration.jsonl
+    python -m model.moderation --train [--labels mine.jsonl] [--activate]   # = python -m training.moderation_head
 
 Rows are {"text", "label"}; label hate/toxic/offensive counts as positive, neutral as negative.
 Prints ROC AUC, and recall and false-positive rate at the configured threshold, per backend
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -57,8 +59,15 @@ def _worst(per_backend: dict, i: int) -> dict[str, float]:
 def main() -> None:
     from model.moderation import moderator_from_env
 
+    if "--train" in sys.argv[1:]:
+        # Training reads the review queue from the database, which model/ never touches: hand the
+        # other arguments to the training stage's own command, in a fresh interpreter.
+        rest = [a for a in sys.argv[1:] if a != "--train"]
+        os.execv(sys.executable, [sys.executable, "-m", "training.moderation_head", *rest])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", required=True, type=Path, help="JSONL of {text, label}")
+    parser.add_argument("--train", action="store_true", help="train a learned head instead (python -m "
+                        "training.moderation_head; its --help lists the options)")
     parser.add_argument("--backends", default=None, help="override CHAT_MODERATION_BACKENDS")
     args = parser.parse_args()
     if Path(".env").is_file():  # the app's .env, as the app reads it (variables already set win)
