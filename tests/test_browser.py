@@ -165,3 +165,31 @@ def test_a_reply_cut_at_the_token_limit_says_so(tiny_model_dir, tmp_path):
                                timeout=90000)
     [(tokens,)] = _db_rows(tmp_path, "SELECT completion_tokens FROM messages WHERE role = 'assistant'")
     assert tokens == 3
+
+
+def test_cancelling_delete_all_my_data_keeps_everything_without_error_badges(tiny_model_dir, tmp_path):
+    """Issue 15 item 1: cancelling the "Delete all my data" confirmation says nothing was deleted,
+    shows no "Error" badge anywhere, and the conversation still opens from the list; accepting it
+    then empties the list and the database."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("delete") as page:
+        page.goto(url)
+        page.fill("#chat-input textarea", "Keep this conversation")
+        page.click("#send-btn")
+        page.locator("#conversations").get_by_text("Keep this conversation").wait_for(timeout=90000)
+        page.get_by_text("Your data").click()
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#delete-data")
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('Nothing was deleted')",
+                               timeout=20000)
+        assert page.get_by_text("Error", exact=True).count() == 0
+        page.get_by_role("button", name="New chat").click()  # leave it, then reopen it from the list
+        page.locator("#chatbot").get_by_text("Keep this conversation").wait_for(state="detached", timeout=20000)
+        page.locator("#conversations label").first.click()
+        page.locator("#chatbot").get_by_text("Keep this conversation").wait_for(timeout=30000)
+        assert _db_rows(tmp_path, "SELECT count(*) FROM messages")[0][0] >= 2
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-data")
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('Deleted')", timeout=20000)
+        assert page.locator("#conversations label").count() == 0
+        assert page.get_by_text("Error", exact=True).count() == 0
+    assert _db_rows(tmp_path, "SELECT count(*) FROM messages")[0][0] == 0

@@ -91,7 +91,7 @@ def test_delete_all_my_data_also_ends_the_export(two_users):
     """After "Delete all my data", the export link Alice got before it serves nothing."""
     with serve(two_users) as url, _login(url, "alice") as alice:
         link = _link(_call(alice, "export_my_data"))
-        _call(alice, "delete_my_data")
+        _call(alice, "delete_my_data", True)
         assert alice.get(link).status_code == 404
         assert MARKER not in alice.get(link).text
 

@@ -63,6 +63,9 @@ def build_chat_tab(service) -> None:
                     delete_btn = gr.Button("Delete all my data", size="sm", variant="stop", elem_id="delete-data")
                 # A one-time link only this user can open (app.my_data): no file in Gradio's cache.
                 my_file = gr.Markdown("", visible=False, elem_id="my-data-link")
+                # The browser's confirm() answer (the API caller passes true): cancelling must not
+                # raise in the page, which marked every output with a red "Error" badge.
+                delete_confirmed = gr.Checkbox(False, visible=False)
     conv_id = gr.State(None)   # the open conversation
     ids = gr.State([])         # message id for each chatbot row (None while streaming)
     voted = gr.State(None)     # (message_id, value) awaiting an optional reason
@@ -223,7 +226,9 @@ def build_chat_tab(service) -> None:
         return gr.update(value=f"[Download my-chat-data.json]({link}): a link for you only, "
                                f"valid once for {minutes} minutes.", visible=True)
 
-    def on_delete(request: gr.Request):
+    def on_delete(confirmed, request: gr.Request):
+        if confirmed is not True:
+            return gr.skip(), gr.skip(), gr.skip(), "Nothing was deleted.", gr.skip(), gr.skip()
         counts = service.delete_my_data(caller_name(request))
         return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None), gr.update(value="", visible=False)
 
@@ -242,8 +247,9 @@ def build_chat_tab(service) -> None:
         button.click(picker(choice), [ab_turn, chatbot, ids], [chatbot, ids, hint, ab_box, ab_turn],
                      api_name=f"pick_{choice}")
     export_btn.click(on_export, None, my_file, api_name="export_my_data")
-    delete_btn.click(on_delete, None, [chatbot, ids, conv_id, hint, convs, my_file], api_name="delete_my_data",
-                     js="() => { if (!confirm('Delete all your conversations, votes and rankings?')) throw new Error('kept'); }")
+    delete_btn.click(on_delete, [delete_confirmed], [chatbot, ids, conv_id, hint, convs, my_file],
+                     api_name="delete_my_data",
+                     js="() => confirm('Delete all your conversations, votes and rankings?')")
 
     send_inputs = [box, chatbot, ids, conv_id, ab_turn, system, *sampling]
     send_outputs = [box, chatbot, ids, conv_id, hint, convs, ab_box, left_md, right_md, ab_turn]
