@@ -161,8 +161,12 @@ def test_a_reply_cut_at_the_token_limit_says_so(tiny_model_dir, tmp_path):
         page.keyboard.press("Tab")
         page.fill("#chat-input textarea", "Tell me a long story")
         page.click("#send-btn")
-        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('length limit')",
-                               timeout=90000)
+        try:
+            page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('length limit')",
+                                   timeout=90000)
+        except Exception:  # say what the page showed instead
+            raise AssertionError(f"hint {page.inner_text('#chat-hint')!r}, box "
+                                 f"{page.input_value('#chat-input textarea')!r}") from None
     [(tokens,)] = _db_rows(tmp_path, "SELECT completion_tokens FROM messages WHERE role = 'assistant'")
     assert tokens == 3
 
@@ -193,3 +197,34 @@ def test_cancelling_delete_all_my_data_keeps_everything_without_error_badges(tin
         assert page.locator("#conversations label").count() == 0
         assert page.get_by_text("Error", exact=True).count() == 0
     assert _db_rows(tmp_path, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+def test_send_turns_into_stop_and_text_typed_while_a_reply_streams_is_kept(tiny_model_dir, tmp_path):
+    """Issue 15 item 5: while a reply streams, Send is replaced by Stop; a message typed and
+    submitted meanwhile is refused with a hint and stays in the box (it used to vanish); after
+    Stop, Send is back and sends it as the next turn. Both user messages are stored, in order."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("send-stop") as page:
+        page.goto(url)
+        page.get_by_text("Settings").click()
+        page.get_by_label("number input for Max new tokens").fill("1024")  # a reply long enough to act during
+        page.keyboard.press("Tab")
+        page.fill("#chat-input textarea", "First question")
+        page.click("#send-btn")
+        page.locator("#stop-btn").wait_for(state="visible", timeout=10000)
+        assert not page.locator("#send-btn").is_visible()
+        page.wait_for_function("document.querySelector('#chat-input textarea').value === ''", timeout=10000)
+        page.fill("#chat-input textarea", "Second question")
+        page.press("#chat-input textarea", "Enter")
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('still being written')",
+                               timeout=20000)
+        assert page.input_value("#chat-input textarea") == "Second question"
+        page.click("#stop-btn")
+        page.locator("#send-btn").wait_for(state="visible", timeout=30000)
+        assert page.input_value("#chat-input textarea") == "Second question"
+        page.get_by_label("number input for Max new tokens").fill("4")
+        page.keyboard.press("Tab")
+        page.click("#send-btn")
+        page.locator("#chatbot").get_by_text("Second question").wait_for(timeout=60000)
+        page.locator("#send-btn").wait_for(state="visible", timeout=60000)
+    users = _db_rows(tmp_path, "SELECT content FROM messages WHERE role = 'user' ORDER BY id")
+    assert users == [("First question",), ("Second question",)]

@@ -3,6 +3,8 @@ side-by-side (A/B) turns while an admin runs a trial (app.side_by_side)."""
 
 from __future__ import annotations
 
+import threading
+
 import gradio as gr
 
 from app.auth import caller_name
@@ -40,8 +42,12 @@ def build_chat_tab(service) -> None:
                 box = gr.Textbox(placeholder="Message the model… (Enter to send)", show_label=False, scale=6,
                                  elem_id="chat-input", max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+                # Send turns into Stop while a reply streams (as in ChatGPT and Open WebUI).
+                stop = gr.Button("■ Stop", variant="stop", scale=1, visible=False, elem_id="stop-btn")
+                # The message on its way: the box is emptied at once, so text typed while the reply
+                # starts is the next message, never erased by this one's first update.
+                outgoing = gr.Textbox(visible=False)
             with gr.Row():
-                stop = gr.Button("Stop", size="sm", elem_id="stop-btn")
                 regen = gr.Button("Regenerate", size="sm", elem_id="regen-btn")
             with gr.Row(visible=False) as why_row:
                 reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)
@@ -72,6 +78,34 @@ def build_chat_tab(service) -> None:
     ab_turn = gr.State(None)   # the side-by-side turn waiting for this user's pick
     sampling = [temperature, top_p, top_k, max_new, rep]
 
+    streaming: set[str] = set()  # browser sessions with a reply on its way
+    streaming_lock = threading.Lock()
+
+    def claim(request: gr.Request) -> bool:
+        """One reply at a time per browser session: a second send while one streams is refused and
+        its text goes back into the box."""
+        with streaming_lock:
+            if request.session_hash in streaming:
+                return False
+            streaming.add(request.session_hash)
+            return True
+
+    def release(request: gr.Request) -> None:
+        with streaming_lock:
+            streaming.discard(request.session_hash)
+
+    def take_message(text):
+        return "", text, gr.update(visible=False), gr.update(visible=True)
+
+    def show_stop():
+        return gr.update(visible=False), gr.update(visible=True)
+
+    def show_send(request: gr.Request):
+        with streaming_lock:
+            if request.session_hash in streaming:  # a refused second send ended; the first still streams
+                return gr.skip(), gr.skip()
+        return gr.update(visible=True), gr.update(visible=False)
+
     def refresh_list(request: gr.Request, current=None):
         return gr.update(choices=service.conversations(caller_name(request)), value=current)
 
@@ -96,9 +130,21 @@ def build_chat_tab(service) -> None:
                 request: gr.Request):
         same = (gr.update(),) * 4  # the side-by-side box, both sides, the pending turn: unchanged
         if pending is not None:
-            yield gr.update(), history, row_ids, cid, "Pick one of the two replies first (or Tie / Both are bad).", \
+            yield text, history, row_ids, cid, "Pick one of the two replies first (or Tie / Both are bad).", \
                 gr.update(), *same
             return
+        if not claim(request):
+            yield text, history, row_ids, cid, "A reply is still being written: wait for it or press Stop. " \
+                "Your message is kept in the box.", gr.update(), *same
+            return
+        try:
+            yield from _send(text, history, row_ids, cid, system_prompt, temperature, top_p, top_k, max_new, rep,
+                             request)
+        finally:
+            release(request)
+
+    def _send(text, history, row_ids, cid, system_prompt, temperature, top_p, top_k, max_new, rep, request):
+        same = (gr.update(),) * 4
         user = caller_name(request)
         params = _params(temperature, top_p, top_k, max_new, rep)
         two = service.side_by_side.wanted(user)
@@ -120,22 +166,19 @@ def build_chat_tab(service) -> None:
             if not two:
                 yield from updates
 
-        # Clear the box once: later yields leave it alone, so a user can type the next message
-        # while this reply is still streaming.
-        box_update = ""
+        # The box was emptied when the message was taken (take_message): what the user types now
+        # is theirs, and no update of this reply touches it.
         for rows, rids, cid, note in stream_reply(chain(), history, row_ids, cid):
-            yield box_update, rows, rids, cid, note, gr.update(), *same
-            box_update = gr.update()
+            yield gr.update(), rows, rids, cid, note, gr.update(), *same
         yield gr.update(), rows, rids, cid, note, refresh_list(request, cid), *same
 
     def _stream_pair(first, updates, history, row_ids, request):
         rows = history + [{"role": "assistant", "content": "⟷ Two replies below: pick the one you prefer."}]
-        up, box_update = first, ""
+        up = first
         try:
             for up in [first, *updates]:
-                yield box_update, rows, row_ids + [None], up.conversation_id, "", gr.update(), \
+                yield gr.update(), rows, row_ids + [None], up.conversation_id, "", gr.update(), \
                     gr.update(visible=True), up.left or "…", up.right or "…", None
-                box_update = gr.update()
         except ChatError as exc:
             yield gr.update(), history, row_ids, up.conversation_id, f"⚠ {exc}", gr.update(), \
                 gr.update(visible=False), "", "", None
@@ -165,6 +208,15 @@ def build_chat_tab(service) -> None:
         if cid is None or not history:
             yield history, row_ids, cid, "Nothing to regenerate yet."
             return
+        if not claim(request):
+            yield history, row_ids, cid, "A reply is still being written: wait for it or press Stop."
+            return
+        try:
+            yield from _regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request)
+        finally:
+            release(request)
+
+    def _regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request):
         # Drop the last assistant row from the view; the database keeps it as a sibling.
         if history[-1]["role"] == "assistant":
             history, row_ids = history[:-1], row_ids[:-1]
@@ -251,15 +303,18 @@ def build_chat_tab(service) -> None:
                      api_name="delete_my_data",
                      js="() => confirm('Delete all your conversations, votes and rankings?')")
 
-    send_inputs = [box, chatbot, ids, conv_id, ab_turn, system, *sampling]
+    send_inputs = [outgoing, chatbot, ids, conv_id, ab_turn, system, *sampling]
     send_outputs = [box, chatbot, ids, conv_id, hint, convs, ab_box, left_md, right_md, ab_turn]
-    # Progress shows on the chat only, not on the message box or the conversation list.
-    send.click(on_send, send_inputs, send_outputs, api_name="send", concurrency_limit=None,
-               show_progress_on=[chatbot])
-    box.submit(on_send, send_inputs, send_outputs, api_visibility="private", concurrency_limit=None,
-               show_progress_on=[chatbot])
-    regen.click(on_regen, [chatbot, ids, conv_id, ab_turn, *sampling], [chatbot, ids, conv_id, hint], api_name="regenerate",
-                show_progress_on=[chatbot])
+    # Take the text out of the box and show Stop (no queue: at once), stream the reply (progress on
+    # the chat only), then show Send again. The API's /send is the middle step.
+    for trigger, api in ((send.click, {"api_name": "send"}), (box.submit, {"api_visibility": "private"})):
+        trigger(take_message, [box], [box, outgoing, send, stop], queue=False, api_visibility="private") \
+            .then(on_send, send_inputs, send_outputs, concurrency_limit=None, show_progress_on=[chatbot], **api) \
+            .then(show_send, None, [send, stop], queue=False, api_visibility="private")
+    regen.click(show_stop, None, [send, stop], queue=False, api_visibility="private") \
+        .then(on_regen, [chatbot, ids, conv_id, ab_turn, *sampling], [chatbot, ids, conv_id, hint],
+              api_name="regenerate", show_progress_on=[chatbot]) \
+        .then(show_send, None, [send, stop], queue=False, api_visibility="private")
     stop.click(on_stop, None, None, api_name="stop")
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
     save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
