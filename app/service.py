@@ -27,6 +27,11 @@ from feedback.models import Message
 from model.engine import ContextTooLongError, EngineBusyError, SamplingParams
 
 
+# Shown in place of a reply that was never written (not stored: the conversation stays as it was).
+REPLY_INTERRUPTED = "⚠ This reply was interrupted before it was finished. Press Regenerate to try again."
+REPLY_FAILED = "⚠ The model failed while answering. Press Regenerate to try again."
+
+
 class ChatError(Exception):
     """A refusal the user should read (too long, rate limited, busy, not found...).
 
@@ -131,7 +136,17 @@ class ChatService:
             trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # a pick left undone when they left
             thread = [m for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
             votes = repo.votes_by_message(session=s, user=user, message_ids=[m.id for m in thread])
-            msgs = [{"role": m.role, "content": m.content, "id": m.id, "vote": votes.get(m.id)} for m in thread]
+            msgs = []
+            for i, m in enumerate(thread):
+                if m.role == "assistant" and m.status == "failed" and not m.content:
+                    msgs.append({"role": "assistant", "content": REPLY_FAILED, "id": m.id, "vote": votes.get(m.id)})
+                    continue
+                msgs.append({"role": m.role, "content": m.content, "id": m.id, "vote": votes.get(m.id)})
+                answered = i + 1 < len(thread) and thread[i + 1].role == "assistant"
+                if m.role == "user" and not answered and m.status in ("stopped", "pending"):
+                    # Its reader left (tab closed) or the server stopped before a reply was stored:
+                    # say so, with the way to retry, and keep the next question in its own bubble.
+                    msgs.append({"role": "assistant", "content": REPLY_INTERRUPTED, "id": None, "vote": None})
             return msgs, conv.system_prompt
 
     def my_data(self, user_name: str) -> dict:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -228,3 +229,36 @@ def test_send_turns_into_stop_and_text_typed_while_a_reply_streams_is_kept(tiny_
         page.locator("#send-btn").wait_for(state="visible", timeout=60000)
     users = _db_rows(tmp_path, "SELECT content FROM messages WHERE role = 'user' ORDER BY id")
     assert users == [("First question",), ("Second question",)]
+
+
+def test_a_reply_cut_off_by_closing_the_tab_is_marked_and_regenerate_answers_it(tiny_model_dir, tmp_path):
+    """Issue 15 item 6: close the tab while a long reply streams; in a new tab the reopened
+    conversation shows the question with an "interrupted, press Regenerate" marker (the next
+    question no longer joins its bubble); Regenerate writes the answer, which is stored."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("interrupted") as page:
+        page.goto(url)
+        page.get_by_text("Settings").click()
+        page.get_by_label("number input for Max new tokens").fill("1024")
+        page.keyboard.press("Tab")
+        page.fill("#chat-input textarea", "A question left behind")
+        page.click("#send-btn")
+        page.locator("#stop-btn").wait_for(state="visible", timeout=10000)
+        page.wait_for_function("document.querySelectorAll('#chatbot .message').length >= 2", timeout=30000)
+        second = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.close()  # the tab goes away mid-reply
+        deadline = time.time() + 30
+        while _db_rows(tmp_path, "SELECT status FROM messages WHERE role = 'user'") != [("stopped",)]:
+            assert time.time() < deadline, "the abandoned turn was never marked stopped"
+            time.sleep(0.5)
+        second.goto(url)
+        second.locator("#conversations label").first.click()
+        second.locator("#chatbot").get_by_text("interrupted before it was finished").wait_for(timeout=30000)
+        second.get_by_text("Settings").click()
+        second.get_by_label("number input for Max new tokens").fill("4")
+        second.keyboard.press("Tab")
+        second.click("#regen-btn")
+        second.locator("#chatbot").get_by_text("interrupted before it was finished").wait_for(
+            state="detached", timeout=60000)
+        second.locator("#send-btn").wait_for(state="visible", timeout=60000)
+    rows = _db_rows(tmp_path, "SELECT role, status FROM messages ORDER BY id")
+    assert rows[0] == ("user", "answered") and rows[1][0] == "assistant" and len(rows) == 2  # answered by the retry

@@ -5,7 +5,7 @@ import time
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.service import ChatService
 from bench.inprocess import serve
@@ -193,3 +193,39 @@ def test_a_request_cancelled_while_it_waits_for_a_slot_ends_at_once_not_busy():
     waiting = QueuedRequest([], SamplingParams(), threading.Event(), GenerationStats())
     with pytest.raises(EngineBusyError):
         list(waiting.drain(busy_wait_s=0.3, started=lambda r: False))
+
+
+def test_a_reopened_conversation_marks_a_reply_interrupted_by_a_closed_tab_and_regenerate_retries_it(
+        session_factory, settings):
+    """Issue 15 item 6: a reply whose reader went away (tab closed) shows, when the conversation is
+    reopened, an "interrupted, press Regenerate" marker after its question (display only: nothing
+    stored); the next question stays in its own turn; Regenerate answers the last question, and the
+    marker is gone once an answer is stored. A failed reply shows the failure instead of an empty bubble."""
+    from app.service import REPLY_FAILED, REPLY_INTERRUPTED
+    from model.engine import SamplingParams
+
+    service = ChatService(SlowEngine(step_s=0.01, slots=1), session_factory, settings)
+    updates = service.send("alice", "First question", cancel_key="tab")
+    cid = next(updates).conversation_id
+    updates.close()  # Gradio closes the generator when the browser goes away
+    msgs, _ = service.open_conversation("alice", cid)
+    assert [(m["role"], m["content"], m["id"]) for m in msgs][1:] == [("assistant", REPLY_INTERRUPTED, None)]
+    with session_factory() as s:
+        assert s.scalar(select(func.count(Message.id)).where(Message.role == "assistant")) == 0
+    list(service.send("alice", "Second question", conversation_id=cid, params=SamplingParams(max_new_tokens=2)))
+    roles = [(m["role"], m["content"]) for m in service.open_conversation("alice", cid)[0]]
+    assert roles[:3] == [("user", "First question"), ("assistant", REPLY_INTERRUPTED), ("user", "Second question")]
+    assert roles[3][0] == "assistant" and roles[3][1] != REPLY_INTERRUPTED and len(roles) == 4
+
+    fresh = service.send("alice", "Third question", cancel_key="tab2")
+    cid2 = next(fresh).conversation_id
+    fresh.close()
+    list(service.regenerate("alice", cid2, params=SamplingParams(max_new_tokens=2)))
+    shown = service.open_conversation("alice", cid2)[0]
+    assert [m["role"] for m in shown] == ["user", "assistant"] and REPLY_INTERRUPTED not in shown[1]["content"]
+
+    with session_factory() as s:
+        failed = s.get(Message, shown[1]["id"])
+        failed.status, failed.content = "failed", ""
+        s.commit()
+    assert service.open_conversation("alice", cid2)[0][1]["content"] == REPLY_FAILED
