@@ -262,3 +262,18 @@ def test_a_reply_cut_off_by_closing_the_tab_is_marked_and_regenerate_answers_it(
         second.locator("#send-btn").wait_for(state="visible", timeout=60000)
     rows = _db_rows(tmp_path, "SELECT role, status FROM messages ORDER BY id")
     assert rows[0] == ("user", "answered") and rows[1][0] == "assistant" and len(rows) == 2  # answered by the retry
+
+
+def test_the_empty_chat_welcomes_with_keys_and_examples_and_names_the_model(tiny_model_dir, tmp_path):
+    """A new chat shows a welcome with the keyboard shortcuts and example prompts, and the chat's
+    label names the model version that answers; clicking an example sends it as a message."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("welcome") as page:
+        page.goto(url)
+        page.locator("#chatbot").get_by_text("Ask the local model anything").wait_for(timeout=30000)
+        assert page.locator("#chatbot").get_by_text("Alt+S").count() == 1
+        page.get_by_text(f"Chat · model {tiny_model_dir.name}").wait_for(timeout=30000)
+        page.locator("#chatbot").get_by_text("Write a haiku about the sea.").click()
+        page.locator("#conversations").get_by_text("Write a haiku about the sea.").wait_for(timeout=90000)
+        page.screenshot(path=str(tmp_path / "welcome.png"))
+    users = _db_rows(tmp_path, "SELECT content FROM messages WHERE role = 'user'")
+    assert users == [("Write a haiku about the sea.",)]

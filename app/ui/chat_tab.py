@@ -18,14 +18,24 @@ def _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty) -> Sa
                           max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty))
 
 
-def build_chat_tab(service) -> None:
+# The empty chat's welcome: what this is, what to try, the keys (ChatGPT and Open WebUI open like this).
+WELCOME = """### Ask the local model anything
+Your thumbs up / down and the annotators' rankings teach the next version.
+
+**Enter** sends · **Shift+Enter** new line · **Stop** while a reply streams · Rank tab: type the order, **Enter** saves, **Alt+S** skips"""
+EXAMPLES = ["Explain compound interest in two sentences.", "Write a haiku about the sea.",
+            "Give me three tips for a job interview.", "How do I reverse a list in Python?"]
+
+
+def build_chat_tab(service) -> tuple:
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             new_btn = gr.Button("+ New chat", variant="secondary")
             convs = gr.Radio(label="Your conversations", choices=[], value=None, elem_id="conversations")
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
-                                 feedback_options=("Like", "Dislike"), buttons=["copy"])
+                                 feedback_options=("Like", "Dislike"), buttons=["copy"], placeholder=WELCOME,
+                                 examples=[{"text": t} for t in EXAMPLES])
             with gr.Group(visible=False, elem_id="ab-turn") as ab_box:
                 gr.Markdown("**Two replies to compare.** Which one is better? The conversation continues "
                             "with the one you pick.")
@@ -93,6 +103,13 @@ def build_chat_tab(service) -> None:
     def release(request: gr.Request) -> None:
         with streaming_lock:
             streaming.discard(request.session_hash)
+
+    def use_example(data: gr.SelectData):
+        return data.value["text"] if isinstance(data.value, dict) else gr.skip()
+
+    def model_label():
+        """The chat's label names the version that answers (it changes when an admin promotes one)."""
+        return gr.update(label=f"Chat · model {service.engine.version}")
 
     def take_message(text):
         return "", text, gr.update(visible=False), gr.update(visible=True)
@@ -307,7 +324,10 @@ def build_chat_tab(service) -> None:
     send_outputs = [box, chatbot, ids, conv_id, hint, convs, ab_box, left_md, right_md, ab_turn]
     # Take the text out of the box and show Stop (no queue: at once), stream the reply (progress on
     # the chat only), then show Send again. The API's /send is the middle step.
-    for trigger, api in ((send.click, {"api_name": "send"}), (box.submit, {"api_visibility": "private"})):
+    # An example on the welcome screen is sent as if typed.
+    chosen = chatbot.example_select(use_example, None, box, queue=False, api_visibility="private").then
+    for trigger, api in ((send.click, {"api_name": "send"}), (box.submit, {"api_visibility": "private"}),
+                         (chosen, {"api_visibility": "private"})):
         trigger(take_message, [box], [box, outgoing, send, stop], queue=False, api_visibility="private") \
             .then(on_send, send_inputs, send_outputs, concurrency_limit=None, show_progress_on=[chatbot], **api) \
             .then(show_send, None, [send, stop], queue=False, api_visibility="private")
@@ -323,4 +343,4 @@ def build_chat_tab(service) -> None:
     # continue the old conversation out of sight.
     chatbot.clear(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
     convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private")
-    return refresh_list, convs
+    return refresh_list, convs, model_label, chatbot

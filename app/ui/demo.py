@@ -26,7 +26,7 @@ def build_demo(service, worker=None, control=None) -> gr.Blocks:
         gr.Markdown("## Feedback Chat · a local model that learns from your votes")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                refresh_list, convs = build_chat_tab(service)
+                refresh_list, convs, model_label, chatbot = build_chat_tab(service)
             rank_tab = build_ranking_tab(service, worker)
             admin_tab, admin_refresh, admin_outputs = build_admin_tab(service, control)
 
@@ -37,5 +37,6 @@ def build_demo(service, worker=None, control=None) -> gr.Blocks:
 
         demo.load(show_tabs_for_role, None, [rank_tab, admin_tab], api_visibility="private")
         demo.load(refresh_list, None, convs, api_visibility="private")
+        demo.load(model_label, None, chatbot, api_visibility="private")
         demo.load(admin_refresh, None, admin_outputs, api_visibility="private")
     return demo
