@@ -119,10 +119,27 @@ class ChatService:
         self._known_users.add(name)
 
     # queries -----------------------------------------------------------------------------
-    def conversations(self, user_name: str) -> list[tuple[str, int]]:
+    def conversations(self, user_name: str, query: str = "") -> list[tuple[str, int]]:
+        """(title, id) of the user's conversations, newest first; ``query`` searches titles and messages."""
+        query = _checked_text(query if isinstance(query, str) else "", "The search", 200)
         with session_scope(self.session_factory) as s:
             user = repo.get_or_create_user(session=s, name=user_name)
-            return [(c.title, c.id) for c in repo.list_conversations(session=s, owner=user)]
+            return [(c.title, c.id) for c in repo.list_conversations(session=s, owner=user, query=query)]
+
+    def rename_conversation(self, user_name: str, conversation_id, title) -> str:
+        title = _checked_text(title if isinstance(title, str) else "", "The title", 200)
+        if not title:
+            raise ChatError("Type a new title first.")
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            self._owned(s, user, _conversation_id(conversation_id)).title = title
+        return title
+
+    def delete_conversation(self, user_name: str, conversation_id) -> dict[str, int]:
+        with session_scope(self.session_factory) as s:
+            user = repo.get_or_create_user(session=s, name=user_name)
+            conv = self._owned(s, user, _conversation_id(conversation_id))
+            return repo.delete_conversation(session=s, conversation=conv)
 
     def open_conversation(self, user_name: str, conversation_id: int) -> tuple[list[dict], str]:
         """(messages for display with their ids and this user's vote, +1 / -1 / None; system prompt)
@@ -456,6 +473,15 @@ class ChatService:
             return (params or SamplingParams()).validate()
         except ValueError as exc:
             raise ChatError(str(exc)) from exc
+
+
+def _conversation_id(value) -> int:
+    if value is None:
+        raise ChatError("Open a conversation first.")
+    try:
+        return repo.checked_id(value, "The conversation id")
+    except repo.ValidationError as exc:
+        raise ChatError(str(exc)) from None
 
 
 def _checked_text(text: str, what: str, limit: int) -> str:

@@ -105,10 +105,35 @@ def get_conversation(*, session: Session, conversation_id: int, owner: User) -> 
     return conv
 
 
-def list_conversations(*, session: Session, owner: User, limit: int = 50) -> list[Conversation]:
-    stmt = (select(Conversation).where(Conversation.owner_id == owner.id)
-            .order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+def list_conversations(*, session: Session, owner: User, limit: int = 50, query: str = "") -> list[Conversation]:
+    """Newest first; with ``query``, only those whose title or any message contains it (any case)."""
+    stmt = select(Conversation).where(Conversation.owner_id == owner.id)
+    if query.strip():
+        pattern = "%" + query.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        # A withheld (blocked) reply's original text is for admin review only: never searched.
+        in_messages = select(Message.id).where(Message.conversation_id == Conversation.id, Message.status != "blocked",
+                                               Message.content.ilike(pattern, escape="\\")).exists()
+        stmt = stmt.where(Conversation.title.ilike(pattern, escape="\\") | in_messages)
+    stmt = stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
     return list(session.scalars(stmt))
+
+
+def delete_conversation(*, session: Session, conversation: Conversation) -> dict[str, int]:
+    """Delete a conversation with its messages, votes, moderation events and A/B turns (the
+    foreign keys cascade), and the ranking tasks made from its prompts: like "Delete all my
+    data", for one conversation."""
+    from sqlalchemy import delete
+
+    from feedback.models import RankingTask
+
+    ids = select(Message.id).where(Message.conversation_id == conversation.id)
+    counts = {"messages": count_messages(session=session, conversation=conversation),
+              "ranking_tasks": session.execute(delete(RankingTask).where(RankingTask.source_message_id.in_(ids)))
+              .rowcount}
+    session.execute(delete(Conversation).where(Conversation.id == conversation.id))
+    session.flush()
+    session.expunge(conversation)
+    return counts
 
 
 def count_messages(*, session: Session, conversation: Conversation) -> int:

@@ -277,3 +277,38 @@ def test_the_empty_chat_welcomes_with_keys_and_examples_and_names_the_model(tiny
         page.screenshot(path=str(tmp_path / "welcome.png"))
     users = _db_rows(tmp_path, "SELECT content FROM messages WHERE role = 'user'")
     assert users == [("Write a haiku about the sea.",)]
+
+
+def test_conversations_can_be_searched_renamed_and_deleted(tiny_model_dir, tmp_path):
+    """The conversation list: search finds a chat by a word in it (any case), "This chat" renames
+    the open conversation and deletes it after a confirmation (cancel keeps it); the database
+    agrees at each step."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("conversations") as page:
+        page.goto(url)
+        for text in ("Plans for a trip to Paris", "Sorting lists in Python"):
+            page.get_by_role("button", name="New chat").click()
+            page.fill("#chat-input textarea", text)
+            page.click("#send-btn")
+            page.locator("#conversations").get_by_text(text).wait_for(timeout=90000)
+            page.locator("#send-btn").wait_for(state="visible", timeout=60000)
+        page.fill("#conv-search input", "PARIS")
+        page.locator("#conversations").get_by_text("Sorting lists in Python").wait_for(state="detached", timeout=20000)
+        assert page.locator("#conversations label").count() == 1
+        page.fill("#conv-search input", "")
+        page.locator("#conversations").get_by_text("Sorting lists in Python").wait_for(timeout=20000)
+        page.locator("#conversations").get_by_text("Sorting lists in Python").click()
+        page.locator("#chatbot").get_by_text("Sorting lists in Python").wait_for(timeout=30000)
+        page.get_by_text("This chat").click()
+        page.fill("#rename-box input", "Python notes")
+        page.click("#rename-btn")
+        page.locator("#conversations").get_by_text("Python notes").wait_for(timeout=20000)
+        assert ("Python notes",) in _db_rows(tmp_path, "SELECT title FROM conversations")
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#delete-chat")
+        page.wait_for_function("document.querySelector('#chat-hint').innerText.includes('Nothing was deleted')",
+                               timeout=20000)
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-chat")
+        page.locator("#conversations").get_by_text("Python notes").wait_for(state="detached", timeout=20000)
+    assert _db_rows(tmp_path, "SELECT title FROM conversations") == [("Plans for a trip to Paris",)]
+    assert _db_rows(tmp_path, "SELECT count(*) FROM messages")[0][0] == 2

@@ -210,3 +210,39 @@ def test_user_exports_and_deletes_their_data(session_factory, settings, tmp_path
     assert service.my_data("alice")["conversations"] == [] and service.conversations("bob")
     with session_factory.begin() as s:
         assert export(session=s, kind="preferences", out=tmp_path / "p.jsonl").counts["pairs"] == 0
+
+
+def test_conversations_are_searched_renamed_and_deleted_only_by_their_owner(session_factory, settings):
+    """Search matches titles and messages in any case, with % and _ taken literally, never a
+    withheld reply's text; rename and delete act on the owner's conversation only and refuse bad
+    input with a clear error; deleting removes its messages and the ranking tasks made from it."""
+    from feedback.models import Conversation, RankingTask
+
+    service = ChatService(ScriptedEngine("Fine weather today"), session_factory, settings)
+    paris = list(service.send("alice", "Plans for a trip to Paris"))[-1].conversation_id
+    python = list(service.send("alice", "Sorting lists in Python"))[-1].conversation_id
+    list(service.send("bob", "Paris for bob"))
+    assert [c for _, c in service.conversations("alice", "PARIS")] == [paris]
+    assert {c for _, c in service.conversations("alice", "weather")} == {paris, python}  # in a reply
+    assert service.conversations("alice", "100%") == [] and service.conversations("alice", "_") == []
+    assert len(service.conversations("alice")) == 2
+    with pytest.raises(ChatError, match="Type a new title"):
+        service.rename_conversation("alice", python, "   ")
+    with pytest.raises(ChatError, match="not found"):
+        service.rename_conversation("bob", python, "Mine now")
+    with pytest.raises(ChatError, match="whole number"):
+        service.delete_conversation("alice", "1; DROP TABLE")
+    assert service.rename_conversation("alice", python, "Python notes") == "Python notes"
+    assert ("Python notes", python) in service.conversations("alice")
+    with session_factory() as s:
+        first_user_msg = s.scalars(select(Message).where(Message.conversation_id == python)).first()
+        s.add(RankingTask(context=[{"role": "user", "content": "Sorting lists in Python"}], prompt_hash="x" * 64,
+                          source_message_id=first_user_msg.id, source="chat"))
+        s.commit()
+    with pytest.raises(ChatError, match="not found"):
+        service.delete_conversation("bob", python)
+    assert service.delete_conversation("alice", python) == {"messages": 2, "ranking_tasks": 1}
+    with session_factory() as s:
+        assert s.get(Conversation, python) is None and s.get(Conversation, paris) is not None
+        assert s.scalar(select(func.count(Message.id)).where(Message.conversation_id == python)) == 0
+        assert s.scalar(select(func.count(RankingTask.id))) == 0

@@ -31,7 +31,15 @@ def build_chat_tab(service) -> tuple:
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             new_btn = gr.Button("+ New chat", variant="secondary")
+            search = gr.Textbox(placeholder="Search your chats", show_label=False, elem_id="conv-search",
+                                max_lines=1)
             convs = gr.Radio(label="Your conversations", choices=[], value=None, elem_id="conversations")
+            with gr.Accordion("This chat", open=False, elem_id="this-chat"):
+                title_box = gr.Textbox(placeholder="New title", show_label=False, elem_id="rename-box", max_lines=1)
+                with gr.Row():
+                    rename_btn = gr.Button("Rename", size="sm", elem_id="rename-btn")
+                    delete_chat_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-chat")
+                delete_chat_confirmed = gr.Checkbox(False, visible=False)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
                                  feedback_options=("Like", "Dislike"), buttons=["copy"], placeholder=WELCOME,
@@ -301,6 +309,28 @@ def build_chat_tab(service) -> tuple:
         counts = service.delete_my_data(caller_name(request))
         return [], [], None, f"Deleted: {counts}.", gr.update(choices=[], value=None), gr.update(value="", visible=False)
 
+    def on_search(query, request: gr.Request):
+        try:
+            return gr.update(choices=service.conversations(caller_name(request), query)), ""
+        except ChatError as exc:
+            return gr.skip(), f"⚠ {exc}"
+
+    def on_rename(cid, title, request: gr.Request):
+        try:
+            service.rename_conversation(caller_name(request), cid, title)
+        except ChatError as exc:
+            return gr.skip(), f"⚠ {exc}", gr.skip()
+        return refresh_list(request, cid), "Renamed.", ""
+
+    def on_delete_chat(confirmed, cid, request: gr.Request):
+        if confirmed is not True:
+            return (gr.skip(),) * 4 + ("Nothing was deleted.", gr.skip())
+        try:
+            service.delete_conversation(caller_name(request), cid)
+        except ChatError as exc:
+            return (gr.skip(),) * 4 + (f"⚠ {exc}", gr.skip())
+        return [], [], None, refresh_list(request), "Conversation deleted.", None
+
     def on_ab_opt_out(value, request: gr.Request):
         service.side_by_side.set_opt_out(caller_name(request), bool(value))
         return "You will not be asked to compare replies." if value else "You may sometimes see two replies to compare."
@@ -316,6 +346,12 @@ def build_chat_tab(service) -> tuple:
         button.click(picker(choice), [ab_turn, chatbot, ids], [chatbot, ids, hint, ab_box, ab_turn],
                      api_name=f"pick_{choice}")
     export_btn.click(on_export, None, my_file, api_name="export_my_data")
+    search.change(on_search, [search], [convs, hint], api_name="search_conversations", trigger_mode="always_last")
+    rename_btn.click(on_rename, [conv_id, title_box], [convs, hint, title_box], api_name="rename_conversation")
+    title_box.submit(on_rename, [conv_id, title_box], [convs, hint, title_box], api_visibility="private")
+    delete_chat_btn.click(on_delete_chat, [delete_chat_confirmed, conv_id], [chatbot, ids, conv_id, convs, hint, ab_turn],
+                          api_name="delete_conversation",
+                          js="(ok, cid) => [confirm('Delete this conversation? This cannot be undone.'), cid]")
     delete_btn.click(on_delete, [delete_confirmed], [chatbot, ids, conv_id, hint, convs, my_file],
                      api_name="delete_my_data",
                      js="() => confirm('Delete all your conversations, votes and rankings?')")
