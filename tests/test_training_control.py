@@ -128,3 +128,22 @@ def test_promote_and_roll_back_swap_the_serving_engine(session_factory, settings
         versions = [s.get(Message, r.assistant_message_id).model_version for r in (old_reply, new_reply, back)]
         assert versions == ["tiny-base", "run1-ppo", "tiny-base"]
         assert trepo.active_version(session=s).id == base_id
+
+
+def test_the_training_panel_explains_each_setting_and_starts_with_no_version_id(session_factory, settings):
+    """Each Retrain setting in Admin > Training shows its RetrainConfig help string, and the version
+    id box starts empty (a default of 0 could only fail with "version 0 does not exist")."""
+    import dataclasses
+
+    import gradio as gr
+
+    from app.ui.demo import build_demo
+    from training.config import RetrainConfig
+
+    demo = build_demo(ChatService(ScriptedEngine("ok"), session_factory, settings))
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RetrainConfig)}
+    by_label = {b.label: b for b in demo.blocks.values() if isinstance(b, (gr.Number, gr.Checkbox))}
+    for label, name in (("Reward-model epochs", "rm_epochs"), ("PPO episodes", "ppo_episodes"),
+                        ("KL coefficient", "kl_coef"), ("Accuracy gate", "accuracy_gate"), ("LoRA", "use_lora")):
+        assert by_label[label].info == helps[name] != ""
+    assert by_label["Version id (click a row above)"].value is None

@@ -3,6 +3,8 @@ Promote and Roll back. Every action is checked for the admin role on the server.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gradio as gr
 import pandas as pd
 
@@ -75,16 +77,24 @@ def _plot_frame(run, stage: str) -> pd.DataFrame:
     return pd.DataFrame(points or [{"step": 0, "metric": keys[0], "value": 0.0}])
 
 
+def _help(name: str) -> str:
+    """The RetrainConfig field's help string (one source for the CLI, the docs and this panel)."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(RetrainConfig) if f.name == name)
+
+
 def build_training_panel(service, control) -> tuple:
     data_md = gr.Markdown(elem_id="train-data")
     with gr.Row():
-        rm_epochs = gr.Number(value=RetrainConfig.rm_epochs, label="Reward-model epochs")
-        rm_lr = gr.Number(value=RetrainConfig.rm_learning_rate, label="Reward-model learning rate")
-        episodes = gr.Number(value=RetrainConfig.ppo_episodes, label="PPO episodes", precision=0)
-        ppo_lr = gr.Number(value=RetrainConfig.ppo_learning_rate, label="PPO learning rate")
-        kl = gr.Number(value=RetrainConfig.kl_coef, label="KL coefficient")
-        gate = gr.Number(value=RetrainConfig.accuracy_gate, label="Accuracy gate")
-        lora = gr.Checkbox(value=RetrainConfig.use_lora, label="LoRA")
+        rm_epochs = gr.Number(value=RetrainConfig.rm_epochs, label="Reward-model epochs", info=_help("rm_epochs"))
+        rm_lr = gr.Number(value=RetrainConfig.rm_learning_rate, label="Reward-model learning rate",
+                          info=_help("rm_learning_rate"))
+        episodes = gr.Number(value=RetrainConfig.ppo_episodes, label="PPO episodes", precision=0,
+                             info=_help("ppo_episodes"))
+        ppo_lr = gr.Number(value=RetrainConfig.ppo_learning_rate, label="PPO learning rate",
+                           info=_help("ppo_learning_rate"))
+        kl = gr.Number(value=RetrainConfig.kl_coef, label="KL coefficient", info=_help("kl_coef"))
+        gate = gr.Number(value=RetrainConfig.accuracy_gate, label="Accuracy gate", info=_help("accuracy_gate"))
+        lora = gr.Checkbox(value=RetrainConfig.use_lora, label="LoRA", info=_help("use_lora"))
     with gr.Row():
         retrain = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
         cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
@@ -95,7 +105,8 @@ def build_training_panel(service, control) -> tuple:
     versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, label="Model versions (new vs current)",
                             elem_id="versions-table")
     with gr.Row():
-        version_id = gr.Number(label="Version id", precision=0)
+        # Empty until a row is clicked: a default of 0 only ever answered "version 0 does not exist".
+        version_id = gr.Number(value=None, label="Version id (click a row above)", precision=0)
         promote = gr.Button("Promote", elem_id="promote-btn")
         rollback = gr.Button("Roll back to this version", elem_id="rollback-btn")
     note = gr.Markdown(elem_id="train-note")
