@@ -14,6 +14,14 @@ from tests.live_app import live_app
 pytestmark = pytest.mark.browser
 
 
+def _max_new_tokens(page, n: int, open_settings: bool = False) -> None:
+    """Set Settings > Max new tokens (its number box; the slider has the same label)."""
+    if open_settings:
+        page.get_by_text("Settings").click()
+    page.get_by_label("number input for Max new tokens").fill(str(n))
+    page.keyboard.press("Tab")
+
+
 def _db_rows(tmp_path, sql):
     engine = create_engine(f"sqlite:///{tmp_path / 'chat.db'}")
     with engine.connect() as conn:
@@ -157,9 +165,7 @@ def test_a_reply_cut_at_the_token_limit_says_so(tiny_model_dir, tmp_path):
     stopped at the length limit instead of leaving the user to guess."""
     with live_app(tmp_path, tiny_model_dir) as url, browser_page("chat-length") as page:
         page.goto(url)
-        page.get_by_text("Settings").click()
-        page.get_by_label("number input for Max new tokens").fill("3")
-        page.keyboard.press("Tab")
+        _max_new_tokens(page, 3, open_settings=True)
         page.fill("#chat-input textarea", "Tell me a long story")
         page.click("#send-btn")
         try:
@@ -206,9 +212,7 @@ def test_send_turns_into_stop_and_text_typed_while_a_reply_streams_is_kept(tiny_
     Stop, Send is back and sends it as the next turn. Both user messages are stored, in order."""
     with live_app(tmp_path, tiny_model_dir) as url, browser_page("send-stop") as page:
         page.goto(url)
-        page.get_by_text("Settings").click()
-        page.get_by_label("number input for Max new tokens").fill("1024")  # a reply long enough to act during
-        page.keyboard.press("Tab")
+        _max_new_tokens(page, 1024, open_settings=True)  # a reply long enough to act during
         page.fill("#chat-input textarea", "First question")
         page.click("#send-btn")
         page.locator("#stop-btn").wait_for(state="visible", timeout=10000)
@@ -222,8 +226,7 @@ def test_send_turns_into_stop_and_text_typed_while_a_reply_streams_is_kept(tiny_
         page.click("#stop-btn")
         page.locator("#send-btn").wait_for(state="visible", timeout=30000)
         assert page.input_value("#chat-input textarea") == "Second question"
-        page.get_by_label("number input for Max new tokens").fill("4")
-        page.keyboard.press("Tab")
+        _max_new_tokens(page, 4)
         page.click("#send-btn")
         page.locator("#chatbot").get_by_text("Second question").wait_for(timeout=60000)
         page.locator("#send-btn").wait_for(state="visible", timeout=60000)
@@ -237,9 +240,7 @@ def test_a_reply_cut_off_by_closing_the_tab_is_marked_and_regenerate_answers_it(
     question no longer joins its bubble); Regenerate writes the answer, which is stored."""
     with live_app(tmp_path, tiny_model_dir) as url, browser_page("interrupted") as page:
         page.goto(url)
-        page.get_by_text("Settings").click()
-        page.get_by_label("number input for Max new tokens").fill("1024")
-        page.keyboard.press("Tab")
+        _max_new_tokens(page, 1024, open_settings=True)
         page.fill("#chat-input textarea", "A question left behind")
         page.click("#send-btn")
         page.locator("#stop-btn").wait_for(state="visible", timeout=10000)
@@ -253,9 +254,7 @@ def test_a_reply_cut_off_by_closing_the_tab_is_marked_and_regenerate_answers_it(
         second.goto(url)
         second.locator("#conversations label").first.click()
         second.locator("#chatbot").get_by_text("interrupted before it was finished").wait_for(timeout=30000)
-        second.get_by_text("Settings").click()
-        second.get_by_label("number input for Max new tokens").fill("4")
-        second.keyboard.press("Tab")
+        _max_new_tokens(second, 4, open_settings=True)
         second.click("#regen-btn")
         second.locator("#chatbot").get_by_text("interrupted before it was finished").wait_for(
             state="detached", timeout=60000)
