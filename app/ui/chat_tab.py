@@ -154,12 +154,14 @@ def build_chat_tab(service) -> tuple:
     def on_send(text, history, row_ids, cid, pending, system_prompt, temperature, top_p, top_k, max_new, rep,
                 request: gr.Request):
         same = (gr.update(),) * 4  # the side-by-side box, both sides, the pending turn: unchanged
+        # A refused send gives the text back and touches nothing else: its ``history`` may be older
+        # than what the reply still streaming has shown since.
+        keep = (gr.update(),) * 3
         if pending is not None:
-            yield text, history, row_ids, cid, "Pick one of the two replies first (or Tie / Both are bad).", \
-                gr.update(), *same
+            yield text, *keep, "Pick one of the two replies first (or Tie / Both are bad).", gr.update(), *same
             return
         if not claim(request):
-            yield text, history, row_ids, cid, "A reply is still being written: wait for it or press Stop. " \
+            yield text, *keep, "A reply is still being written: wait for it or press Stop. " \
                 "Your message is kept in the box.", gr.update(), *same
             return
         try:
@@ -234,7 +236,7 @@ def build_chat_tab(service) -> tuple:
             yield history, row_ids, cid, "Nothing to regenerate yet."
             return
         if not claim(request):
-            yield history, row_ids, cid, "A reply is still being written: wait for it or press Stop."
+            yield gr.update(), gr.update(), gr.update(), "A reply is still being written: wait for it or press Stop."
             return
         try:
             yield from _regen(history, row_ids, cid, temperature, top_p, top_k, max_new, rep, request)
