@@ -38,14 +38,11 @@ def _truncated_gguf(src: Path, dst: Path, blocks: int) -> Path:
     """The GGUF with only its first ``blocks`` blocks (what llama.cpp would run for block-N features)."""
     import gguf
 
+    from model.gguf_export import copy_metadata
+
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), arch="llama")
-    for f in reader.fields.values():
-        if f.name == "general.architecture" or f.name.startswith("GGUF."):
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, blocks if f.name == "llama.block_count" else f.contents(), vtype, sub_type=sub)
+    copy_metadata(reader, writer, {"llama.block_count": (blocks, gguf.GGUFValueType.UINT32)})
     for t in reader.tensors:
         if not (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= blocks):
             writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)

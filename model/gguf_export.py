@@ -46,6 +46,24 @@ def _hf_tensors(hf_dir: Path) -> dict:
     return tensors
 
 
+def copy_metadata(reader, writer, replace: dict | None = None) -> None:
+    """Every key of ``reader`` (a GGUFReader) into ``writer``, except the architecture (the writer
+    sets it) and the reader's own GGUF.* keys; ``replace``: {key: (value, GGUFValueType)}."""
+    import gguf
+
+    replace = replace or {}
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        if field.name in replace:
+            value, vtype = replace[field.name]
+            writer.add_key_value(field.name, value, vtype)
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
 def export_gguf(hf_dir: str | Path, out_path: str | Path, template: str | Path | None = None,
                 qtype: str = "q8_0", name: str | None = None) -> Path:
     """Write ``hf_dir``'s weights as a GGUF at ``out_path`` (atomically). Returns the path."""
@@ -83,16 +101,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, template: str | Path |
     replace = {gguf.Keys.General.FILE_TYPE: (int(file_type), gguf.GGUFValueType.UINT32)}
     if name:
         replace[gguf.Keys.General.NAME] = (name, gguf.GGUFValueType.STRING)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        if field.name in replace:
-            value, vtype = replace[field.name]
-            writer.add_key_value(field.name, value, vtype)
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    copy_metadata(reader, writer, replace)
     try:
         for t in reader.tensors:
             if t.name not in source:
