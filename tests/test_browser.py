@@ -15,16 +15,24 @@ pytestmark = pytest.mark.browser
 
 
 def _max_new_tokens(page, n: int, open_settings: bool = False) -> None:
-    """Set Settings > Max new tokens (its number box; the slider has the same label). Waits for the
-    page to be live first (the chat's label is set by a load event): a value typed while the page
-    was still starting was reset to 256, and the check then waited for a reply cut at 3 tokens."""
+    """Set Settings > Max new tokens (its number box; the slider has the same label) and make sure
+    the value holds. Waits for the page to be live first (the chat's label is set by a load event):
+    a value typed while the page was still starting was reset to 256. The value is typed again
+    while it does not hold for a second (in CI under load it once did not take at all), and a
+    failure says what the box showed."""
     page.get_by_text("Chat · model").wait_for(timeout=30000)
     if open_settings:
-        page.get_by_text("Settings").click()
-    page.get_by_label("number input for Max new tokens").fill(str(n))
-    page.keyboard.press("Tab")
-    page.wait_for_function("(v) => [...document.querySelectorAll('input[type=number]')].some(e => e.value === v)",
-                           arg=str(n), timeout=10000)
+        page.get_by_text("Settings", exact=True).click()
+    box = page.get_by_label("number input for Max new tokens")
+    box.wait_for(state="visible", timeout=10000)
+    for _ in range(5):
+        box.fill(str(n))
+        box.press("Enter")
+        box.blur()
+        page.wait_for_timeout(1000)
+        if box.input_value() == str(n):
+            return
+    raise AssertionError(f"Max new tokens did not take {n}: the box shows {box.input_value()!r}")
 
 
 def _db_rows(tmp_path, sql):
