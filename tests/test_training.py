@@ -9,7 +9,7 @@ from tests.training_data import seed_preferences
 from training.config import RetrainConfig
 from training.retrain import execute
 
-FAST = dict(max_length=64, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
+FAST = dict(max_length=64, bon_samples=2, bon_max_new_tokens=8, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
             response_length=8, ppo_epochs=1, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6)
 
 
@@ -35,7 +35,8 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
         version = s.get(ModelVersion, run.version_id)
         assert version.stage == "ppo" and version.parent_id is not None and version.snapshot_id is not None
         assert version.metrics["eval"]["win_rate"] == ev["win_rate"] and not version.is_active
-        assert {h["stage"].split(" ")[1] for h in run.history} >= {"reward", "ppo"}
+        assert {h["stage"].split(" ")[1] for h in run.history} >= {"reward", "best_of_n", "ppo"}
+    assert m["bon_samples"] == 2 and m["bon_prompts"] >= 4 and "best_of_n" in m["timings_s"]
     assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
     assert ev["reference_n"] == min(16, m["data"]["preferences_heldout"])  # chosen replies when no demonstrations
     from training.report import version_report

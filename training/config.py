@@ -39,6 +39,17 @@ class RetrainConfig:
                                                                 "accuracy exceeds this."})
     sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "
                                                                  "and register the SFT model (PPO skipped); off = stop."})
+    # best-of-N (training/best_of_n.py)
+    bon_samples: int = field(default=0, metadata={"help": "Replies the policy samples per PPO prompt before PPO; the "
+                                                          "reward model's best of them is fine-tuned on (0 = off: 4 "
+                                                          "did not raise the gold win rate and cost 476 s, README)."})
+    bon_max_new_tokens: int = field(default=128, metadata={"help": "New tokens per best-of-N reply (the candidate "
+                                                                   "worker's length: most replies end)."})
+    bon_min_margin: float = field(default=0.1, metadata={"help": "A prompt's best reply is kept only if its reward "
+                                                                 "beats the mean of its N by more than this."})
+    bon_epochs: float = field(default=2.0, metadata={"help": "Fine-tuning epochs over the best-of-N replies."})
+    bon_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the best-of-N fine-tune (top "
+                                                                     "sft_train_layers blocks)."})
     # PPO
     ppo_episodes: int = field(default=128, metadata={"help": "Prompts answered and scored during PPO in total."})
     ppo_batch_size: int = field(default=8, metadata={"help": "Episodes per PPO update."})
@@ -87,6 +98,8 @@ class RetrainConfig:
                   (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
                   (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),
+                  (0 <= self.bon_samples <= 16 and self.bon_samples != 1, "bon_samples must be 0 (off) or 2-16"),
+                  (1 <= self.bon_max_new_tokens <= 1024, "bon_max_new_tokens must be between 1 and 1024"),
                   (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
                    "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:

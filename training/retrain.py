@@ -1,4 +1,4 @@
-"""The whole loop: snapshot -> SFT -> reward model -> PPO -> judge -> evaluate -> register a version.
+"""The whole loop: snapshot -> SFT -> reward model -> best-of-N -> PPO -> judge -> evaluate -> register.
 
     python -m training.retrain                       # from the configured database, default settings
     python -m training.retrain --ppo-episodes 32     # any RetrainConfig field as a flag
@@ -24,12 +24,12 @@ from pathlib import Path
 
 from feedback import training_repo as trepo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
-from training.common import write_jsonl
+from training.common import read_jsonl, write_jsonl
 from training.config import RetrainConfig, add_config_args, config_from_args
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "sft", "reward", "ppo", "judge", "evaluate", "register")
+STAGES = ("snapshot", "sft", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
 
 
 class GateFailed(Exception):
@@ -47,6 +47,7 @@ def _on_sigterm(signum, frame):
 def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, moderator=None) -> dict:
     """Execute every stage for an existing run row. Returns the metrics. Raises on failure."""
     from training.data import take_snapshot
+    from training.best_of_n import run_best_of_n
     from training.evaluate import evaluate
     from training.judge import check_sample, train_judge
     from training.ppo import run_ppo
@@ -103,6 +104,14 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         stage_name, candidate_path = "sft", policy_path
     else:
         prompts = _ppo_prompts(snap, run_dir, cfg)
+        if cfg.bon_samples:
+            t = stage("best_of_n", len(read_jsonl(prompts)) * cfg.bon_samples)  # replies sampled, then SFT steps
+            policy_path, bon_metrics = run_best_of_n(
+                policy_path, reward_path, prompts, run_dir / "best_of_n", cfg,
+                progress=lambda i, n: reporter.advance(i),
+                callbacks=[ReporterCallback(reporter, reporter.stage)])
+            metrics.update(bon_metrics)
+            timings["best_of_n"] = time.monotonic() - t
         t = stage("ppo")
         candidate_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
                                               callbacks=[ReporterCallback(reporter, reporter.stage)])
@@ -144,7 +153,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                                     metrics=metrics, config=cfg.to_dict(), snapshot_id=snap.snapshot_id,
                                     training_run_id=run_id)
         metrics["version_id"] = version.id
-    for leftover in ("sft", "judge"):
+    for leftover in ("sft", "best_of_n", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     reporter.close()
     return metrics
