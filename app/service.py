@@ -396,7 +396,7 @@ class ChatService:
                 session=s, conversation=user_msg.conversation, role="assistant", content=full, parent=user_msg,
                 status="blocked" if flagged else status, model_version=engine.version,
                 sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-                ttft_ms=st.ttft_ms, latency_ms=st.latency_ms,
+                ttft_ms=st.ttft_ms, latency_ms=st.latency_ms, served_by=st.served_by or None,
                 moderation=None if out_verdict is None else ("flagged" if flagged else "pass"))
             reply_id = reply.id
             if out_verdict is not None:

@@ -51,7 +51,10 @@ class Settings:
         "Seconds a verified API key is remembered, so each call skips the ~0.1 s argon2 check (0 = off). "
         "A new key for the user (app.users api-key) ends the old one at once.")})
     messages_per_minute: int = field(default=30, metadata={"help": "Messages one user may send a minute; 0 = no limit."})
-    engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers) or simple."})
+    engine: str = field(default="auto", metadata={"help": "auto, llamacpp (GGUF, continuous batching), batched (transformers), simple, or openai (remote servers, CHAT_REMOTE_URLS)."})
+    remote_urls: str = field(default="", metadata={"help": "CHAT_ENGINE=openai: base URLs of OpenAI-compatible servers, comma list (e.g. http://10.0.0.5:8000/v1); requests go to the least busy healthy one."})
+    remote_api_key: str = field(default="", metadata={"help": "CHAT_ENGINE=openai: bearer key the servers expect (empty = none)."})
+    remote_model: str = field(default="", metadata={"help": "CHAT_ENGINE=openai: the model id to ask the servers for (empty = the served version's name)."})
     gguf_type: str = field(default="q8_0", metadata={"help": "Weights llama.cpp serves: q8_0 (fast, within 1% perplexity), f16 or f32."})
     context_tokens: int = field(default=2048, metadata={"help": "llama.cpp context per conversation, in tokens."})
     prefix_cache: int = field(default=-1, metadata={"help": (
@@ -104,7 +107,8 @@ def engine_options(settings: Settings) -> dict:
     return dict(kind=settings.engine, device=settings.device, max_concurrent=settings.max_concurrent,
                 max_queue=settings.max_queue, busy_wait_s=settings.busy_wait_s, threads=settings.threads,
                 gguf_type=settings.gguf_type, context_tokens=settings.context_tokens,
-                prefix_cache=settings.prefix_cache)
+                prefix_cache=settings.prefix_cache, remote_urls=settings.remote_urls,
+                remote_api_key=settings.remote_api_key, remote_model=settings.remote_model)
 
 
 def trial_engine_options(settings: Settings, share: float) -> dict:

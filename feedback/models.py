@@ -63,6 +63,7 @@ class Message(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    served_by: Mapped[str | None] = mapped_column(String(300))  # the remote replica's URL (model/remote.py)
     # None = not checked, "pass", "flagged", "error" (fail closed counts as flagged).
     moderation: Mapped[str | None] = mapped_column(String(16))
     # User prompts only: None = not looked at yet, "task" | "duplicate" | "skipped" (it could not

@@ -65,6 +65,7 @@ class GenerationStats:
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     finish_reason: str = "length"  # stop | length | cancelled
+    served_by: str = ""  # the remote engine's replica URL (model/remote.py); empty in process
 
 
 class _CancelCriteria:

@@ -29,19 +29,27 @@ def llamacpp_available() -> bool:
 
 def build_engine(path, version: str, kind: str = "auto", device: str = "auto", max_concurrent: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, gguf_type: str = "q8_0",
-                 context_tokens: int = 2048, prefix_cache: int = -1):
+                 context_tokens: int = 2048, prefix_cache: int = -1, remote_urls: str = "", remote_api_key: str = "",
+                 remote_model: str = ""):
     """The serving engine for a model directory.
 
     ``llamacpp``: the checkpoint as a GGUF (written once next to it) served by llama.cpp with
     continuous batching, the fastest path on CPU (see bench/serving.py). ``batched``: transformers
     with static batching (CUDA when present, any architecture). ``simple``: one ``generate`` per
-    request. ``auto``: llamacpp on CPU when the checkpoint exports to GGUF, else batched.
+    request. ``auto``: llamacpp on CPU when the checkpoint exports to GGUF, else batched. ``openai``:
+    no local model; replies come from the OpenAI-compatible servers at ``remote_urls`` (comma list,
+    model/remote.py), asked for ``remote_model`` (default: the version's name).
     """
     import logging
 
     from model.batching import BatchedEngine
     from model.engine import Engine
 
+    if kind == "openai":
+        from model.remote import RemoteEngine
+
+        return RemoteEngine(remote_urls.split(","), version, model=remote_model, api_key=remote_api_key,
+                            max_concurrent=max_concurrent, busy_wait_s=busy_wait_s)
     if kind in ("auto", "llamacpp"):
         wanted = kind == "llamacpp"
         if not llamacpp_available():
@@ -67,7 +75,7 @@ def build_engine(path, version: str, kind: str = "auto", device: str = "auto", m
                                        busy_wait_s=busy_wait_s)
     if kind == "simple":
         return Engine.from_path(path, version, device=device, max_concurrent=max_concurrent, busy_wait_s=busy_wait_s)
-    raise ValueError(f"Unknown engine '{kind}': use auto, llamacpp, batched or simple")
+    raise ValueError(f"Unknown engine '{kind}': use auto, llamacpp, batched, simple or openai")
 
 
 def main() -> None:
