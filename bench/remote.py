@@ -7,7 +7,8 @@ Every case in one run, the same prompts, seeds and reply length (``--tokens``, t
 stops there), on llama-cpp-python's OpenAI server (``python -m llama_cpp.server``):
   1. in process: model/llamacpp.py, what one machine serves by default (reference);
   2. direct: one user streaming straight from one server over HTTP (the overhead baseline);
-  3. remote engine: the same user through model/remote.py to the same server (ratio to 2);
+  3. remote engine: the same user through model/remote.py to the same server (ratio to the
+     mean of 2 and 2b, the direct case run again afterwards to show drift);
   4. concurrent users through the remote engine, one replica with all cores;
   5. the same users over two replicas, the cores split between them.
 Reported: tokens per second of reply (per user in 1-3, total in 4-5) and time to first
@@ -33,17 +34,23 @@ def _p95(xs):
     return sorted(xs)[max(0, int(round(0.95 * len(xs))) - 1)] if xs else float("nan")
 
 
+_CLIENT = None
+
+
 def direct_stream(url: str, messages: list[dict], tokens: int, seed: int) -> tuple[int, float, float]:
-    """(chunks, ttft_s, total_s) reading the server's SSE stream with nothing of ours in between."""
+    """(chunks, ttft_s, total_s) reading the server's SSE stream with nothing of ours in between
+    (one kept-alive connection, as the remote engine keeps its own)."""
     import httpx
 
+    global _CLIENT
+    _CLIENT = _CLIENT or httpx.Client(timeout=300)
     from model.chat_prompt import with_system
     from model.engine import DEFAULT_SYSTEM_PROMPT
 
     body = {"messages": with_system(messages, DEFAULT_SYSTEM_PROMPT), "stream": True, "max_tokens": tokens,
             "temperature": 0.3, "top_p": 0.9, "top_k": 50, "repeat_penalty": 1.1, "seed": seed}
     start, first, n = time.perf_counter(), None, 0
-    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=300) as resp:
+    with _CLIENT.stream("POST", f"{url}/chat/completions", json=body) as resp:
         for line in resp.iter_lines():
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
@@ -117,6 +124,8 @@ def main() -> None:
                      one_user(lambda m, s: direct_stream(server.url, m, args.tokens, s), args.requests)))
         rows.append(("3. remote engine, same server (1 user)",
                      one_user(lambda m, s: engine_stream(remote, m, args.tokens, s), args.requests)))
+        rows.append(("2b. direct HTTP again (drift check)",
+                     one_user(lambda m, s: direct_stream(server.url, m, args.tokens, s), args.requests)))
         rows.append((f"4. remote engine, 1 replica x {cores} threads ({args.users} users)",
                      many_users(remote, args.users, args.requests * 2, args.tokens)))
         remote.close()
@@ -130,10 +139,11 @@ def main() -> None:
     print("| case | tokens/s | TTFT p50 ms | TTFT p95 ms |\n| --- | --- | --- | --- |")
     for name, r in rows:
         print(f"| {name} | {r['tok_s']:.1f} | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} |")
-    d, e = rows[1][1], rows[2][1]
+    d = {k: (rows[1][1][k] + rows[3][1][k]) / 2 for k in rows[1][1]}  # direct, before and after
+    e = rows[2][1]
     print(f"\nremote engine vs direct: tokens/s x{e['tok_s'] / d['tok_s']:.3f}, "
           f"TTFT p50 {e['ttft_p50'] - d['ttft_p50']:+.1f} ms")
-    print(f"two replicas vs one: total tokens/s x{rows[4][1]['tok_s'] / rows[3][1]['tok_s']:.2f}; "
+    print(f"two replicas vs one: total tokens/s x{rows[5][1]['tok_s'] / rows[4][1]['tok_s']:.2f}; "
           f"requests per replica {served}")
 
 
