@@ -7,7 +7,7 @@ Each app gets its own registry so tests (and several apps in one process) never 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # engine.counters key -> (metric name, help); engines without counters export nothing
 ENGINE_COUNTERS = {
@@ -16,6 +16,10 @@ ENGINE_COUNTERS = {
     "prefill_tokens": ("chat_engine_prompt_tokens_read", "Prompt tokens the model read"),
     "reused_tokens": ("chat_engine_prompt_tokens_reused", "Prompt tokens taken from the prefix cache instead"),
     "decode_s": ("chat_engine_forward_seconds", "Seconds inside the engine's forward passes"),
+    "remote_failovers": ("chat_engine_remote_failures", "Requests a remote replica failed (then retried elsewhere)"),
+}
+ENGINE_GAUGES = {
+    "remote_replicas_up": ("chat_engine_remote_replicas_up", "Remote replicas not taken out after a failure"),
 }
 
 
@@ -29,11 +33,12 @@ class EngineCollector:
     def collect(self):
         engine = self.get_engine()
         counters = getattr(engine, "counters", None) or {}
-        for key, (name, doc) in ENGINE_COUNTERS.items():
-            if key in counters:
-                family = CounterMetricFamily(name, doc, labels=["version", "backend"])
-                family.add_metric([str(engine.version), getattr(engine, "backend", "")], counters[key])
-                yield family
+        for kinds, family_of in ((ENGINE_COUNTERS, CounterMetricFamily), (ENGINE_GAUGES, GaugeMetricFamily)):
+            for key, (name, doc) in kinds.items():
+                if key in counters:
+                    family = family_of(name, doc, labels=["version", "backend"])
+                    family.add_metric([str(engine.version), getattr(engine, "backend", "")], counters[key])
+                    yield family
 
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120)

@@ -123,7 +123,7 @@ def test_a_chat_through_the_app_stores_which_replica_wrote_the_reply(servers, se
 
 def test_when_every_replica_is_down_the_user_gets_a_clear_error_and_the_question_is_kept(session_factory, settings):
     """No server answers: the send fails with a 503 ChatError, the user's message is stored (marked
-    failed, not lost), and the engine names the replicas it tried."""
+    failed, not lost), both replicas count a failure, and /metrics' collector shows none up."""
     from feedback.models import Message
 
     dead = [f"http://127.0.0.1:{free_port()}/v1", f"http://127.0.0.1:{free_port()}/v1"]
@@ -136,6 +136,15 @@ def test_when_every_replica_is_down_the_user_gets_a_clear_error_and_the_question
         user_msg = s.query(Message).filter_by(role="user").one()
         assert user_msg.content == "Anyone there?" and user_msg.status == "failed"
     assert engine.counters["remote_failovers"] == 2 and engine.counters["remote_replicas_up"] == 0
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: engine))
+    scraped = generate_latest(registry).decode()
+    assert 'chat_engine_remote_replicas_up{backend="openai",version="remote"} 0.0' in scraped
+    assert 'chat_engine_remote_failures_total{backend="openai",version="remote"} 2.0' in scraped
     engine.close()
 
 
