@@ -80,6 +80,7 @@ class ChatService:
         self._turns: dict[str, _Turn] = {}
         self._recent: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
+        self._in_flight = 0  # our own count: the Prometheus gauge has no public read
         self._known_users: set[str] = set()
         self.data_links = DataLinks()  # one-time links to a user's own data (app.my_data)
         self.export_links = DataLinks()  # one-time links to an admin's training-data export
@@ -89,7 +90,7 @@ class ChatService:
 
     def in_flight(self) -> int:
         """Chat replies being generated right now (background work waits for zero)."""
-        return int(self.metrics.in_flight._value.get())
+        return self._in_flight
 
     # engine hot swap ---------------------------------------------------------------------
     @property
@@ -288,6 +289,8 @@ class ChatService:
         if cancel_key:  # from the start: a reader may go away while input moderation runs
             self._turns[cancel_key] = turn
         m.in_flight.inc()
+        with self._lock:
+            self._in_flight += 1
         outcome = "error"
         try:
             for up in self._pipeline(user_name, conv_id, user_msg_id, params, turn, engine, check_input):
@@ -306,6 +309,8 @@ class ChatService:
             if cancel_key and self._turns.get(cancel_key) is turn:  # a newer turn may reuse the key
                 del self._turns[cancel_key]
             m.in_flight.dec()
+            with self._lock:
+                self._in_flight -= 1
             m.requests.labels(outcome).inc()
 
     def _pipeline(self, user_name, conv_id, user_msg_id, params, turn: _Turn, engine=None,

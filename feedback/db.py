@@ -105,8 +105,9 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 
 def default_url() -> str:
-    data_dir = os.environ.get("CHAT_DATA_DIR", "data")
-    return os.environ.get("DATABASE_URL", f"sqlite:///{data_dir}/chat.db")
+    # absolute, as Settings.db_url is: a command run from another directory must find the same file
+    data_dir = Path(os.environ.get("CHAT_DATA_DIR", "data")).resolve()
+    return os.environ.get("DATABASE_URL", f"sqlite:///{data_dir / 'chat.db'}")
 
 
 def main() -> None:

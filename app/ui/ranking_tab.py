@@ -27,7 +27,7 @@ SHORTCUTS_JS = """
 FLAG_CHOICES = ["ok", *arepo.FLAG_KINDS]
 
 
-def build_ranking_tab(service, worker=None) -> None:
+def build_ranking_tab(service, worker=None) -> gr.Tab:
     k = service.settings.ranking_candidates
     labels = list(arepo.LABELS[:k])
     with gr.Tab("Rank", id="rank", visible=False) as tab:
