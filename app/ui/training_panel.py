@@ -131,9 +131,16 @@ def build_training_panel(service, control) -> tuple:
                     _version_rows(s), run_rows)
 
     def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, request: gr.Request):
-        config = dict(rm_epochs=float(rm_ep), rm_learning_rate=float(rm_rate), ppo_episodes=int(eps),
-                      ppo_learning_rate=float(ppo_rate), kl_coef=float(kl_c), accuracy_gate=float(gate_v),
-                      use_lora=bool(use_lora))
+        # The role first (refused and audited), then the settings: a non-admin's junk is still audited.
+        # view=True audits only a refusal: control.start audits the admin's allowed start itself.
+        if (msg := denied(service, request, ADMIN, "start retrain", view=True)) is not None:
+            return msg
+        try:
+            config = dict(rm_epochs=float(rm_ep), rm_learning_rate=float(rm_rate), ppo_episodes=int(eps),
+                          ppo_learning_rate=float(ppo_rate), kl_coef=float(kl_c), accuracy_gate=float(gate_v),
+                          use_lora=bool(use_lora))
+        except (TypeError, ValueError):
+            return "⚠ Every training setting needs a number."
         try:
             run_id = control.start(caller_name(request), config)
         except PermissionDenied as exc:
