@@ -86,3 +86,50 @@ def test_foreign_origin_cannot_act(session_factory, settings):
     same = client.post("/v1/chat/completions", json=body, headers={"Origin": "http://testserver"})
     assert same.status_code == 200
     assert client.post("/v1/chat/completions", json=body).status_code == 200  # API clients send no Origin
+
+
+# What a signed-in plain user may call: their own chats, data and A/B picks. Every other named
+# endpoint is privileged and must refuse them, so a new handler cannot ship unguarded.
+USER_ENDPOINTS = {"/opt_out", "/ab_opt_out", "/pick_left", "/pick_right", "/pick_tie", "/pick_both_bad",
+                  "/export_my_data", "/search_conversations", "/rename_conversation", "/delete_conversation",
+                  "/delete_my_data", "/send", "/regenerate", "/stop"}
+ANNOTATOR_ENDPOINTS = {"/rank_submit", "/rank_skip", "/rank_next"}
+
+
+def _first_text(out) -> str:
+    values = out if isinstance(out, (list, tuple)) else [out]
+    return next((v for v in values if isinstance(v, str)), "")
+
+
+@pytest.mark.slow
+def test_every_privileged_endpoint_refuses_a_plain_user_and_an_annotator_and_audits_it(users_db, tiny_model_dir,
+                                                                                       tmp_path):
+    """Walks every named Gradio endpoint of the running app. As a plain user, each one outside
+    USER_ENDPOINTS answers "Denied: ..."; as an annotator, each one outside the user and ranking
+    endpoints does. Each refusal leaves a denied audit row, and nothing privileged happened."""
+    from tests.test_fuzz_gradio import _valid_default
+
+    add_user(users_db, "ann", "annotator", "ann-password")
+    calls = {}
+    with live_app(tmp_path, tiny_model_dir) as url:
+        for name, password, allowed in (("alice", "alice-password", USER_ENDPOINTS),
+                                        ("ann", "ann-password", USER_ENDPOINTS | ANNOTATOR_ENDPOINTS)):
+            client = Client(url + "/", auth=(name, password), verbose=False)
+            endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+            assert allowed <= set(endpoints), allowed - set(endpoints)  # the lists name real endpoints
+            privileged = sorted(set(endpoints) - allowed)
+            assert len(privileged) >= 15, privileged
+            for endpoint in privileged:
+                out = client.predict(*[_valid_default(p) for p in endpoints[endpoint]["parameters"]], api_name=endpoint)
+                shown = _first_text(out)
+                assert shown.startswith("Denied:") and f"'{name}'" in shown, (name, endpoint, out)
+            calls[name] = privileged
+    engine = create_engine(f"sqlite:///{tmp_path / 'chat.db'}")
+    with engine.connect() as conn:
+        denied = conn.execute(text("SELECT user_name, count(*) FROM audit_log WHERE allowed = 0 AND action != 'login'"
+                                   " GROUP BY user_name")).all()
+        runs = conn.execute(text("SELECT count(*) FROM training_runs")).scalar()
+        trials = conn.execute(text("SELECT count(*) FROM ab_trials")).scalar()
+    engine.dispose()
+    assert {u: n >= len(calls[u]) for u, n in denied} == {"alice": True, "ann": True}, (denied, calls)
+    assert runs == 0 and trials == 0
