@@ -66,12 +66,16 @@ class CandidateWorker:
             self._wake.clear()
 
     def run_once(self, limit: int | None = None) -> int:
-        """Sync chat prompts into tasks, then fill up to ``ahead`` tasks. Returns candidates made."""
+        """Sync chat prompts into tasks, then fill tasks until ``ahead`` are ready for annotators
+        (``limit``: this many more, for an annotator waiting). Returns candidates made. With
+        ``ahead`` ready it makes nothing: 598 imported prompts must not keep the CPU busy while
+        nobody ranks; each ranking saved wakes it to top the lookahead up again."""
         with self._lock:  # one filler at a time (background loop or an annotator waiting)
             self._sync_prompts()
             with session_scope(self.service.session_factory) as s:
+                wanted = limit or max(0, self.ahead - arepo.ready_task_count(session=s, k=self.k))
                 todo = [(t.id, t.context, len(t.candidates))
-                        for t in arepo.tasks_needing_candidates(session=s, k=self.k, limit=limit or self.ahead)]
+                        for t in arepo.tasks_needing_candidates(session=s, k=self.k, limit=wanted)] if wanted else []
             made = 0
             for task_id, context, have in todo:
                 try:

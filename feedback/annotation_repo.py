@@ -76,6 +76,17 @@ def tasks_needing_candidates(*, session: Session, k: int, limit: int = 4) -> lis
     return list(session.scalars(stmt))
 
 
+def ready_task_count(*, session: Session, k: int) -> int:
+    """Tasks an annotator could open now: k candidates, still wanting rankings, not given up on."""
+    have = (select(Candidate.task_id, func.count(Candidate.id).label("n")).group_by(Candidate.task_id).subquery())
+    done = _done_counts()
+    stmt = (select(func.count(RankingTask.id)).join(have, have.c.task_id == RankingTask.id)
+            .outerjoin(done, done.c.task_id == RankingTask.id)
+            .where(have.c.n >= k, func.coalesce(done.c.n, 0) < RankingTask.wanted,
+                   RankingTask.skipped_reason.is_(None)))
+    return session.scalar(stmt) or 0
+
+
 def mark_task_skipped(*, session: Session, task_id: int, reason: str) -> None:
     """Give up making candidates for a task (it is never served); ``reason`` says why."""
     task = session.get(RankingTask, task_id)

@@ -41,3 +41,27 @@ def test_role_check_denies_and_audits(session_factory):
     with session_factory() as s:
         rows = [(a.user_name, a.action, a.allowed) for a in s.scalars(select(AuditLog).order_by(AuditLog.id))]
     assert rows == [("bob", "rank", False), ("local", "retrain", True)]
+
+
+def test_worker_fills_only_the_lookahead_and_tops_it_up_after_each_ranking(session_factory, settings):
+    """With 20 imported prompts and ahead=3, the worker prepares the 3 oldest tasks (what annotators
+    open next) and then makes nothing, round after round; once an annotator ranks one, the next
+    round prepares exactly one more. An annotator waiting (limit=1) still gets one made at once."""
+    engine = ScriptedEngine("A reply.")
+    service = ChatService(engine, session_factory, settings)
+    with session_factory.begin() as s:
+        ids = [arepo.add_task(session=s, context=[{"role": "user", "content": f"Prompt {i}"}], source="import").id
+               for i in range(20)]
+    worker = CandidateWorker(service, k=2, ahead=3)
+    assert worker.run_once() == 6
+    assert worker.run_once() == 0 and worker.run_once() == 0  # idle: the lookahead is full
+    with session_factory() as s:
+        filled = sorted({c.task_id for c in s.scalars(select(Candidate))})
+    assert filled == ids[:3]
+    with session_factory.begin() as s:
+        ann = repo.get_or_create_user(session=s, name="ann", role="annotator")
+        task = arepo.next_task(session=s, annotator=ann, k=2)
+        order = [[c.id] for c in task.candidates]
+        arepo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=order)
+    assert worker.run_once() == 2 and worker.run_once() == 0
+    assert worker.run_once(limit=1) == 2  # an annotator is waiting: one more, lookahead or not
