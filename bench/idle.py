@@ -5,7 +5,8 @@
 
 The real app (``python -m app.main``, the embedded model on llama.cpp, its candidate worker)
 in a subprocess on a fresh data dir, measured by its CPU time over a window:
-  1. empty: no tasks at all (the baseline: timers, the worker's polling);
+  0. empty, with Gradio's own queue polling (every 1 ms: the baseline);
+  1. empty: no tasks at all (timers, the worker's polling, our 10 ms queue polling);
   2. the pairs imported (``python -m feedback.import``): the worker prepares the lookahead
      (3 tasks x 4 candidates), then the window starts once those are ready;
 Reported: CPU % of one core averaged over the window (100% = one core busy), and the
@@ -52,9 +53,12 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     url = f"sqlite:///{data / 'chat.db'}"
     rows = []
-    with app_process(data, "embedded", timeout=300) as (_, proc):
+    with app_process(data, "embedded", timeout=300, CHAT_QUEUE_POLL_S=0.001) as (_, proc):
         time.sleep(5)  # start-up work (conversion, first moderation load) is not idle time
-        rows.append(("empty database", cpu_percent(proc.pid, args.seconds), 0))
+        rows.append(("empty database, Gradio's own queue polling (1 ms)", cpu_percent(proc.pid, args.seconds), 0))
+    with app_process(data, "embedded", timeout=300) as (_, proc):
+        time.sleep(5)
+        rows.append(("empty database (CHAT_QUEUE_POLL_S=0.01, the default)", cpu_percent(proc.pid, args.seconds), 0))
         out = subprocess.run([sys.executable, "-m", "feedback.import", str(args.file), "--url", url], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.strip()
         print(out)

@@ -246,3 +246,17 @@ def test_conversations_are_searched_renamed_and_deleted_only_by_their_owner(sess
         assert s.get(Conversation, python) is None and s.get(Conversation, paris) is not None
         assert s.scalar(select(func.count(Message.id)).where(Message.conversation_id == python)) == 0
         assert s.scalar(select(func.count(RankingTask.id))) == 0
+
+
+def test_the_gradio_queue_polls_at_the_configured_interval_not_every_millisecond(session_factory, settings):
+    """Gradio's idle queue looks for work every 1 ms (9% of a core with nobody there, bench.idle);
+    the app sets CHAT_QUEUE_POLL_S (10 ms by default) and five times that for progress updates."""
+    from gradio.routes import App as GradioApp
+
+    from app.main import create_app
+
+    settings.queue_poll_s = 0.02
+    app = create_app(ChatService(ScriptedEngine("ok"), session_factory, settings))
+    gradio = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), GradioApp))
+    queue = gradio.get_blocks()._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (0.02, 0.1)
