@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from model.chat_prompt import with_system
-from model.engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineBusyError, Generation, GenerationStats, SamplingParams
+from model.engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineBusyError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,8 @@ class RemoteEngine:
                                   limits=httpx.Limits(max_connections=max_concurrent + len(urls)))
 
     # -- the engine interface ------------------------------------------------------------
-    def stream(self, messages: list[dict], params: SamplingParams | None = None,
-               cancel: threading.Event | None = None) -> Generation:
-        params = (params or SamplingParams()).validate()
-        cancel = cancel or threading.Event()
-        stats = GenerationStats()
-        return Generation(self._decode(messages, params, cancel, stats), stats, cancel)
-
+    # the same contract as the in-process engine: validate, then _decode() behind a Generation
+    stream = Engine.stream
     generate = Engine.generate  # the same contract: stream(), read to the end, (text, stats)
 
     def unbatched(self):
