@@ -72,8 +72,16 @@ def merged(model):
 
 
 def save_model_dir(model, tokenizer, dest: Path | str) -> Path:
-    """Write to a hidden temporary sibling, then rename: a reader never sees half a model."""
-    dest = Path(dest)
+    """Write to a hidden temporary sibling, then rename: a reader never sees half a model.
+
+    Under a launcher every rank holds the same weights; rank 0 writes and the others wait.
+    """
+    from training.distributed import on_main
+
+    return on_main(_save_model_dir, model, tokenizer, Path(dest))
+
+
+def _save_model_dir(model, tokenizer, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

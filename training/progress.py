@@ -24,8 +24,10 @@ class RunCancelled(Exception):
 class Reporter:
     """Writes progress to the run row (at most every ``min_interval_s``) and a terminal bar."""
 
-    def __init__(self, session_factory=None, run_id: int | None = None, min_interval_s: float = 1.0):
+    def __init__(self, session_factory=None, run_id: int | None = None, min_interval_s: float = 1.0,
+                 show_bar: bool = True):
         self.session_factory = session_factory
+        self.show_bar = show_bar
         self.run_id = run_id
         self.min_interval_s = min_interval_s
         self._pending: list[dict] = []
@@ -42,8 +44,9 @@ class Reporter:
             self._bar.close()
         self.stage, self.step, self.total = stage, 0, total
         self._stage_start = time.monotonic()
-        self._bar = tqdm(total=total, desc=stage, unit="step", leave=True)
-        log.warning("stage %s: %d steps", stage, total)
+        self._bar = tqdm(total=total, desc=stage, unit="step", leave=True, disable=not self.show_bar)
+        if self.show_bar:
+            log.warning("stage %s: %d steps", stage, total)
         self.flush(force=True)
 
     def advance(self, step: int | None = None, **metrics) -> None:

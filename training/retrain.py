@@ -25,6 +25,7 @@ from pathlib import Path
 from feedback import training_repo as trepo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from training.common import read_jsonl, write_jsonl
+from training.distributed import is_main, on_main, world_size
 from training.config import RetrainConfig, add_config_args, config_from_args
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
@@ -54,13 +55,17 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     from training.reward import run_reward
     from training.sft import run_sft
 
+    if world_size() > 1 and cfg.bon_samples:
+        raise ValueError("best-of-N (bon_samples) samples with llama.cpp in one process; turn it off (0) to "
+                         f"retrain on {world_size()} processes.")
     with session_scope(session_factory) as s:
         current = trepo.active_version(session=s)
         if current is None:
             raise NotEnoughData("No model version is active; start the app once so it registers the base model.")
         base_id, base_name, base_path = current.id, current.name, current.path
     run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
-    reporter = Reporter(session_factory, run_id)
+    # Under a launcher (training/distributed.py) only rank 0 writes the run row and draws a bar.
+    reporter = Reporter(session_factory, run_id) if is_main() else Reporter(show_bar=False)
     metrics: dict = {"base_version": base_name}
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -70,7 +75,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         return time.monotonic()
 
     t = stage("snapshot")
-    snap = take_snapshot(session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
+    snap = on_main(take_snapshot, session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
                          seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts,
                          max_heldout_pairs=cfg.max_heldout_pairs)
     metrics["data"] = snap.counts
@@ -80,7 +85,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                             "held-out preference pairs: rank more tasks or import pairs (need at least 8 in all).")
 
     policy_path = Path(base_path)
-    sft_path = _sft_rows(snap, run_dir, cfg)
+    sft_path = on_main(_sft_rows, snap, run_dir, cfg)
     if sft_path:
         t = stage("sft")
         policy_path = run_sft(base_path, sft_path, run_dir / "sft", cfg,
@@ -103,7 +108,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         metrics["ppo_skipped"] = why + " PPO was skipped; the SFT model was evaluated and registered instead."
         stage_name, candidate_path = "sft", policy_path
     else:
-        prompts = _ppo_prompts(snap, run_dir, cfg)
+        prompts = on_main(_ppo_prompts, snap, run_dir, cfg)
         if cfg.bon_samples:
             t = stage("best_of_n", len(read_jsonl(prompts)) * cfg.bon_samples)  # replies sampled, then SFT steps
             policy_path, bon_metrics = run_best_of_n(
@@ -122,19 +127,29 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     texts = [r["messages"] for r in snap.rows("sft_heldout")] or \
         [r["prompt"] + r["chosen"] for r in snap.rows("preferences_heldout")]
     t = stage("judge")  # a referee PPO never saw: trained on the held-out pairs, checked on the training ones
-    check = write_jsonl(run_dir / "data" / "judge_check.jsonl",
-                        check_sample(snap.rows("preferences_train"), cfg.judge_check_pairs, cfg.seed))
+    check = on_main(write_jsonl, run_dir / "data" / "judge_check.jsonl",
+                    check_sample(snap.rows("preferences_train"), cfg.judge_check_pairs, cfg.seed))
     judge_path, judge_metrics = train_judge(base_path, snap.path("preferences_heldout"), check, run_dir / "judge", cfg,
                                             callbacks=[ReporterCallback(reporter, reporter.stage)])
     metrics.update(judge_metrics)
     timings["judge"] = time.monotonic() - t
     t = stage("evaluate", 4)
-    metrics["eval"] = evaluate(base_path, candidate_path, reward_path, heldout_prompts, texts, cfg, moderator,
+    metrics["eval"] = on_main(evaluate, base_path, candidate_path, reward_path, heldout_prompts, texts, cfg, moderator,
                                progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"),
                                judge_path=judge_path, judge_metrics=judge_metrics)
     timings["evaluate"] = time.monotonic() - t
 
     t = stage("register")
+    metrics["version_id"] = on_main(_register, session_factory, run_id, stage_name, candidate_path, data_dir,
+                                    base_id, metrics, timings, started, cfg, snap.snapshot_id, t)
+    reporter.advance()
+    reporter.close()
+    return metrics
+
+
+def _register(session_factory, run_id, stage_name, candidate_path, data_dir, base_id, metrics, timings, started,
+              cfg, snapshot_id, t) -> int:
+    """Move the candidate into data/versions and add its row. Returns the version id."""
     name = f"run{run_id}-{stage_name}"
     final = Path(data_dir) / "versions" / name
     for n in range(2, 1000):  # a data dir reused with a fresh database: never overwrite a version
@@ -145,18 +160,17 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(candidate_path, final)  # atomic: the directory appears complete or not at all
     timings["register"] = time.monotonic() - t
-    reporter.advance()
     timings["total"] = time.monotonic() - started
     metrics["timings_s"] = timings
     with session_scope(session_factory) as s:
         version = trepo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage=stage_name,
-                                    metrics=metrics, config=cfg.to_dict(), snapshot_id=snap.snapshot_id,
+                                    metrics=metrics, config=cfg.to_dict(), snapshot_id=snapshot_id,
                                     training_run_id=run_id)
-        metrics["version_id"] = version.id
+        version_id = version.id
+    run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
     for leftover in ("sft", "best_of_n", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
-    reporter.close()
-    return metrics
+    return version_id
 
 
 def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
@@ -187,7 +201,13 @@ def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:
 
 
 def execute(run_id: int, cfg: RetrainConfig, session_factory, data_dir: Path, moderator=None) -> str:
-    """Run and record the outcome in the run row. Returns the final status."""
+    """Run and record the outcome in the run row. Returns the final status.
+
+    Under a launcher the other ranks train alongside and rank 0 records (training/distributed.py).
+    """
+    if not is_main():
+        run(cfg, run_id, session_factory, data_dir, moderator)
+        return "done"
     with session_scope(session_factory) as s:
         r = trepo.get_run(session=s, run_id=run_id)
         r.status, r.pid = "running", os.getpid()
@@ -214,6 +234,13 @@ def _finish(session_factory, run_id: int, status: str, error: str) -> None:
         trepo.finish_run(session=s, run_id=run_id, status=status, error=error)
 
 
+def _new_cli_run(factory, cfg: RetrainConfig) -> int:
+    with session_scope(factory) as s:
+        current = trepo.active_version(session=s)
+        return trepo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
+                                base_version_id=current.id if current else None).id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-id", type=int, default=None, help="existing training_runs row (the app passes it)")
@@ -226,17 +253,14 @@ def main() -> None:
     cfg = RetrainConfig.from_dict(json.loads(args.config_json)).validate() if args.config_json else config_from_args(args)
     signal.signal(signal.SIGTERM, _on_sigterm)
     factory = make_session_factory(make_engine(args.url))
-    run_id = args.run_id
-    if run_id is None:
-        with session_scope(factory) as s:
-            current = trepo.active_version(session=s)
-            run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
-                                      base_version_id=current.id if current else None).id
+    run_id = args.run_id if args.run_id is not None else on_main(_new_cli_run, factory, cfg)
     from model.moderation import moderator_from_env
 
-    moderator = moderator_from_env()  # the same CHAT_* settings the app reads (training never imports app/)
+    # The same CHAT_* settings the app reads (training never imports app/); only rank 0 evaluates.
+    moderator = moderator_from_env() if is_main() else None
     status = execute(run_id, cfg, factory, Path(args.data_dir), moderator)
-    print(f"run {run_id}: {status}")
+    if is_main():
+        print(f"run {run_id}: {status}")
     sys.exit(0 if status in ("done", "gated", "cancelled") else 1)
 
 
