@@ -65,11 +65,11 @@ def load_engine(settings: Settings, session_factory):
     with session_scope(session_factory) as s:
         trepo.ensure_base_version(session=s, name=resolved.name, path=str(resolved.path))
         active = trepo.active_version(session=s)
-        path, name = active.path, active.name
+        path, name, remote_model = active.path, active.name, active.remote_model
     if not Path(path, "config.json").is_file():
         log.warning("promoted version %s has no weights at %s; serving %s", name, path, resolved.name)
-        path, name = str(resolved.path), resolved.name
-    engine = build_engine(path, name, **engine_options(settings))
+        path, name, remote_model = str(resolved.path), resolved.name, None
+    engine = build_engine(path, name, **engine_options(settings, remote_model))
     log.warning("model %s loaded in %.1f s", name, time.perf_counter() - start)
     return engine
 

@@ -105,19 +105,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {f"CHAT_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(Settings)}
 
 
-def engine_options(settings: Settings) -> dict:
-    """The keyword arguments model.loader.build_engine takes from the settings."""
+def engine_options(settings: Settings, remote_model: str | None = None) -> dict:
+    """The keyword arguments model.loader.build_engine takes from the settings. ``remote_model``:
+    the id mapped to the version in Admin > Training, which wins over CHAT_REMOTE_MODEL."""
     return dict(kind=settings.engine, device=settings.device, max_concurrent=settings.max_concurrent,
                 max_queue=settings.max_queue, busy_wait_s=settings.busy_wait_s, threads=settings.threads,
                 gguf_type=settings.gguf_type, context_tokens=settings.context_tokens,
                 prefix_cache=settings.prefix_cache, remote_urls=settings.remote_urls,
-                remote_api_key=settings.remote_api_key, remote_model=settings.remote_model)
+                remote_api_key=settings.remote_api_key, remote_model=remote_model or settings.remote_model)
 
 
-def trial_engine_options(settings: Settings, share: float) -> dict:
+def trial_engine_options(settings: Settings, share: float, remote_model: str | None = None) -> dict:
     """Options for the engine of a version on A/B trial: slots in proportion to the trial's share
     of turns (its KV cache is most of an engine's memory) and ``trial_threads`` threads."""
     import math
 
     slots = max(2, math.ceil(settings.max_concurrent * min(max(share, 0.0), 1.0)))
-    return {**engine_options(settings), "max_concurrent": slots, "threads": settings.trial_threads}
+    return {**engine_options(settings, remote_model), "max_concurrent": slots, "threads": settings.trial_threads}

@@ -151,6 +151,20 @@ class TrainingControl:
     def rollback(self, user: str, version_id: int) -> str:
         return self.promote(user, version_id, action="roll back")
 
+    def map_remote_model(self, user: str, version_id, model_id) -> str:
+        """Name the model id a remote engine serves ``version_id`` as (empty clears it). When that
+        version is the one being served by remote servers, the engine is rebuilt to ask for it."""
+        require_role(self.factory, user, ("admin",), "map remote model", f"version {version_id}: {str(model_id)[:80]}")
+        version_id = checked_id(version_id, "a version id")
+        if not isinstance(model_id, (str, type(None))):
+            raise trepo.ValidationError("A remote model id is text.")
+        with session_scope(self.factory) as s:
+            version = trepo.set_remote_model(session=s, version_id=version_id, model_id=model_id)
+            mapped, name, path, active = version.remote_model, version.name, version.path, version.is_active
+        if active and self.settings.engine == "openai":
+            self.service.swap_engine(self._load_engine(path, name))
+        return mapped or ""
+
     def _reap(self) -> None:
         for run_id, proc in list(self._procs.items()):
             if proc.poll() is not None:
@@ -161,10 +175,14 @@ def _default_loader(service, trial: bool = False):
     from app.settings import engine_options, trial_engine_options
     from model.loader import build_engine
 
+    def remote_model(name: str) -> str | None:  # the id mapped in Admin > Training (CHAT_ENGINE=openai)
+        with session_scope(service.session_factory) as s:
+            return trepo.remote_model_of(session=s, name=name)
+
     def load(path: str, name: str):
-        return build_engine(path, name, **engine_options(service.settings))
+        return build_engine(path, name, **engine_options(service.settings, remote_model(name)))
 
     def load_trial(path: str, name: str, share: float):  # fewer slots and threads: app.settings
-        return build_engine(path, name, **trial_engine_options(service.settings, share))
+        return build_engine(path, name, **trial_engine_options(service.settings, share, remote_model(name)))
 
     return load_trial if trial else load

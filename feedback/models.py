@@ -193,6 +193,9 @@ class ModelVersion(Base):
     snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("data_snapshots.id", ondelete="SET NULL"))
     training_run_id: Mapped[int | None] = mapped_column(Integer)
     is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    # CHAT_ENGINE=openai: the id the engine servers know this version by (None = CHAT_REMOTE_MODEL,
+    # else the version's name). Set in Admin > Training.
+    remote_model: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -131,3 +132,24 @@ def activate_version(*, session: Session, version_id: int) -> ModelVersion:
     version.is_active = True
     session.flush()
     return version
+
+
+# Model ids as engines name them: "SmolLM2-135M", "meta-llama/Llama-3.1-8B-Instruct", "org/model:q8".
+REMOTE_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+
+
+def set_remote_model(*, session: Session, version_id: int, model_id: str | None) -> ModelVersion:
+    """Map a version to the model id a remote engine serves it as; empty clears the mapping."""
+    model_id = (model_id or "").strip()
+    if model_id and not REMOTE_MODEL_ID.fullmatch(model_id):
+        raise ValidationError("A remote model id is 1-200 characters: letters, digits and . _ : / @ + - "
+                              f"(no spaces), starting with a letter or digit; not {model_id[:60]!r}.")
+    version = get_version(session=session, version_id=version_id)
+    version.remote_model = model_id or None
+    session.flush()
+    return version
+
+
+def remote_model_of(*, session: Session, name: str) -> str | None:
+    """The remote model id mapped to the version called ``name`` (None when unmapped or unknown)."""
+    return session.scalar(select(ModelVersion.remote_model).where(ModelVersion.name == name))

@@ -147,3 +147,39 @@ def test_the_training_panel_explains_each_setting_and_starts_with_no_version_id(
                         ("KL coefficient", "kl_coef"), ("Accuracy gate", "accuracy_gate"), ("LoRA", "use_lora")):
         assert by_label[label].info == helps[name] != ""
     assert by_label["Version id (click a row above)"].value is None
+
+
+def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_factory, settings, tiny_model_dir):
+    """CHAT_ENGINE=openai: the admin maps a version to the id the engine servers know it by; the
+    served engine asks for it at once, after a restart too; clearing it falls back to
+    CHAT_REMOTE_MODEL. Bad ids and non-admins change nothing and are refused (audited)."""
+    import dataclasses
+
+    from app.main import load_engine
+    from model.remote import RemoteEngine
+
+    settings = dataclasses.replace(settings, engine="openai", remote_urls="http://127.0.0.1:9/v1",
+                                   remote_model="fallback-id", model=str(tiny_model_dir))
+    with session_factory.begin() as s:
+        vid = trepo.ensure_base_version(session=s, name="tiny-base", path=str(tiny_model_dir)).id
+        repo.get_or_create_user(session=s, name="bob", role="annotator")
+    service = _service(session_factory, settings)
+    control = TrainingControl(service)
+    assert control.map_remote_model("local", vid, " org/model-a:q8 ") == "org/model-a:q8"
+    assert isinstance(service.engine, RemoteEngine) and service.engine.model == "org/model-a:q8"
+    restarted = load_engine(settings, session_factory)
+    assert restarted.model == "org/model-a:q8" and restarted.version == "tiny-base"
+    for bad in ("two words", "x" * 201, "<script>", "-flag", "a\nb"):
+        with pytest.raises(trepo.ValidationError, match="remote model id"):
+            control.map_remote_model("local", vid, bad)
+    with pytest.raises(PermissionDenied, match="needs the admin role"):
+        control.map_remote_model("bob", vid, "org/evil")
+    with session_factory() as s:
+        assert s.get(ModelVersion, vid).remote_model == "org/model-a:q8"  # nothing bad was written
+        denied = s.scalars(select(AuditLog).where(AuditLog.action == "map remote model",
+                                                  AuditLog.allowed.is_(False))).all()
+        assert [a.user_name for a in denied] == ["bob"]
+    assert control.map_remote_model("local", vid, "") == ""
+    assert service.engine.model == "fallback-id"
+    with pytest.raises(trepo.NotFoundError):
+        control.map_remote_model("local", 999, "org/model-b")

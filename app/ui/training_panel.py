@@ -16,7 +16,7 @@ from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
 from training.config import RetrainConfig
 
-VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
+VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "remote model id", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
                    "judge acc on unseen pairs (95%)", "RM acc (95%)",
                    "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
                    "BLEU new/cur", "chrF new/cur",
@@ -45,7 +45,7 @@ def _version_rows(s) -> list[list]:
     for v in trepo.list_versions(session=s):
         m, e = v.metrics or {}, (v.metrics or {}).get("eval", {})
         verdict = f"{e.get('verdict', '')}: {e.get('verdict_text', '')}" if e.get("verdict") else ""
-        rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""), verdict,
+        rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""), v.remote_model or "", verdict,
                      _interval(e, "win_rate"), e.get("win_rate_judge", ""), _interval(e, "heldout_pref_acc"),
                      _interval(m, "judge_accuracy"), _interval({"acc": m.get("rm_heldout_accuracy"),
                                                          "acc_lo": m.get("rm_heldout_accuracy_lo"),
@@ -109,6 +109,11 @@ def build_training_panel(service, control) -> tuple:
         version_id = gr.Number(value=None, label="Version id (click a row above)", precision=0)
         promote = gr.Button("Promote", elem_id="promote-btn")
         rollback = gr.Button("Roll back to this version", elem_id="rollback-btn")
+    with gr.Row():
+        remote_id = gr.Textbox(label="Remote model id", max_lines=1, elem_id="remote-model-id",
+                               info="CHAT_ENGINE=openai: the id the engine servers serve this version as (empty: "
+                                    "CHAT_REMOTE_MODEL, else the version's name)")
+        map_remote = gr.Button("Map version to remote id", elem_id="map-remote-btn")
     note = gr.Markdown(elem_id="train-note")
     runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, label="Training runs")
     timer = gr.Timer(2.0)
@@ -187,6 +192,16 @@ def build_training_panel(service, control) -> tuple:
     def on_rollback(vid, request: gr.Request):
         return on_switch(vid, True, request)
 
+    def on_map_remote(vid, model_id, request: gr.Request):
+        try:
+            mapped = control.map_remote_model(caller_name(request), vid, model_id)  # role first, inside
+        except PermissionDenied as exc:
+            return f"Denied: {exc}"
+        except (ValidationError, NotFoundError, OSError, ValueError) as exc:
+            return f"⚠ {exc}"
+        target = f"**{mapped}**" if mapped else "CHAT_REMOTE_MODEL, else its own name"
+        return f"Version {int(vid)} is asked for as {target} on remote engine servers."
+
     def pick_version(evt: gr.SelectData):
         return evt.row_value[0] if evt.row_value else None
 
@@ -195,6 +210,7 @@ def build_training_panel(service, control) -> tuple:
     cancel.click(on_cancel, None, note, api_name="cancel_retrain")
     promote.click(on_promote, [version_id], note, api_name="promote")
     rollback.click(on_rollback, [version_id], note, api_name="rollback")
+    map_remote.click(on_map_remote, [version_id, remote_id], note, api_name="map_remote_model")
     versions.select(pick_version, None, version_id, api_visibility="private")
     timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
     return refresh, outputs
