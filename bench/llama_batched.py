@@ -23,9 +23,9 @@ class LlamaBatched:
                  step_tokens: int = 512):
         import llama_cpp as ll
 
-        from model.llamacpp import _chat_template, _quiet_logs
+        from model.llama_native import chat_template, quiet_logs
 
-        _quiet_logs()
+        quiet_logs()
         ll.llama_backend_init()
         self.model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
         if not self.model:
@@ -39,12 +39,12 @@ class LlamaBatched:
         self.batch = ll.llama_batch_init(step_tokens, 0, 1)
         self.step_tokens = step_tokens
         self.vocab = ll.llama_model_get_vocab(self.model)
-        self.template = _chat_template(self.model)
+        self.template = chat_template(self.model)
         self.run(["Hi"], 4)  # warm up: the first pass after loading pages the weights in
 
     def tokenize(self, prompt: str) -> list[int]:
         from model.engine import DEFAULT_SYSTEM_PROMPT
-        from model.llamacpp import tokenize
+        from model.llama_native import tokenize
 
         return tokenize(self.vocab, self.template.render(
             messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
@@ -55,7 +55,7 @@ class LlamaBatched:
         import llama_cpp as ll
         import numpy as np
 
-        from model.llamacpp import _piece
+        from model.llama_native import piece
 
         tokens = [self.tokenize(p) for p in prompts]
         n_vocab = ll.llama_vocab_n_tokens(self.vocab)
@@ -89,7 +89,7 @@ class LlamaBatched:
             if rows:
                 logit_row = _decode(ll, self.ctx, self.batch, rows)
         wall = time.perf_counter() - start
-        texts = [b"".join(_piece(self.vocab, t) for t in p).decode(errors="replace") for p in pieces]
+        texts = [b"".join(piece(self.vocab, t) for t in p).decode(errors="replace") for p in pieces]
         return {"tok_s": sum(new) / wall, "ttft": first, "wall": wall, "tokens": sum(new), "texts": texts}
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from model.engine import DONE, Engine, Generation, GenerationStats, QueuedRequest, SamplingParams, _first_stop
+from model.engine import DONE, Engine, Generation, GenerationStats, QueuedRequest, SamplingParams
 
 
 @dataclass
@@ -129,27 +129,14 @@ class BatchedEngine(Engine):
     def _emit(self, r: _Request, token: int, start: float) -> bool:
         """Stream the new text of one row; False when the row is finished."""
         st = r.stats
-        done_reason = None
         if token == self.tokenizer.eos_token_id:
-            done_reason = "stop"
+            done_reason = r.end_reason("stop")
         else:
             r.ids.append(token)
             st.completion_tokens = len(r.ids)
             text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                cut = _first_stop(text, r.params.stop)
-                if cut is not None:
-                    text, done_reason = text[:cut], "stop"
-                delta = text[len(r.text):] if text.startswith(r.text) else ""
-                if delta:
-                    if st.ttft_ms is None:
-                        st.ttft_ms = (time.perf_counter() - r.submitted) * 1000
-                    r.text = text
-                    r.out.put(delta)
-            if done_reason is None and len(r.ids) >= r.params.max_new_tokens:
-                done_reason = "length"
-        if done_reason is None and r.cancel.is_set():
-            done_reason = "cancelled"
+            # None while a multi-byte character is half decoded: wait for the rest of it.
+            done_reason = r.offer(None if text.endswith("\ufffd") else text, len(r.ids) >= r.params.max_new_tokens)
         if done_reason is None:
             return True
         st.finish_reason = done_reason

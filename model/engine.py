@@ -152,6 +152,30 @@ class QueuedRequest:
                 raise item
             yield item
 
+    # Called by the scheduler thread for each sampled token (both schedulers share these rules).
+    def offer(self, text: str | None, at_limit: bool) -> str | None:
+        """The reply so far decodes to ``text`` (None: a multi-byte character is half done): cut it
+        at the first stop string, stream what is new, note the first token's time. Returns the
+        finish reason when the reply ends here ("stop", "length", "cancelled"), else None."""
+        reason = None
+        if text is not None:
+            cut = _first_stop(text, self.params.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            delta = text[len(self.text):] if text.startswith(self.text) else ""
+            if delta:
+                if self.stats.ttft_ms is None:
+                    self.stats.ttft_ms = (time.perf_counter() - self.submitted) * 1000
+                self.text = text
+                self.out.put(delta)
+        if reason is None and at_limit:
+            reason = "length"
+        return self.end_reason(reason)
+
+    def end_reason(self, reason: str | None) -> str | None:
+        """``reason``, or "cancelled" when the reader stopped the reply (checked every token)."""
+        return reason if reason is not None or not self.cancel.is_set() else "cancelled"
+
 
 class Engine:
     """In-process transformers engine. Thread-safe: each call decodes in its own thread."""

@@ -22,8 +22,6 @@ Try it:
 from __future__ import annotations
 
 import codecs
-import ctypes
-import functools
 import os
 import queue
 import threading
@@ -32,15 +30,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.chat_prompt import ControlTokens, with_system
+from model.chat_prompt import with_system
 from model.engine import (DEFAULT_SYSTEM_PROMPT, DONE, ContextTooLongError, Engine, EngineBusyError, Generation,
-                          GenerationStats, QueuedRequest, SamplingParams, _first_stop)
+                          GenerationStats, QueuedRequest, SamplingParams)
+from model.llama_native import (chat_template, control_tokens, lib, piece, prompt_tokens, quiet_logs, tokenize,
+                                uses_openmp, warn_if_openmp)
 
-
-def _lib():
-    import llama_cpp
-
-    return llama_cpp
+__all__ = ["LlamaCppEngine", "tokenize", "uses_openmp"]  # re-exported: tests and benches import them here
 
 
 @dataclass
@@ -64,7 +60,7 @@ class LlamaCppEngine:
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, context_tokens: int = 2048,
                  step_tokens: int = 512, kv_unified: bool = True, flash_attn: int = -1, prefix_cache: int = -1,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT):
-        ll = _lib()
+        ll = lib()
         self.path = Path(gguf_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file {self.path} does not exist")
@@ -76,9 +72,9 @@ class LlamaCppEngine:
         self.step_tokens = step_tokens
         # Sharing cells between sequences needs the unified KV pool; -1 = one cached prefix per slot.
         self.prefix_cache = 0 if not kv_unified else max_batch if prefix_cache < 0 else prefix_cache
-        _quiet_logs()
+        quiet_logs()
         ll.llama_backend_init()
-        _warn_if_openmp()
+        warn_if_openmp()
         mparams = ll.llama_model_default_params()
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
@@ -99,7 +95,7 @@ class LlamaCppEngine:
         self._vocab = ll.llama_model_get_vocab(self._model)
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(step_tokens, 0, 1)
-        self._template = _chat_template(self._model)
+        self._template = chat_template(self._model)
         self._controls = control_tokens(self._vocab)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
         self._free = list(range(max_batch + self.prefix_cache))
@@ -165,7 +161,7 @@ class LlamaCppEngine:
 
     # the scheduler --------------------------------------------------------------------------
     def _loop(self) -> None:
-        ll = _lib()
+        ll = lib()
         try:
             while not self._closed.is_set():
                 if self._retiring.is_set() and not self._active and self._queue.empty():
@@ -230,7 +226,7 @@ class LlamaCppEngine:
         best_len = min(best_len, len(prompt) - 1)  # feed at least one token: it gives the logits
         if best is None or best_len < 8:
             return
-        ll = _lib()
+        ll = lib()
         ll.llama_memory_seq_cp(self._mem, best, req.seq, 0, best_len)
         self._cached.move_to_end(best)
         req.fed, req.pending, req.pos = prompt[:best_len], prompt[best_len:], best_len
@@ -238,7 +234,7 @@ class LlamaCppEngine:
 
     def _drop_cached(self, n: int) -> int:
         """Forget the ``n`` least recently used cached prefixes; returns how many were dropped."""
-        ll = _lib()
+        ll = lib()
         dropped = 0
         while self._cached and dropped < n:
             seq, _ = self._cached.popitem(last=False)
@@ -248,7 +244,7 @@ class LlamaCppEngine:
         return dropped
 
     def _make_sampler(self, p: SamplingParams, prompt: list[int]):
-        ll = _lib()
+        ll = lib()
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if p.repetition_penalty != 1.0:
             n_vocab = ll.llama_vocab_n_tokens(self._vocab)
@@ -269,7 +265,7 @@ class LlamaCppEngine:
         return chain
 
     def _step(self) -> None:
-        ll = _lib()
+        ll = lib()
         b = self._batch
         n = 0
         wants_logits: list[tuple[_Request, int]] = []
@@ -322,34 +318,18 @@ class LlamaCppEngine:
         c["sample_s"] += time.perf_counter() - t1
 
     def _emit(self, r: _Request, tok: int) -> None:
-        ll = _lib()
         st = r.stats
-        reason = None
-        if ll.llama_vocab_is_eog(self._vocab, tok):
-            reason = "stop"
+        if lib().llama_vocab_is_eog(self._vocab, tok):
+            reason = r.end_reason("stop")
         else:
             st.completion_tokens += 1
-            piece = _piece(self._vocab, tok)
-            text = r.text + r.decoder.decode(piece)
-            cut = _first_stop(text, r.params.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            delta = text[len(r.text):]
-            if delta:
-                if st.ttft_ms is None:
-                    st.ttft_ms = (time.perf_counter() - r.submitted) * 1000
-                r.text = text
-                r.out.put(delta)
-            if reason is None and st.completion_tokens >= r.max_new:
-                reason = "length"
-        if reason is None and r.cancel.is_set():
-            reason = "cancelled"
+            reason = r.offer(r.text + r.decoder.decode(piece(self._vocab, tok)), st.completion_tokens >= r.max_new)
         if reason is not None:
             st.finish_reason = reason
             self._release(r)
 
     def _release(self, r: _Request, error: BaseException | None = None) -> None:
-        ll = _lib()
+        ll = lib()
         if r in self._active:
             self._active.remove(r)
             ll.llama_sampler_free(r.sampler)
@@ -369,92 +349,6 @@ class LlamaCppEngine:
         if error is not None:
             r.out.put(error)
         r.out.put(DONE)
-
-
-def tokenize(vocab, text: str, special: bool = True) -> list[int]:
-    """Token ids of ``text``; with ``special``, control-token texts such as <|im_start|> become
-    those tokens (right for a template's own text only: see ``prompt_tokens``)."""
-    ll = _lib()
-    data = text.encode()
-    buf = (ll.llama_token * (len(data) + 8))()
-    n = ll.llama_tokenize(vocab, data, len(data), buf, len(buf), False, special)
-    if n < 0:
-        raise ValueError("prompt could not be tokenized")
-    return list(buf[:n])
-
-
-def control_tokens(vocab) -> ControlTokens:
-    """The vocabulary's control tokens: what special-token parsing turns text into."""
-    ll = _lib()
-    kinds = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
-    return ControlTokens(ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace")
-                         for t in range(ll.llama_vocab_n_tokens(vocab)) if ll.llama_vocab_get_attr(vocab, t) & kinds)
-
-
-def prompt_tokens(vocab, controls: ControlTokens, render, messages: list[dict]) -> list[int]:
-    """Token ids of ``render(messages)`` in which message contents are never control tokens: the
-    control-token texts in them are marked before rendering and tokenized as plain text."""
-    pieces = controls.split(render(controls.mark(messages)))
-    if len(pieces) == 1:  # nothing marked: one call, the ids a whole-prompt tokenize gives
-        return tokenize(vocab, pieces[0][0])
-    return [tok for text, special in pieces for tok in tokenize(vocab, text, special)]
-
-
-def _piece(vocab, tok: int) -> bytes:
-    ll = _lib()
-    buf = ctypes.create_string_buffer(64)
-    n = ll.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
-    if n < 0:  # a longer piece than the buffer: retry with the size llama.cpp asked for
-        buf = ctypes.create_string_buffer(-n)
-        n = ll.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
-    return buf.raw[:n]
-
-
-def _chat_template(model):
-    """The GGUF's own chat template, rendered with Jinja2 in a sandbox (as transformers does)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    ll = _lib()
-    raw = ll.llama_model_chat_template(model, None)
-    if not raw:
-        raise RuntimeError("this GGUF has no chat template (tokenizer.chat_template); use a chat/instruct model")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(raw.decode())
-
-
-@functools.cache
-def uses_openmp() -> bool:
-    """Whether this llama.cpp build runs its threads through OpenMP (ours should not)."""
-    return b"OPENMP = 1" in _lib().llama_print_system_info()
-
-
-def _warn_if_openmp() -> None:
-    if uses_openmp():
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "llama.cpp was built with OpenMP: it shares libgomp with torch in this process and decodes "
-            "about 2x slower. Rebuild it with `make setup` (it compiles llama-cpp-python with GGML_OPENMP=OFF).")
-
-
-_LOG_CB = None
-
-
-def _quiet_logs() -> None:
-    """llama.cpp prints every load detail to stderr; keep warnings and errors only."""
-    global _LOG_CB
-    ll = _lib()
-    if _LOG_CB is not None:
-        return
-
-    @ll.llama_log_callback
-    def cb(level, text, user_data):
-        # ggml levels: 3 = warning, 4 = error. Errors always; warnings when LLAMA_LOG is set.
-        if level == 4 or (level == 3 and os.environ.get("LLAMA_LOG")):
-            os.write(2, text)
-
-    _LOG_CB = cb
-    ll.llama_log_set(cb, ctypes.c_void_p(0))
 
 
 def main() -> None:
