@@ -21,7 +21,7 @@ from app.auth import LOCAL_USER, ApiKeyCache, auth_enabled
 from app.login_guard import LoginThrottle, LoginThrottled
 from app.reply_pump import ReplyPump
 from app.service import ChatError
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback.db import session_scope
 from model.engine import SamplingParams
 
@@ -218,7 +218,7 @@ def _caller(request: Request, service, keys: ApiKeyCache | None = None,
 
 def _known_models(service) -> list[str]:
     with session_scope(service.session_factory) as s:
-        names = [v.name for v in trepo.list_versions(session=s)]
+        names = [v.name for v in training_repo.list_versions(session=s)]
     return [service.engine.version] + [n for n in names if n != service.engine.version]
 
 

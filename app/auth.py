@@ -13,7 +13,7 @@ import threading
 import time
 
 from app.login_guard import LoginThrottle, LoginThrottled, client_address
-from feedback import repository as repo
+from feedback import repository
 from feedback.db import session_scope
 from feedback.models import User
 
@@ -46,7 +46,7 @@ def role_of(session_factory, user_name: str) -> str | None:
     if user_name == LOCAL_USER:
         return "admin"
     with session_scope(session_factory) as s:
-        user = repo.get_user(session=s, name=user_name)
+        user = repository.get_user(session=s, name=user_name)
         return user.role if user else None
 
 
@@ -55,13 +55,13 @@ def require_role(session_factory, user_name: str, roles: tuple[str, ...], action
     """Raise PermissionDenied unless the user holds one of ``roles``. Denials are always audited;
     allowed calls too unless ``audit_allowed`` is False (read-only views polled every few seconds)."""
     with session_scope(session_factory) as s:
-        user = repo.get_user(session=s, name=user_name)
+        user = repository.get_user(session=s, name=user_name)
         # Single-user local mode: the machine's owner (bound to 127.0.0.1, no logins) is the admin.
         # "local" is reserved: `python -m app.users` refuses to create a login with that name.
         role = "admin" if user_name == LOCAL_USER else (user.role if user else None)
         allowed = role in roles
         if audit_allowed or not allowed:
-            repo.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
+            repository.audit(session=s, user_name=user_name, action=action, allowed=allowed, detail=detail)
     if not allowed:
         raise PermissionDenied(f"'{user_name}' may not {action}: this needs the {' or '.join(roles)} role.")
 
@@ -140,10 +140,10 @@ def login_checker(session_factory, throttle: LoginThrottle | None = None):
             stamp = throttle.attempt(shown, address)
         except LoginThrottled:
             with session_scope(session_factory) as s:
-                repo.audit(session=s, user_name=shown, action="login", allowed=False, detail="throttled")
+                repository.audit(session=s, user_name=shown, action="login", allowed=False, detail="throttled")
             raise
         with session_scope(session_factory) as s:
-            user = repo.get_user(session=s, name=name) if possible else None
+            user = repository.get_user(session=s, name=name) if possible else None
             stored = user.password_hash if user is not None else None
         # An unknown name, or one without a password, is checked against a dummy hash: the same
         # work, so the time taken does not tell which names exist.
@@ -151,7 +151,7 @@ def login_checker(session_factory, throttle: LoginThrottle | None = None):
         if ok:
             throttle.succeeded(shown, address, stamp)
         with session_scope(session_factory) as s:
-            repo.audit(session=s, user_name=shown, action="login", allowed=ok)
+            repository.audit(session=s, user_name=shown, action="login", allowed=ok)
         return ok
 
     async def check(name, password) -> bool:

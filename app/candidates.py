@@ -16,7 +16,7 @@ import time
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from feedback import annotation_repo as arepo
+from feedback import annotation_repo
 from feedback.db import session_scope
 from model.engine import EngineBusyError, SamplingParams
 
@@ -73,9 +73,9 @@ class CandidateWorker:
         with self._lock:  # one filler at a time (background loop or an annotator waiting)
             self._sync_prompts()
             with session_scope(self.service.session_factory) as s:
-                wanted = limit or max(0, self.ahead - arepo.ready_task_count(session=s, k=self.k))
+                wanted = limit or max(0, self.ahead - annotation_repo.ready_task_count(session=s, k=self.k))
                 todo = [(t.id, t.context, len(t.candidates))
-                        for t in arepo.tasks_needing_candidates(session=s, k=self.k, limit=wanted)] if wanted else []
+                        for t in annotation_repo.tasks_needing_candidates(session=s, k=self.k, limit=wanted)] if wanted else []
             made = 0
             for task_id, context, have in todo:
                 try:
@@ -95,19 +95,19 @@ class CandidateWorker:
         """Each prompt in its own transaction, so a bad one is skipped without undoing the rest."""
         factory, wanted = self.service.session_factory, self.service.settings.annotations_per_task
         with session_scope(factory) as s:
-            ids = arepo.chat_prompts_to_sync(session=s)
+            ids = annotation_repo.chat_prompts_to_sync(session=s)
         added = 0
         for message_id in ids:
             try:
                 with session_scope(factory) as s:
-                    added += arepo.task_from_message(session=s, message_id=message_id, wanted=wanted) is not None
+                    added += annotation_repo.task_from_message(session=s, message_id=message_id, wanted=wanted) is not None
             except TRANSIENT:
                 raise
             except Exception:
                 log.warning("chat prompt %s cannot become a ranking task; skipped for good", message_id,
                             exc_info=True)
                 with session_scope(factory) as s:
-                    arepo.mark_message_skipped(session=s, message_id=message_id)
+                    annotation_repo.mark_message_skipped(session=s, message_id=message_id)
         return added
 
     def _task_failed(self, task_id: int, exc: Exception) -> None:
@@ -120,7 +120,7 @@ class CandidateWorker:
         log.warning("candidates for ranking task %s failed %s rounds in a row; task skipped for good",
                     task_id, self.max_failures, exc_info=exc)
         with session_scope(self.service.session_factory) as s:
-            arepo.mark_task_skipped(session=s, task_id=task_id, reason=f"{exc.__class__.__name__}: {exc}")
+            annotation_repo.mark_task_skipped(session=s, task_id=task_id, reason=f"{exc.__class__.__name__}: {exc}")
 
     def _foreground_engine_free(self, timeout_s: float = 30.0) -> None:
         """Chat comes first: wait while any chat reply is being generated."""
@@ -144,7 +144,7 @@ class CandidateWorker:
             task = s.get(RankingTask, task_id)
             if task is None:
                 return 0
-            arepo.add_candidate(session=s, task=task, content=text, model_version=engine.version,
+            annotation_repo.add_candidate(session=s, task=task, content=text, model_version=engine.version,
                                 sampling=params.to_dict(),
                                 moderation=None if verdict is None else ("flagged" if verdict.flagged else "pass"))
         return 1

@@ -49,7 +49,7 @@ def load_engine(settings: Settings, session_factory):
     """Load the promoted version if there is one, else the configured model (registered as base)."""
     import torch
 
-    from feedback import training_repo as trepo
+    from feedback import training_repo
     from feedback.db import session_scope
     from model.loader import ModelNotFoundError, build_engine, resolve_model
 
@@ -63,8 +63,8 @@ def load_engine(settings: Settings, session_factory):
     if resolved.converted_now:
         log.warning("converted %s to %s (one time)", resolved.name, resolved.path)
     with session_scope(session_factory) as s:
-        trepo.ensure_base_version(session=s, name=resolved.name, path=str(resolved.path))
-        active = trepo.active_version(session=s)
+        training_repo.ensure_base_version(session=s, name=resolved.name, path=str(resolved.path))
+        active = training_repo.active_version(session=s)
         path, name, remote_model = active.path, active.name, active.remote_model
     if not Path(path, "config.json").is_file():
         log.warning("promoted version %s has no weights at %s; serving %s", name, path, resolved.name)

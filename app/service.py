@@ -19,28 +19,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from app.my_data import DataLinks
-from feedback import moderation_repo as mrepo
-from feedback import repository as repo
+from app.user_data import ChatError, UserData, _checked_text  # ChatError: front ends import it from here
+from feedback import moderation_repo
+from feedback import repository
 from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.models import Message
 from model.engine import ContextTooLongError, EngineBusyError, SamplingParams
-
-
-# Shown in place of a reply that was never written (not stored: the conversation stays as it was).
-REPLY_INTERRUPTED = "⚠ This reply was interrupted before it was finished. Press Regenerate to try again."
-REPLY_FAILED = "⚠ The model failed while answering. Press Regenerate to try again."
-
-
-class ChatError(Exception):
-    """A refusal the user should read (too long, rate limited, busy, not found...).
-
-    ``status`` is the HTTP status the API answers with: 400 the request, 429 come back later,
-    503 the server failed."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -67,7 +52,7 @@ class _Turn:
     gone: bool = False
 
 
-class ChatService:
+class ChatService(UserData):
     def __init__(self, engine, session_factory, settings, moderator=None):
         from app.metrics import ChatMetrics
 
@@ -113,72 +98,11 @@ class ChatService:
         for _ in range(3):
             try:
                 with session_scope(self.session_factory) as s:
-                    repo.get_or_create_user(session=s, name=name)
+                    repository.get_or_create_user(session=s, name=name)
                 break
             except IntegrityError:
                 continue
         self._known_users.add(name)
-
-    # queries -----------------------------------------------------------------------------
-    def conversations(self, user_name: str, query: str = "") -> list[tuple[str, int]]:
-        """(title, id) of the user's conversations, newest first; ``query`` searches titles and messages."""
-        query = _checked_text(query if isinstance(query, str) else "", "The search", 200)
-        with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            return [(c.title, c.id) for c in repo.list_conversations(session=s, owner=user, query=query)]
-
-    def rename_conversation(self, user_name: str, conversation_id, title) -> str:
-        title = _checked_text(title if isinstance(title, str) else "", "The title", 200)
-        if not title:
-            raise ChatError("Type a new title first.")
-        with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            self._owned(s, user, _conversation_id(conversation_id)).title = title
-        return title
-
-    def delete_conversation(self, user_name: str, conversation_id) -> dict[str, int]:
-        with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            conv = self._owned(s, user, _conversation_id(conversation_id))
-            return repo.delete_conversation(session=s, conversation=conv)
-
-    def open_conversation(self, user_name: str, conversation_id: int) -> tuple[list[dict], str]:
-        """(messages for display with their ids and this user's vote, +1 / -1 / None; system prompt)
-        of the latest thread."""
-        with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            try:
-                conv = repo.get_conversation(session=s, conversation_id=conversation_id, owner=user)
-            except repo.NotFoundError as exc:
-                raise ChatError(str(exc)) from exc
-            trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # a pick left undone when they left
-            thread = [m for m in repo.latest_thread(session=s, conversation=conv) if m.role != "system"]
-            votes = repo.votes_by_message(session=s, user=user, message_ids=[m.id for m in thread])
-            msgs = []
-            for i, m in enumerate(thread):
-                if m.role == "assistant" and m.status == "failed" and not m.content:
-                    msgs.append({"role": "assistant", "content": REPLY_FAILED, "id": m.id, "vote": votes.get(m.id)})
-                    continue
-                msgs.append({"role": m.role, "content": m.content, "id": m.id, "vote": votes.get(m.id)})
-                answered = i + 1 < len(thread) and thread[i + 1].role == "assistant"
-                if m.role == "user" and not answered and m.status in ("stopped", "pending"):
-                    # Its reader left (tab closed) or the server stopped before a reply was stored:
-                    # say so, with the way to retry, and keep the next question in its own bubble.
-                    msgs.append({"role": "assistant", "content": REPLY_INTERRUPTED, "id": None, "vote": None})
-            return msgs, conv.system_prompt
-
-    def my_data(self, user_name: str) -> dict:
-        with session_scope(self.session_factory) as s:
-            return repo.export_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
-
-    def delete_my_data(self, user_name: str) -> dict[str, int]:
-        self.data_links.revoke(user_name)  # a link issued before keeps nothing: it is gone too
-        with session_scope(self.session_factory) as s:
-            return repo.delete_user_data(session=s, user=repo.get_or_create_user(session=s, name=user_name))
-
-    def set_opt_out(self, user_name: str, opted_out: bool) -> None:
-        with session_scope(self.session_factory) as s:
-            repo.get_or_create_user(session=s, name=user_name).opted_out = bool(opted_out)
 
     # commands ----------------------------------------------------------------------------
     def stop(self, key: str) -> None:
@@ -193,20 +117,6 @@ class ChatService:
         if turn is not None:
             turn.gone = True
             turn.cancel.set()
-
-    def vote(self, user_name: str, message_id: int, value: int, reason: str | None = None,
-             comment: str | None = None) -> None:
-        if isinstance(comment, str):
-            try:
-                comment = _checked_text(comment, "Your comment", 2000)
-            except ChatError as exc:  # the vote handlers show repository errors
-                raise repo.ValidationError(str(exc)) from None
-        with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            msg = repo.get_message(session=s, message_id=message_id)
-            if msg.conversation.owner_id != user.id:
-                raise repo.NotFoundError(f"Cannot vote: message {message_id} does not exist.")
-            repo.add_vote(session=s, message_id=message_id, user=user, value=value, reason=reason, comment=comment)
 
     def send(self, user_name: str, text: str, conversation_id: int | None = None,
              params: SamplingParams | None = None, system_prompt: str | None = None,
@@ -224,22 +134,22 @@ class ChatService:
         """Store a validated user message as the next turn (pending); (conversation id, message id)."""
         self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
+            user = repository.get_or_create_user(session=s, name=user_name)
             if conversation_id is None:
-                conv = repo.create_conversation(session=s, owner=user, system_prompt=system_prompt or "",
+                conv = repository.create_conversation(session=s, owner=user, system_prompt=system_prompt or "",
                                                 title=_title(text))
                 parent = None
             else:
                 conv = self._owned(s, user, conversation_id)
-                if repo.count_messages(session=s, conversation=conv) + 2 > self.settings.max_turns:
+                if repository.count_messages(session=s, conversation=conv) + 2 > self.settings.max_turns:
                     raise ChatError(f"This conversation reached {self.settings.max_turns} messages; start a new chat.")
                 if system_prompt is not None:
                     conv.system_prompt = system_prompt
                 trial_repo.close_unpicked(session=s, conversation_id=conv.id)  # went on without a pick
-                thread = repo.latest_thread(session=s, conversation=conv)
+                thread = repository.latest_thread(session=s, conversation=conv)
                 parent = thread[-1] if thread else None
             # "pending" until the outcome is written: a crash leaves the turn marked, not lost.
-            user_msg = repo.add_message(session=s, conversation=conv, role="user", content=text,
+            user_msg = repository.add_message(session=s, conversation=conv, role="user", content=text,
                                         parent=parent, status="pending")
             return conv.id, user_msg.id
 
@@ -252,14 +162,14 @@ class ChatService:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         self._ensure_user(user_name)
         with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            conv = repo.create_conversation(session=s, owner=user, system_prompt=system, title="API: " + _title(text))
+            user = repository.get_or_create_user(session=s, name=user_name)
+            conv = repository.create_conversation(session=s, owner=user, system_prompt=system, title="API: " + _title(text))
             parent = None
             for m in messages[:-1]:
                 if m["role"] != "system":
-                    parent = repo.add_message(session=s, conversation=conv, role=m["role"], content=m["content"],
+                    parent = repository.add_message(session=s, conversation=conv, role=m["role"], content=m["content"],
                                               parent=parent)
-            user_msg = repo.add_message(session=s, conversation=conv, role="user", content=text, parent=parent,
+            user_msg = repository.add_message(session=s, conversation=conv, role="user", content=text, parent=parent,
                                         status="pending")
             conv_id, user_msg_id = conv.id, user_msg.id
         yield from self._reply(user_name, conv_id, user_msg_id, params, cancel_key)
@@ -270,9 +180,9 @@ class ChatService:
         params = self._check_params(params)
         self._rate_limit(user_name)
         with session_scope(self.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
+            user = repository.get_or_create_user(session=s, name=user_name)
             conv = self._owned(s, user, conversation_id)
-            thread = repo.latest_thread(session=s, conversation=conv)
+            thread = repository.latest_thread(session=s, conversation=conv)
             user_msgs = [m for m in thread if m.role == "user"]
             if not user_msgs:
                 raise ChatError("Nothing to regenerate yet: send a message first.")
@@ -317,9 +227,9 @@ class ChatService:
                   check_input=True) -> Iterator[ChatUpdate]:
         engine = engine or self._engine  # pinned for this reply: a promote mid-stream does not affect it
         with session_scope(self.session_factory) as s:
-            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            user_msg = repository.get_message(session=s, message_id=user_msg_id)
             conv = user_msg.conversation
-            history = _model_context(repo.thread(session=s, leaf=user_msg), conv.system_prompt)
+            history = _model_context(repository.thread(session=s, leaf=user_msg), conv.system_prompt)
             user_id = conv.owner_id
         if check_input:
             blocked = self.check_input(conv_id, user_msg_id, engine.version)
@@ -331,15 +241,15 @@ class ChatService:
     def check_input(self, conv_id: int, user_msg_id: int, version: str | None) -> ChatUpdate | None:
         """Input moderation of a stored user message: the final (template) update when flagged."""
         with session_scope(self.session_factory) as s:
-            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            user_msg = repository.get_message(session=s, message_id=user_msg_id)
             text, user_id = user_msg.content, user_msg.conversation.owner_id
         verdict = self._moderate(text, "in", user_id, user_msg_id)
         if verdict is not None and verdict.flagged:
             template = self.moderator.template("in", verdict.category)
             with session_scope(self.session_factory) as s:
-                user_msg = repo.get_message(session=s, message_id=user_msg_id)
+                user_msg = repository.get_message(session=s, message_id=user_msg_id)
                 user_msg.status, user_msg.moderation = "answered", "flagged"
-                reply = repo.add_message(session=s, conversation=user_msg.conversation, role="assistant",
+                reply = repository.add_message(session=s, conversation=user_msg.conversation, role="assistant",
                                          content=template, parent=user_msg, status="blocked",
                                          moderation="flagged", model_version=None)
                 reply_id = reply.id
@@ -360,7 +270,7 @@ class ChatService:
                 # Show only text that passed output moderation: the screen lags the model by
                 # at most `every` characters and never shows an unchecked flagged reply.
                 if self.moderator is None:
-                    shown = repo.storable(gen.text)
+                    shown = repository.storable(gen.text)
                     yield ChatUpdate(conv_id, shown, user_msg_id)
                 elif len(gen.text) - checked_len >= every:
                     checked_len = len(gen.text)
@@ -368,7 +278,7 @@ class ChatService:
                     if out_verdict.flagged:
                         cancel.set()
                         break
-                    shown = repo.storable(gen.text)
+                    shown = repository.storable(gen.text)
                     yield ChatUpdate(conv_id, shown, user_msg_id)
             if turn.gone:
                 self._end_abandoned(user_msg_id, gen)
@@ -385,7 +295,7 @@ class ChatService:
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
             raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
 
-        full = repo.storable(gen.text)  # a sampled NUL is neither shown nor stored (PostgreSQL refuses it)
+        full = repository.storable(gen.text)  # a sampled NUL is neither shown nor stored (PostgreSQL refuses it)
         if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
             out_verdict = self._moderate(full, "out", user_id, None)
         flagged = out_verdict is not None and out_verdict.flagged
@@ -395,9 +305,9 @@ class ChatService:
             self.metrics.ttft.observe(st.ttft_ms / 1000)
         self.metrics.latency.observe(st.latency_ms / 1000)
         with session_scope(self.session_factory) as s:
-            user_msg = repo.get_message(session=s, message_id=user_msg_id)
+            user_msg = repository.get_message(session=s, message_id=user_msg_id)
             user_msg.status = "answered"
-            reply = repo.add_message(
+            reply = repository.add_message(
                 session=s, conversation=user_msg.conversation, role="assistant", content=full, parent=user_msg,
                 status="blocked" if flagged else status, model_version=engine.version,
                 sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
@@ -406,7 +316,7 @@ class ChatService:
             reply_id = reply.id
             if out_verdict is not None:
                 # The original flagged text stays in the database for review only.
-                mrepo.record_verdict(session=s, verdict=out_verdict, message_id=reply_id)
+                moderation_repo.record_verdict(session=s, verdict=out_verdict, message_id=reply_id)
         yield ChatUpdate(conv_id, final, user_msg_id, reply_id, done=True, blocked=flagged,
                          status="blocked" if flagged else status,
                          finish_reason="content_filter" if flagged else st.finish_reason,
@@ -422,12 +332,12 @@ class ChatService:
             self.metrics.flags.labels(direction).inc()
         if message_id is not None and (log_pass or verdict.flagged):
             with session_scope(self.session_factory) as s:
-                mrepo.record_verdict(session=s, verdict=verdict, message_id=message_id, user_id=user_id)
+                moderation_repo.record_verdict(session=s, verdict=verdict, message_id=message_id, user_id=user_id)
         return verdict
 
     def _set_moderation(self, message_id: int, value: str) -> None:
         with session_scope(self.session_factory) as s:
-            repo.get_message(session=s, message_id=message_id).moderation = value
+            repository.get_message(session=s, message_id=message_id).moderation = value
 
     def _end_abandoned(self, user_msg_id: int, gen) -> None:
         """Nobody reads this reply any more: stop the engine now, and mark a new turn stopped
@@ -435,22 +345,16 @@ class ChatService:
         if gen is not None:
             gen.close()
         with session_scope(self.session_factory) as s:
-            msg = repo.get_message(session=s, message_id=user_msg_id)
+            msg = repository.get_message(session=s, message_id=user_msg_id)
             if msg.status == "pending":  # a regenerated turn keeps the status it had
                 msg.status = "stopped"
 
     def _finish_failed(self, user_msg_id: int, error: str) -> None:
         with session_scope(self.session_factory) as s:
-            msg = repo.get_message(session=s, message_id=user_msg_id)
+            msg = repository.get_message(session=s, message_id=user_msg_id)
             msg.status = "failed"
-            repo.add_message(session=s, conversation=msg.conversation, role="assistant", content="",
+            repository.add_message(session=s, conversation=msg.conversation, role="assistant", content="",
                              parent=msg, status="failed", model_version=self._engine.version)
-
-    def _owned(self, s, user, conversation_id):
-        try:
-            return repo.get_conversation(session=s, conversation_id=conversation_id, owner=user)
-        except repo.NotFoundError as exc:
-            raise ChatError(str(exc)) from exc
 
     def _validate(self, user_name: str, text: str) -> str:
         text = _checked_text(text if isinstance(text, str) else "", "Your message", self.settings.max_message_chars)
@@ -478,23 +382,6 @@ class ChatService:
             return (params or SamplingParams()).validate()
         except ValueError as exc:
             raise ChatError(str(exc)) from exc
-
-
-def _conversation_id(value) -> int:
-    if value is None:
-        raise ChatError("Open a conversation first.")
-    try:
-        return repo.checked_id(value, "The conversation id")
-    except repo.ValidationError as exc:
-        raise ChatError(str(exc)) from None
-
-
-def _checked_text(text: str, what: str, limit: int) -> str:
-    """``text`` cleaned; ChatError if it is longer than ``limit`` or not valid Unicode."""
-    try:
-        return repo.checked_text(text, what, limit)
-    except repo.ValidationError as exc:
-        raise ChatError(str(exc)) from None
 
 
 def _clean_messages(messages: list[dict], max_chars: int, max_count: int) -> list[dict]:

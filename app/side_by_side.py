@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from feedback import repository as repo
+from feedback import repository
 from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.models import AbTurn
@@ -78,13 +78,13 @@ class SideBySide:
         if trial is None:
             return False
         with session_scope(self.service.session_factory) as s:
-            if repo.get_or_create_user(session=s, name=user_name).ab_opt_out:
+            if repository.get_or_create_user(session=s, name=user_name).ab_opt_out:
                 return False
         return self._rng.random() < trial.share
 
     def set_opt_out(self, user_name: str, opted_out: bool) -> None:
         with session_scope(self.service.session_factory) as s:
-            repo.get_or_create_user(session=s, name=user_name).ab_opt_out = bool(opted_out)
+            repository.get_or_create_user(session=s, name=user_name).ab_opt_out = bool(opted_out)
 
     def send(self, user_name: str, text: str, conversation_id: int | None, params=None, system_prompt=None,
              cancel_key: str | None = None) -> Iterator[PairUpdate]:
@@ -160,10 +160,10 @@ class SideBySide:
         if len(finals) < 2:  # the reader went away: nothing to pick on
             return
         with session_scope(svc.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            msgs = {side: repo.get_message(session=s, message_id=finals[side].assistant_message_id) for side in sides}
+            user = repository.get_or_create_user(session=s, name=user_name)
+            msgs = {side: repository.get_message(session=s, message_id=finals[side].assistant_message_id) for side in sides}
             turn = trial_repo.add_turn(session=s, trial=trial_repo.get_trial(session=s, trial_id=trial.trial_id),
-                                       user=user, user_message=repo.get_message(session=s, message_id=user_msg_id),
+                                       user=user, user_message=repository.get_message(session=s, message_id=user_msg_id),
                                        candidate_message=msgs["candidate"], baseline_message=msgs["baseline"],
                                        left=left)
             turn_id = turn.id
@@ -179,18 +179,18 @@ class SideBySide:
     def pick(self, user_name: str, turn_id, choice: str) -> PickResult:
         """``choice`` is left | right | tie | both_bad, as the user saw the sides."""
         if choice not in SIDE_CHOICES:
-            raise repo.ValidationError("Pick left, right, tie or both_bad.")
+            raise repository.ValidationError("Pick left, right, tie or both_bad.")
         with session_scope(self.service.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=user_name)
-            turn = s.get(AbTurn, repo.checked_id(turn_id, "an A/B turn id"))
+            user = repository.get_or_create_user(session=s, name=user_name)
+            turn = s.get(AbTurn, repository.checked_id(turn_id, "an A/B turn id"))
             if turn is None or turn.user_id != user.id:
-                raise repo.NotFoundError(f"A/B turn {turn_id} does not exist: only a side-by-side turn of yours "
+                raise repository.NotFoundError(f"A/B turn {turn_id} does not exist: only a side-by-side turn of yours "
                                          "can be picked.")
             right = "baseline" if turn.left == "candidate" else "candidate"
             pick = {"left": turn.left, "right": right}.get(choice, choice)
             trial_repo.record_pick(session=s, turn_id=turn.id, user=user, pick=pick)
             kept_id = turn.candidate_message_id if pick == "candidate" else turn.baseline_message_id
-            kept = repo.get_message(session=s, message_id=kept_id)
+            kept = repository.get_message(session=s, message_id=kept_id)
             names = {"candidate": turn.candidate_version, "baseline": f"{turn.baseline_version} (serving)"}
             reveal = f"Left was {names[turn.left]}; right was {names[right]}."
             return PickResult(kept.content, kept.id, reveal)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from app.auth import require_role
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.repository import checked_id
@@ -41,7 +41,7 @@ class TrainingControl:
         """At start-up: runs a crash or kill left 'running' are marked failed; a running trial is
         served again (or stopped, saying why, when its version can no longer be loaded)."""
         with session_scope(self.factory) as s:
-            failed = trepo.fail_stale_runs(session=s)
+            failed = training_repo.fail_stale_runs(session=s)
             trial = trial_repo.running_trial(session=s)
             trial_id = trial.id if trial else None
         if trial_id is not None:
@@ -82,7 +82,7 @@ class TrainingControl:
         with session_scope(self.factory) as s:
             trial = trial_repo.get_trial(session=s, trial_id=trial_id)
             if trial.status != "running" or trial.candidate_version_id is None:
-                raise trepo.ValidationError(f"Trial {trial.id} is {trial.status}; only a running trial's "
+                raise training_repo.ValidationError(f"Trial {trial.id} is {trial.status}; only a running trial's "
                                             "version can be promoted from it.")
             version_id = trial.candidate_version_id
         name = self.promote(user, version_id)
@@ -104,9 +104,9 @@ class TrainingControl:
         cfg = RetrainConfig.from_dict(config or {}).validate()  # bad settings fail before anything starts
         self._reap()
         with session_scope(self.factory) as s:
-            trepo.fail_stale_runs(session=s)
-            current = trepo.active_version(session=s)
-            run = trepo.create_run(session=s, config=cfg.to_dict(), requested_by=user,
+            training_repo.fail_stale_runs(session=s)
+            current = training_repo.active_version(session=s)
+            run = training_repo.create_run(session=s, config=cfg.to_dict(), requested_by=user,
                                    base_version_id=current.id if current else None)
             run_id = run.id
             log_path = Path(self.settings.data_dir).resolve() / "runs" / f"run-{run_id}" / "retrain.log"
@@ -120,19 +120,19 @@ class TrainingControl:
                                     start_new_session=True)
         self._procs[run_id] = proc
         with session_scope(self.factory) as s:
-            run = trepo.get_run(session=s, run_id=run_id)
+            run = training_repo.get_run(session=s, run_id=run_id)
             run.pid = proc.pid
         return run_id
 
     def cancel(self, user: str, run_id: int) -> None:
         require_role(self.factory, user, ("admin",), "cancel retrain", f"run {run_id}")
         with session_scope(self.factory) as s:
-            run = trepo.get_run(session=s, run_id=run_id)
-            if run.status not in trepo.ACTIVE_STATUSES:
-                raise trepo.ValidationError(f"Run {run_id} is {run.status}; only a running run can be cancelled.")
+            run = training_repo.get_run(session=s, run_id=run_id)
+            if run.status not in training_repo.ACTIVE_STATUSES:
+                raise training_repo.ValidationError(f"Run {run_id} is {run.status}; only a running run can be cancelled.")
             run.status = "cancelling"
             pid = run.pid
-        if pid and trepo.pid_alive(pid):
+        if pid and training_repo.pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
     def promote(self, user: str, version_id: int, action: str = "promote") -> str:
@@ -140,11 +140,11 @@ class TrainingControl:
         require_role(self.factory, user, ("admin",), f"{action} model", f"version {version_id}")
         version_id = checked_id(version_id, "a version id")
         with session_scope(self.factory) as s:
-            version = trepo.get_version(session=s, version_id=version_id)
+            version = training_repo.get_version(session=s, version_id=version_id)
             path, name = version.path, version.name
         engine = self._load_engine(path, name)  # load first: a broken version never replaces a working one
         with session_scope(self.factory) as s:
-            trepo.activate_version(session=s, version_id=version_id)
+            training_repo.activate_version(session=s, version_id=version_id)
         self.service.swap_engine(engine)
         return name
 
@@ -157,9 +157,9 @@ class TrainingControl:
         require_role(self.factory, user, ("admin",), "map remote model", f"version {version_id}: {str(model_id)[:80]}")
         version_id = checked_id(version_id, "a version id")
         if not isinstance(model_id, (str, type(None))):
-            raise trepo.ValidationError("A remote model id is text.")
+            raise training_repo.ValidationError("A remote model id is text.")
         with session_scope(self.factory) as s:
-            version = trepo.set_remote_model(session=s, version_id=version_id, model_id=model_id)
+            version = training_repo.set_remote_model(session=s, version_id=version_id, model_id=model_id)
             mapped, name, path, active = version.remote_model, version.name, version.path, version.is_active
         if active and self.settings.engine == "openai":
             self.service.swap_engine(self._load_engine(path, name))
@@ -177,7 +177,7 @@ def _default_loader(service, trial: bool = False):
 
     def remote_model(name: str) -> str | None:  # the id mapped in Admin > Training (CHAT_ENGINE=openai)
         with session_scope(service.session_factory) as s:
-            return trepo.remote_model_of(session=s, name=name)
+            return training_repo.remote_model_of(session=s, name=name)
 
     def load(path: str, name: str):
         return build_engine(path, name, **engine_options(service.settings, remote_model(name)))

@@ -20,7 +20,7 @@ import sys
 
 from app.auth import LOCAL_USER, hash_secret
 from app.settings import load_settings
-from feedback import repository as repo
+from feedback import repository
 from feedback.db import make_engine, make_session_factory, migrate, session_scope
 from feedback.models import ROLES
 
@@ -29,21 +29,21 @@ NAME = re.compile(r"^[A-Za-z0-9_.@-]{2,80}$")
 
 def add_user(session_factory, name: str, role: str, password: str) -> None:
     if not NAME.match(name) or name == LOCAL_USER:
-        raise repo.ValidationError(f"'{name}' is not a valid user name (2-80 letters, digits, _.@-; not 'local').")
+        raise repository.ValidationError(f"'{name}' is not a valid user name (2-80 letters, digits, _.@-; not 'local').")
     if len(password) < 8:
-        raise repo.ValidationError("Passwords need at least 8 characters.")
+        raise repository.ValidationError("Passwords need at least 8 characters.")
     with session_scope(session_factory) as s:
-        if repo.get_user(session=s, name=name) is not None:
-            raise repo.ValidationError(f"User {name} exists already; use set-role or password.")
-        user = repo.get_or_create_user(session=s, name=name, role=role)
+        if repository.get_user(session=s, name=name) is not None:
+            raise repository.ValidationError(f"User {name} exists already; use set-role or password.")
+        user = repository.get_or_create_user(session=s, name=name, role=role)
         user.password_hash = hash_secret(password)
 
 
 def new_api_key(session_factory, name: str) -> str:
     with session_scope(session_factory) as s:
-        user = repo.get_user(session=s, name=name)
+        user = repository.get_user(session=s, name=name)
         if user is None:
-            raise repo.NotFoundError(f"No user named {name}.")
+            raise repository.NotFoundError(f"No user named {name}.")
         # The user id in the key finds the one hash to check; the secret part is never stored.
         key = f"sk-fc-{user.id}." + secrets.token_urlsafe(24)
         user.api_key_hash = hash_secret(key)
@@ -77,26 +77,26 @@ def main() -> None:
             print(f"Added {args.name} ({args.role}). The app now asks for a login.")
         elif args.cmd == "set-role":
             with session_scope(factory) as s:
-                repo.set_role(session=s, name=args.name, role=args.role)
+                repository.set_role(session=s, name=args.name, role=args.role)
             print(f"{args.name} is now {args.role}.")
         elif args.cmd == "password":
             password = args.password or getpass.getpass(f"New password for {args.name}: ")
             if len(password) < 8:
-                raise repo.ValidationError("Passwords need at least 8 characters.")
+                raise repository.ValidationError("Passwords need at least 8 characters.")
             with session_scope(factory) as s:
-                user = repo.get_user(session=s, name=args.name)
+                user = repository.get_user(session=s, name=args.name)
                 if user is None:
-                    raise repo.NotFoundError(f"No user named {args.name}.")
+                    raise repository.NotFoundError(f"No user named {args.name}.")
                 user.password_hash = hash_secret(password)
             print("Password changed.")
         elif args.cmd == "api-key":
             print(new_api_key(factory, args.name))
         else:
             with session_scope(factory) as s:
-                for u in repo.list_users(session=s):
+                for u in repository.list_users(session=s):
                     print(f"{u.name:<24} {u.role:<10} {'login' if u.password_hash else 'no login'}"
                           f"{'  api key' if u.api_key_hash else ''}{'  opted out' if u.opted_out else ''}")
-    except (repo.ValidationError, repo.NotFoundError) as exc:
+    except (repository.ValidationError, repository.NotFoundError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         sys.exit(1)
 

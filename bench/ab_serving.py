@@ -79,7 +79,7 @@ def main() -> None:
 
     from app.service import ChatService
     from app.settings import Settings, engine_options, trial_engine_options
-    from feedback import training_repo as trepo
+    from feedback import training_repo
     from feedback import trial_repo
     from feedback.db import make_engine, make_session_factory, migrate, session_scope
     from model.loader import build_engine
@@ -96,8 +96,8 @@ def main() -> None:
     shutil.copytree(base.path, cand_dir)  # its own files (nothing shared in the page cache), as a new version has
     factory = make_session_factory(make_engine(url))
     with session_scope(factory) as s:
-        b = trepo.ensure_base_version(session=s, name=base.name, path=str(base.path))
-        c = trepo.add_version(session=s, name="candidate", path=str(cand_dir), parent_id=b.id, stage="ppo",
+        b = training_repo.ensure_base_version(session=s, name=base.name, path=str(base.path))
+        c = training_repo.add_version(session=s, name="candidate", path=str(cand_dir), parent_id=b.id, stage="ppo",
                               metrics={}, config={}, snapshot_id=None, training_run_id=None)
         cand_id = c.id
     before = rss_mb()

@@ -7,7 +7,7 @@ The real app (``python -m app.main``, the embedded model on llama.cpp, its candi
 in a subprocess on a fresh data dir, measured by its CPU time over a window:
   0. empty, with Gradio's own queue polling (every 1 ms: the baseline);
   1. empty: no tasks at all (timers, the worker's polling, our 10 ms queue polling);
-  2. the pairs imported (``python -m feedback.import``): the worker prepares the lookahead
+  2. the pairs imported (``python -m feedback.importer``): the worker prepares the lookahead
      (3 tasks x 4 candidates), then the window starts once those are ready;
 Reported: CPU % of one core averaged over the window (100% = one core busy), and the
 candidates made during it (0 expected: the worker prepares only what annotators open next).
@@ -59,7 +59,7 @@ def main() -> None:
     with app_process(data, "embedded", timeout=300) as (_, proc):
         time.sleep(5)
         rows.append(("empty database (CHAT_QUEUE_POLL_S=0.01, the default)", cpu_percent(proc.pid, args.seconds), 0))
-        out = subprocess.run([sys.executable, "-m", "feedback.import", str(args.file), "--url", url], cwd=ROOT,
+        out = subprocess.run([sys.executable, "-m", "feedback.importer", str(args.file), "--url", url], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.strip()
         print(out)
         start = time.monotonic()

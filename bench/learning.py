@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from bench.gold import PREFERENCES, GoldPreference, rank
-from feedback import annotation_repo as arepo
+from feedback import annotation_repo
 from feedback import repository
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback.db import make_engine, make_session_factory, migrate, session_scope
 
 PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"
@@ -77,15 +77,15 @@ def seed_rankings(factory, prompts, candidates, gold: GoldPreference, noise: flo
     with session_scope(factory) as s:
         annotator = repository.get_or_create_user(session=s, name="simulated-annotator", role="annotator")
         for i, (p, cands) in enumerate(zip(prompts, candidates)):
-            task = arepo.add_task(session=s, context=[{"role": "user", "content": p["prompt"]}], source="chat")
+            task = annotation_repo.add_task(session=s, context=[{"role": "user", "content": p["prompt"]}], source="chat")
             if task is None:
                 continue
-            ids = [arepo.add_candidate(session=s, task=task, content=c["content"], model_version=version,
+            ids = [annotation_repo.add_candidate(session=s, task=task, content=c["content"], model_version=version,
                                        sampling=c["sampling"], moderation=c["moderation"]).id for c in cands]
             order = [[ids[i] for i in group] for group in rank(gold, p["prompt"], [c["content"] for c in cands])]
             if i in flip:
                 order, reversed_n = order[::-1], reversed_n + 1
-            arepo.submit_ranking(session=s, task_id=task.id, annotator=annotator, order=order)
+            annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=annotator, order=order)
     return reversed_n
 
 
@@ -126,17 +126,17 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
     migrate(url)
     factory = make_session_factory(make_engine(url))
     with session_scope(factory) as s:
-        trepo.ensure_base_version(session=s, name=base.name, path=str(base.path))
+        training_repo.ensure_base_version(session=s, name=base.name, path=str(base.path))
     reversed_n = seed_rankings(factory, train, candidates, gold, noise, args.seed, base.name)
     with session_scope(factory) as s:
-        run_id = trepo.create_run(session=s, config=retrain_cfg.to_dict(), requested_by="bench", base_version_id=None).id
+        run_id = training_repo.create_run(session=s, config=retrain_cfg.to_dict(), requested_by="bench", base_version_id=None).id
     started = time.monotonic()
     status = execute(run_id, retrain_cfg, factory, cell / "data", moderator)
     retrain_s = time.monotonic() - started
     with session_scope(factory) as s:
-        run = trepo.get_run(session=s, run_id=run_id)
+        run = training_repo.get_run(session=s, run_id=run_id)
         metrics, error = dict(run.metrics or {}), run.error
-        version = trepo.get_version(session=s, version_id=run.version_id) if run.version_id else None
+        version = training_repo.get_version(session=s, version_id=run.version_id) if run.version_id else None
         new_path, stage = (version.path, version.stage) if version else (None, None)
     status = f"{status} ({stage})" if stage else status  # "sft" when the reward model failed the gate
     result = {"preference": gold.name, "noise": noise, "reversed_rankings": reversed_n, "status": status,

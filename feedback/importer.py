@@ -1,9 +1,21 @@
-"""Validate and import preference files: TRL rows or Anthropic HH-RLHF rows, all or nothing."""
+"""Validate and import preference pairs from a JSONL file, in one transaction (all valid rows or nothing).
+
+    python -m feedback.importer ../shared/data/hh_harmless_sample.jsonl
+
+Accepts TRL preference rows ({"prompt", "chosen", "rejected"}, strings or message lists,
+or implicit-prompt message lists) and Anthropic HH-RLHF rows ({"chosen": "\\n\\nHuman: ...
+\\n\\nAssistant: ...", "rejected": ...}). Reports every skipped row and why. Each prompt
+also becomes a ranking task for annotators (deduplicated) unless --no-tasks.
+The database is migrated to the latest schema first, as `make run` does at start-up, so a
+fresh database works.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.annotation_repo import add_task
+from feedback.db import DatabaseUnavailableError, default_url, make_engine, make_session_factory, migrate, session_scope
 from feedback.models import ImportedPair
 
 MAX_TEXT = 20000
@@ -136,3 +149,28 @@ def import_file(*, session: Session, path: str | Path, add_tasks: bool = True, w
 
 def _pair_key(prompt, chosen: str, rejected: str) -> str:
     return json.dumps([prompt, chosen, rejected], sort_keys=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file")
+    parser.add_argument("--url", default=default_url(), help="database URL (default: DATABASE_URL or SQLite)")
+    parser.add_argument("--no-tasks", action="store_true", help="do not add the prompts as ranking tasks")
+    args = parser.parse_args()
+    try:
+        migrate(args.url)
+    except DatabaseUnavailableError as exc:
+        print(f"Nothing imported: {exc}", file=sys.stderr)
+        sys.exit(1)
+    factory = make_session_factory(make_engine(args.url))
+    try:
+        with session_scope(factory) as s:
+            report = import_file(session=s, path=args.file, add_tasks=not args.no_tasks)
+    except ImportFileError as exc:
+        print(f"Nothing imported: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(report.summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ from gradio_client.exceptions import AuthenticationError
 from sqlalchemy import create_engine, text
 
 from app.users import add_user, new_api_key
-from feedback import repository as repo
+from feedback import repository
 from feedback.db import make_engine, make_session_factory, migrate
 from tests.live_app import live_app
 
@@ -24,15 +24,15 @@ def users_db(tmp_path):
 
 
 def test_users_cli_validation(users_db):
-    with pytest.raises(repo.ValidationError, match="exists already"):
+    with pytest.raises(repository.ValidationError, match="exists already"):
         add_user(users_db, "alice", "user", "another-password")
-    with pytest.raises(repo.ValidationError, match="at least 8"):
+    with pytest.raises(repository.ValidationError, match="at least 8"):
         add_user(users_db, "carol", "user", "short")
-    with pytest.raises(repo.ValidationError, match="not a valid user name"):
+    with pytest.raises(repository.ValidationError, match="not a valid user name"):
         add_user(users_db, "local", "admin", "long-enough")
     assert new_api_key(users_db, "alice").startswith("sk-fc-")
     with users_db() as s:
-        alice = repo.get_user(session=s, name="alice")
+        alice = repository.get_user(session=s, name="alice")
         assert alice.password_hash.startswith("$argon2") and alice.api_key_hash.startswith("$argon2")
 
 

@@ -75,7 +75,7 @@ def test_annotator_ranks_one_task(tiny_model_dir, tmp_path):
     migrate(url_db)
     rows = tmp_path / "prompts.jsonl"
     rows.write_text(json.dumps({"prompt": "Name a colour", "chosen": "Blue.", "rejected": "Nope"}) + "\n")
-    subprocess.run([sys.executable, "-m", "feedback.import", str(rows), "--url", url_db], check=True)
+    subprocess.run([sys.executable, "-m", "feedback.importer", str(rows), "--url", url_db], check=True)
     with live_app(tmp_path, tiny_model_dir) as url, browser_page("rank") as page:
         page.goto(url)
         page.get_by_role("tab", name="Rank").click()

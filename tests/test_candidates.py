@@ -3,8 +3,8 @@ from sqlalchemy import select
 from app.auth import PermissionDenied, require_role
 from app.candidates import CandidateWorker
 from app.service import ChatService
-from feedback import annotation_repo as arepo
-from feedback import repository as repo
+from feedback import annotation_repo
+from feedback import repository
 from feedback.models import AuditLog, Candidate
 from model.moderation import Moderator, Rule, RulesBackend
 from tests.fakes import ScriptedEngine
@@ -23,15 +23,15 @@ def test_worker_fills_tasks_from_chat_and_imports(session_factory, settings):
         cands = s.scalars(select(Candidate)).all()
         assert [c.moderation for c in cands].count("flagged") == 1
         assert len({c.sampling["temperature"] for c in cands}) == 4  # varied sampling
-        ann = repo.get_or_create_user(session=s, name="ann", role="annotator")
-        task = arepo.next_task(session=s, annotator=ann, k=4)
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        task = annotation_repo.next_task(session=s, annotator=ann, k=4)
         assert task is not None and task.context == [{"role": "user", "content": "Name a colour"}]
     assert worker.run_once() == 0  # nothing left to do
 
 
 def test_role_check_denies_and_audits(session_factory):
     with session_factory.begin() as s:
-        repo.get_or_create_user(session=s, name="bob", role="user")
+        repository.get_or_create_user(session=s, name="bob", role="user")
     try:
         require_role(session_factory, "bob", ("annotator", "admin"), "rank")
         raise AssertionError("bob should be refused")
@@ -50,7 +50,7 @@ def test_worker_fills_only_the_lookahead_and_tops_it_up_after_each_ranking(sessi
     engine = ScriptedEngine("A reply.")
     service = ChatService(engine, session_factory, settings)
     with session_factory.begin() as s:
-        ids = [arepo.add_task(session=s, context=[{"role": "user", "content": f"Prompt {i}"}], source="import").id
+        ids = [annotation_repo.add_task(session=s, context=[{"role": "user", "content": f"Prompt {i}"}], source="import").id
                for i in range(20)]
     worker = CandidateWorker(service, k=2, ahead=3)
     assert worker.run_once() == 6
@@ -59,9 +59,9 @@ def test_worker_fills_only_the_lookahead_and_tops_it_up_after_each_ranking(sessi
         filled = sorted({c.task_id for c in s.scalars(select(Candidate))})
     assert filled == ids[:3]
     with session_factory.begin() as s:
-        ann = repo.get_or_create_user(session=s, name="ann", role="annotator")
-        task = arepo.next_task(session=s, annotator=ann, k=2)
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        task = annotation_repo.next_task(session=s, annotator=ann, k=2)
         order = [[c.id] for c in task.candidates]
-        arepo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=order)
+        annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=order)
     assert worker.run_once() == 2 and worker.run_once() == 0
     assert worker.run_once(limit=1) == 2  # an annotator is waiting: one more, lookahead or not

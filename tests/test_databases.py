@@ -5,7 +5,7 @@ import threading
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from feedback import repository as repo
+from feedback import repository
 from feedback.db import downgrade, make_engine, make_session_factory, migrate, session_scope
 from feedback.models import Base, Message, Vote
 from tests.test_migrations import _tables
@@ -30,14 +30,14 @@ def test_migration_round_trip_on_postgres(pg_url):
 def test_round_trip(any_db_url):
     factory = make_session_factory(make_engine(any_db_url))
     with session_scope(factory) as s:
-        user = repo.get_or_create_user(session=s, name="alice")
-        conv = repo.create_conversation(session=s, owner=user)
-        q = repo.add_message(session=s, conversation=conv, role="user", content="Ünïcode ✓ question")
-        a = repo.add_message(session=s, conversation=conv, role="assistant", content="answer", parent=q,
+        user = repository.get_or_create_user(session=s, name="alice")
+        conv = repository.create_conversation(session=s, owner=user)
+        q = repository.add_message(session=s, conversation=conv, role="user", content="Ünïcode ✓ question")
+        a = repository.add_message(session=s, conversation=conv, role="assistant", content="answer", parent=q,
                              sampling={"temperature": 0.3})
-        repo.add_vote(session=s, message_id=a.id, user=user, value=-1, reason="wrong")
+        repository.add_vote(session=s, message_id=a.id, user=user, value=-1, reason="wrong")
     with session_scope(factory) as s:
-        thread = repo.latest_thread(session=s, conversation=repo.list_conversations(session=s, owner=user)[0])
+        thread = repository.latest_thread(session=s, conversation=repository.list_conversations(session=s, owner=user)[0])
         assert [m.content for m in thread] == ["Ünïcode ✓ question", "answer"]
         assert thread[1].sampling == {"temperature": 0.3}
         assert s.scalar(select(Vote.reason)) == "wrong"
@@ -48,20 +48,20 @@ def test_concurrent_feedback_writes(any_db_url):
     engine = make_engine(any_db_url)
     factory = make_session_factory(engine)
     with session_scope(factory) as s:
-        owner = repo.get_or_create_user(session=s, name="owner")
-        conv = repo.create_conversation(session=s, owner=owner)
+        owner = repository.get_or_create_user(session=s, name="owner")
+        conv = repository.create_conversation(session=s, owner=owner)
         conv_id = conv.id
     errors: list[BaseException] = []
 
     def writer(n: int) -> None:
         try:
             with session_scope(factory) as s:
-                user = repo.get_or_create_user(session=s, name=f"writer{n}")
+                user = repository.get_or_create_user(session=s, name=f"writer{n}")
             for i in range(500):
                 with session_scope(factory) as s:
                     c = s.get(type(conv), conv_id)
-                    msg = repo.add_message(session=s, conversation=c, role="assistant", content=f"{n}-{i}")
-                    repo.add_vote(session=s, message_id=msg.id, user=user, value=1 if i % 2 else -1)
+                    msg = repository.add_message(session=s, conversation=c, role="assistant", content=f"{n}-{i}")
+                    repository.add_vote(session=s, message_id=msg.id, user=user, value=1 if i % 2 else -1)
         except BaseException as exc:  # collected and asserted below
             errors.append(exc)
 

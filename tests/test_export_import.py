@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from feedback import annotation_repo as arepo
-from feedback import repository as repo
+from feedback import annotation_repo
+from feedback import repository
 from feedback.datasets import export, scrub
 from feedback.importer import ImportFileError, import_file, parse_hh
 from feedback.models import DataSnapshot, ImportedPair, RankingTask
@@ -64,10 +64,10 @@ def test_import_cli_is_one_transaction(tmp_path, db_url, monkeypatch, capsys):
     import feedback.importer
     from feedback.db import make_engine, make_session_factory
 
-    cli = importlib.import_module("feedback.import")
+    cli = importlib.import_module("feedback.importer")
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
-    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", db_url])
+    monkeypatch.setattr("sys.argv", ["feedback.importer", str(f), "--url", db_url])
     cli.main()
     assert "imported 1 pairs" in capsys.readouterr().out
 
@@ -84,7 +84,7 @@ def test_import_cli_is_one_transaction(tmp_path, db_url, monkeypatch, capsys):
         return seen[-1]
 
     monkeypatch.setattr(feedback.importer, "add_task", add_task_then_fail)
-    monkeypatch.setattr("sys.argv", ["feedback.import", str(three), "--url", db_url])
+    monkeypatch.setattr("sys.argv", ["feedback.importer", str(three), "--url", db_url])
     with pytest.raises(RuntimeError, match="disk full"):
         cli.main()
     assert seen[-1] == 1 + 3  # the earlier pair and this file's three were in the database...
@@ -94,7 +94,7 @@ def test_import_cli_is_one_transaction(tmp_path, db_url, monkeypatch, capsys):
         assert s.scalar(select(func.count(RankingTask.id))) == 1
     engine.dispose()
 
-    monkeypatch.setattr("sys.argv", ["feedback.import", str(tmp_path / "missing.jsonl"), "--url", db_url])
+    monkeypatch.setattr("sys.argv", ["feedback.importer", str(tmp_path / "missing.jsonl"), "--url", db_url])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 1 and "does not exist" in capsys.readouterr().err
@@ -104,11 +104,11 @@ def test_import_cli_migrates_a_fresh_database(tmp_path, monkeypatch, capsys):
     """No 'no such table' traceback on a database nothing has migrated yet: it is migrated first."""
     import importlib
 
-    cli = importlib.import_module("feedback.import")
+    cli = importlib.import_module("feedback.importer")
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     url = f"sqlite:///{tmp_path / 'fresh' / 'chat.db'}"
-    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", url])
+    monkeypatch.setattr("sys.argv", ["feedback.importer", str(f), "--url", url])
     cli.main()
     assert "imported 1 pairs" in capsys.readouterr().out
     from feedback.db import make_engine, make_session_factory
@@ -122,10 +122,10 @@ def test_import_cli_migrates_a_fresh_database(tmp_path, monkeypatch, capsys):
 def test_import_cli_unreachable_database_says_so(tmp_path, monkeypatch, capsys):
     import importlib
 
-    cli = importlib.import_module("feedback.import")
+    cli = importlib.import_module("feedback.importer")
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
-    monkeypatch.setattr("sys.argv", ["feedback.import", str(f), "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"])
+    monkeypatch.setattr("sys.argv", ["feedback.importer", str(f), "--url", "postgresql+psycopg://u:secret@127.0.0.1:1/x"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     err = capsys.readouterr().err
@@ -145,11 +145,11 @@ def test_scrub_emails_and_phones():
 
 
 def _ranked_db(session):
-    task = arepo.add_task(session=session, context=[{"role": "user", "content": "Contact? I'm bob@mail.org"}],
+    task = annotation_repo.add_task(session=session, context=[{"role": "user", "content": "Contact? I'm bob@mail.org"}],
                           source="import")
-    cands = [arepo.add_candidate(session=session, task=task, content=f"Reply {i}", model_version="v0") for i in range(3)]
-    ann = repo.get_or_create_user(session=session, name="ann", role="annotator")
-    arepo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[c.id] for c in cands],
+    cands = [annotation_repo.add_candidate(session=session, task=task, content=f"Reply {i}", model_version="v0") for i in range(3)]
+    ann = repository.get_or_create_user(session=session, name="ann", role="annotator")
+    annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[c.id] for c in cands],
                          demonstration="Write to support@example.com")
     return task
 

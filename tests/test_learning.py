@@ -161,18 +161,18 @@ def test_retrain_moves_the_policy_towards_the_preferred_reply(session_factory, t
     version prefers 'It is blue' over 'It is red' by a wider log-probability margin than the base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback import training_repo as trepo
+    from feedback import training_repo
     from training.common import chat_text
     from training.retrain import execute
 
     seed_preferences(session_factory, tiny_model_dir)
     cfg = RetrainConfig(**{**FAST, "sft_learning_rate": 1e-3, "sft_epochs": 2}).validate()
     with session_factory.begin() as s:
-        run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="test", base_version_id=None).id
+        run_id = training_repo.create_run(session=s, config=cfg.to_dict(), requested_by="test", base_version_id=None).id
     assert execute(run_id, cfg, session_factory, tmp_path / "data") == "done"
     with session_factory() as s:
-        run = trepo.get_run(session=s, run_id=run_id)
-        new_path, ev = trepo.get_version(session=s, version_id=run.version_id).path, run.metrics["eval"]
+        run = training_repo.get_run(session=s, run_id=run_id)
+        new_path, ev = training_repo.get_version(session=s, version_id=run.version_id).path, run.metrics["eval"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = chat_text(tok, [{"role": "user", "content": "Question 99: what colour is a kite?"}])
     good, bad = "It is blue, like a kite.", "It is red, like a kite."

@@ -16,7 +16,7 @@ from app.login_guard import LoginThrottle, LoginThrottled
 from app.main import create_app
 from app.service import ChatService
 from app.users import add_user, new_api_key
-from feedback import repository as repo
+from feedback import repository
 from feedback.models import AuditLog
 from tests.fakes import ScriptedEngine
 
@@ -64,7 +64,7 @@ def test_unknown_names_get_the_same_argon2_work(session_factory, argon2_calls):
     time taken does not tell which names exist."""
     add_user(session_factory, "alice", "user", "alice-password")
     with session_factory.begin() as s:
-        repo.get_or_create_user(session=s, name="chat-only")  # a row with no password
+        repository.get_or_create_user(session=s, name="chat-only")  # a row with no password
     check = login_checker(session_factory, LoginThrottle(per_name=0, per_address=0))
     params = []
     for name in ("alice", "nobody-by-this-name", "chat-only", "n" * 100):

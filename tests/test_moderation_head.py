@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feedback import moderation_repo as mrepo
+from feedback import moderation_repo
 from feedback.db import session_scope
 from feedback.models import ModerationEvent
 from feedback.repository import ValidationError
@@ -79,7 +79,7 @@ def test_review_decisions_become_training_rows_and_override_earlier_labels(sessi
             s.add(ModerationEvent(direction="in", text=text, text_hash="x", backend="rules", scores={},
                                   thresholds={}, decision=decision, review=review, category="toxicity"))
     with session_scope(session_factory) as s:
-        rows = mrepo.review_label_rows(session=s)
+        rows = moderation_repo.review_label_rows(session=s)
     assert [(r["text"], r["label"]) for r in rows] == [("bad one", 1), ("fine one", 0), ("sneaky one", 1),
                                                         ("ok one", 0)]
     from model.moderation.head_store import _clean_rows
@@ -98,11 +98,11 @@ def test_a_review_must_fit_the_decision(session_factory):
         ids = flag.id, passed.id
     with session_scope(session_factory) as s:
         with pytest.raises(ValidationError, match="correct or false positive"):
-            mrepo.review_event(session=s, event_id=ids[0], verdict="missed", reviewer="root")
+            moderation_repo.review_event(session=s, event_id=ids[0], verdict="missed", reviewer="root")
         with pytest.raises(ValidationError, match="correct or missed"):
-            mrepo.review_event(session=s, event_id=ids[1], verdict="false_positive", reviewer="root")
-        assert mrepo.review_event(session=s, event_id=ids[1], verdict="missed", reviewer="root").review == "missed"
-        assert mrepo.moderation_counts(session=s)["missed"] == 1
+            moderation_repo.review_event(session=s, event_id=ids[1], verdict="false_positive", reviewer="root")
+        assert moderation_repo.review_event(session=s, event_id=ids[1], verdict="missed", reviewer="root").review == "missed"
+        assert moderation_repo.moderation_counts(session=s)["missed"] == 1
 
 
 def test_uncertain_events_come_nearest_the_threshold_first(session_factory):
@@ -112,7 +112,7 @@ def test_uncertain_events_come_nearest_the_threshold_first(session_factory):
             s.add(ModerationEvent(direction="in", text=text, text_hash="h", backend="learned", scores=scores,
                                   decision="flag" if (score or 0) >= 0.5 else "pass"))
     with session_scope(session_factory) as s:
-        assert [e.text for e in mrepo.uncertain_events(session=s, backend="learned", threshold=0.5)] == \
+        assert [e.text for e in moderation_repo.uncertain_events(session=s, backend="learned", threshold=0.5)] == \
             ["near", "mid", "far"]
 
 

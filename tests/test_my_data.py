@@ -100,7 +100,7 @@ def test_an_admins_training_export_is_a_one_time_link_for_that_admin_only(two_us
     """Admin > Data > Export gives a link, not a gr.File (which Gradio would copy into its cache and
     serve to anyone logged in with the URL): another admin, a user and a caller without login get
     404; the exporting admin gets the JSONL once, not cached; a demoted admin's link stops working."""
-    from feedback import repository as repo
+    from feedback import repository
 
     add_user(session_factory, "root", "admin", "root-password")
     add_user(session_factory, "root2", "admin", "root2-password")
@@ -116,7 +116,7 @@ def test_an_admins_training_export_is_a_one_time_link_for_that_admin_only(two_us
         assert root.get(link).status_code == 404  # one time
         second = re.search(r"\((/admin-export/[^)\s]+)\)", _call(root, "export_data", "sft")[1]).group(1)
         with session_factory.begin() as s:
-            repo.set_role(session=s, name="root", role="user")
+            repository.set_role(session=s, name="root", role="user")
         assert root.get(second).status_code == 404  # no longer an admin
     from gradio.utils import get_upload_folder
 

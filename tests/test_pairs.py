@@ -1,5 +1,5 @@
-from feedback import annotation_repo as arepo
-from feedback import repository as repo
+from feedback import annotation_repo
+from feedback import repository
 from feedback.pairs import all_pairs, merge, pairs_from_order, ranking_pairs, vote_pairs
 
 
@@ -13,9 +13,9 @@ def test_flagged_candidate_is_never_chosen():
 
 
 def _task(session, k=4, wanted=1):
-    task = arepo.add_task(session=session, context=[{"role": "user", "content": "Name a colour"}], source="import",
+    task = annotation_repo.add_task(session=session, context=[{"role": "user", "content": "Name a colour"}], source="import",
                           wanted=wanted)
-    cands = [arepo.add_candidate(session=session, task=task, content=c, model_version="v0")
+    cands = [annotation_repo.add_candidate(session=session, task=task, content=c, model_version="v0")
              for c in ["Red.", "Blue.", "Green.", "Yellow."][:k]]
     return task, cands
 
@@ -23,8 +23,8 @@ def _task(session, k=4, wanted=1):
 def test_ranking_pairs_exclude_flags_and_moderation(session):
     task, (a, b, c, d) = _task(session)
     d.moderation = "flagged"
-    ann = repo.get_or_create_user(session=session, name="ann", role="annotator")
-    arepo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[d.id], [a.id], [b.id, c.id]],
+    ann = repository.get_or_create_user(session=session, name="ann", role="annotator")
+    annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[d.id], [a.id], [b.id, c.id]],
                          flags={b.id: "false"})
     pairs = {(p.chosen, p.rejected) for p in ranking_pairs(session)}
     # d is best-ranked but moderation-flagged: never chosen; b and c tie: no pair between them
@@ -33,26 +33,26 @@ def test_ranking_pairs_exclude_flags_and_moderation(session):
 
 
 def test_sibling_votes_give_pairs(session):
-    alice = repo.get_or_create_user(session=session, name="alice")
-    conv = repo.create_conversation(session=session, owner=alice)
-    q = repo.add_message(session=session, conversation=conv, role="user", content="Hi")
-    good = repo.add_message(session=session, conversation=conv, role="assistant", content="Hello!", parent=q)
-    bad = repo.add_message(session=session, conversation=conv, role="assistant", content="Go away.", parent=q)
-    lone = repo.add_message(session=session, conversation=conv, role="assistant", content="Hey", parent=q)
-    repo.add_vote(session=session, message_id=good.id, user=alice, value=1)
-    repo.add_vote(session=session, message_id=bad.id, user=alice, value=-1)
+    alice = repository.get_or_create_user(session=session, name="alice")
+    conv = repository.create_conversation(session=session, owner=alice)
+    q = repository.add_message(session=session, conversation=conv, role="user", content="Hi")
+    good = repository.add_message(session=session, conversation=conv, role="assistant", content="Hello!", parent=q)
+    bad = repository.add_message(session=session, conversation=conv, role="assistant", content="Go away.", parent=q)
+    lone = repository.add_message(session=session, conversation=conv, role="assistant", content="Hey", parent=q)
+    repository.add_vote(session=session, message_id=good.id, user=alice, value=1)
+    repository.add_vote(session=session, message_id=bad.id, user=alice, value=-1)
     pairs = vote_pairs(session)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [([{"role": "user", "content": "Hi"}], "Hello!", "Go away.")]
     # a moderation-flagged reply is never chosen even when up-voted
     good.moderation = "flagged"
-    repo.add_vote(session=session, message_id=lone.id, user=alice, value=-1)
+    repository.add_vote(session=session, message_id=lone.id, user=alice, value=-1)
     assert vote_pairs(session) == []
 
 
 def test_opted_out_users_excluded(session):
     task, (a, b, *_rest) = _task(session, k=2)
-    ann = repo.get_or_create_user(session=session, name="ann", role="annotator")
-    arepo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[a.id], [b.id]])
+    ann = repository.get_or_create_user(session=session, name="ann", role="annotator")
+    annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=ann, order=[[a.id], [b.id]])
     assert len(ranking_pairs(session)) == 1
     ann.opted_out = True
     session.flush()
@@ -62,8 +62,8 @@ def test_opted_out_users_excluded(session):
 def test_duplicates_merge_with_count(session):
     task, (a, b, *_rest) = _task(session, k=2, wanted=2)
     for name in ("ann", "bob"):
-        user = repo.get_or_create_user(session=session, name=name, role="annotator")
-        arepo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id]])
+        user = repository.get_or_create_user(session=session, name=name, role="annotator")
+        annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id]])
     [pair] = all_pairs(session)
     assert pair.count == 2 and len(pair.refs["rankings"]) == 2
     assert len(merge(ranking_pairs(session) * 2)) == 1

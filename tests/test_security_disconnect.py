@@ -201,7 +201,7 @@ def test_a_reopened_conversation_marks_a_reply_interrupted_by_a_closed_tab_and_r
     reopened, an "interrupted, press Regenerate" marker after its question (display only: nothing
     stored); the next question stays in its own turn; Regenerate answers the last question, and the
     marker is gone once an answer is stored. A failed reply shows the failure instead of an empty bubble."""
-    from app.service import REPLY_FAILED, REPLY_INTERRUPTED
+    from app.user_data import REPLY_FAILED, REPLY_INTERRUPTED
     from model.engine import SamplingParams
 
     service = ChatService(SlowEngine(step_s=0.01, slots=1), session_factory, settings)

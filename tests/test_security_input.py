@@ -7,8 +7,8 @@ from sqlalchemy import func, select
 
 from app.candidates import CandidateWorker
 from app.service import ChatError, ChatService
-from feedback import annotation_repo as arepo
-from feedback import repository as repo
+from feedback import annotation_repo
+from feedback import repository
 from feedback.models import Candidate, Message, RankingTask
 from model.engine import ContextTooLongError
 from model.moderation import Moderator, RulesBackend
@@ -59,9 +59,9 @@ def test_worker_skips_a_prompt_that_cannot_become_a_task_and_goes_on(session_fac
     and logged once; the prompts after it still become tasks with candidates, on every later round."""
     service = ChatService(ScriptedEngine("ok"), session_factory, settings, moderator=_pass_everything())
     with session_factory.begin() as s:
-        alice = repo.get_or_create_user(session=s, name="alice")
-        conv = repo.create_conversation(session=s, owner=alice)
-        bad = repo.add_message(session=s, conversation=conv, role="user", content="", moderation="pass").id
+        alice = repository.get_or_create_user(session=s, name="alice")
+        conv = repository.create_conversation(session=s, owner=alice)
+        bad = repository.add_message(session=s, conversation=conv, role="user", content="", moderation="pass").id
     list(service.send("alice", "Name a colour"))
     worker = CandidateWorker(service, k=2, ahead=2)
     with caplog.at_level(logging.INFO, logger="app.candidates"):
@@ -95,8 +95,8 @@ def test_worker_gives_up_on_a_task_whose_candidates_keep_failing(session_factory
     engine = _PoisonedEngine("ok")
     service = ChatService(engine, session_factory, settings)
     with session_factory.begin() as s:
-        bad = arepo.add_task(session=s, context=[{"role": "user", "content": "poison"}], source="import").id
-        good = arepo.add_task(session=s, context=[{"role": "user", "content": "fine"}], source="import").id
+        bad = annotation_repo.add_task(session=s, context=[{"role": "user", "content": "poison"}], source="import").id
+        good = annotation_repo.add_task(session=s, context=[{"role": "user", "content": "fine"}], source="import").id
     worker = CandidateWorker(service, k=2, ahead=2)  # max_failures=3 by default
     with caplog.at_level(logging.INFO, logger="app.candidates"):
         assert worker.run_once() == 2  # the good task is filled in the first round
@@ -110,5 +110,5 @@ def test_worker_gives_up_on_a_task_whose_candidates_keep_failing(session_factory
         assert "ContextTooLongError" in s.get(RankingTask, bad).skipped_reason
         assert s.get(RankingTask, good).skipped_reason is None
         assert s.scalar(select(func.count(Candidate.id)).where(Candidate.task_id == good)) == 2
-        ann = repo.get_or_create_user(session=s, name="ann", role="annotator")
-        assert arepo.open_task_count(session=s, annotator=ann, k=2) == (1, 0)  # skipped is not "waiting"
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        assert annotation_repo.open_task_count(session=s, annotator=ann, k=2) == (1, 0)  # skipped is not "waiting"

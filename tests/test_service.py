@@ -2,7 +2,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.service import ChatError, ChatService
-from feedback import repository as repo
+from feedback import repository
 from feedback.models import Message, ModerationEvent
 from model.engine import SamplingParams
 from model.moderation import Moderator, Rule, RulesBackend
@@ -55,7 +55,7 @@ def test_regenerate_makes_a_sibling(tiny_engine, session_factory, settings):
     with session_factory() as s:
         a, b = s.get(Message, first.assistant_message_id), s.get(Message, second.assistant_message_id)
         assert a.id != b.id and a.parent_id == b.parent_id == first.user_message_id
-        assert len(repo.siblings(session=s, message=b)) == 2
+        assert len(repository.siblings(session=s, message=b)) == 2
 
 
 def test_stop_saves_partial_reply_as_stopped(session_factory, settings):
@@ -85,7 +85,7 @@ def test_other_users_conversation_is_not_reachable(session_factory, settings):
         next(service.send("mallory", "hi", conversation_id=done.conversation_id))
     with pytest.raises(ChatError, match="not found"):
         service.open_conversation("mallory", done.conversation_id)
-    with pytest.raises(repo.NotFoundError):
+    with pytest.raises(repository.NotFoundError):
         service.vote("mallory", done.assistant_message_id, 1)
 
 
@@ -105,8 +105,8 @@ def test_vote_through_service_and_change(session_factory, settings):
     service.vote("alice", done.assistant_message_id, 1)
     service.vote("alice", done.assistant_message_id, -1, reason="wrong", comment="not true")
     with session_factory() as s:
-        user = repo.get_user(session=s, name="alice")
-        v = repo.get_vote(session=s, message_id=done.assistant_message_id, user=user)
+        user = repository.get_user(session=s, name="alice")
+        v = repository.get_vote(session=s, message_id=done.assistant_message_id, user=user)
         assert (v.value, v.reason, v.comment) == (-1, "wrong", "not true")
 
 
@@ -201,7 +201,7 @@ def test_user_exports_and_deletes_their_data(session_factory, settings, tmp_path
     assert sorted(v["value"] for v in data["votes"]) == [-1, 1]
     service.set_opt_out("alice", True)
     with session_factory() as s:
-        assert repo.get_user(session=s, name="alice").opted_out
+        assert repository.get_user(session=s, name="alice").opted_out
     service.set_opt_out("alice", False)
     with session_factory.begin() as s:
         assert export(session=s, kind="preferences", out=tmp_path / "p.jsonl").counts["pairs"] == 1

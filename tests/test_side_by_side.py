@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from app.service import ChatError, ChatService
 from app.side_by_side import SideBySide
 from feedback import pairs as pairs_mod
-from feedback import repository as repo
-from feedback import training_repo as trepo
+from feedback import repository
+from feedback import training_repo
 from feedback import trial_repo
 from feedback.leaderboard import ELO_PER_UNIT, Comparison, bradley_terry, leaderboard, preference_share
 from feedback.models import AbTrial, AbTurn, Message
@@ -59,8 +59,8 @@ def versions(session_factory, tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")  # what a version directory must hold
     with session_factory.begin() as s:
-        base = trepo.ensure_base_version(session=s, name="base", path=str(tmp_path / "base"))
-        cand = trepo.add_version(session=s, name="cand", path=str(tmp_path / "cand"), parent_id=base.id, stage="ppo",
+        base = training_repo.ensure_base_version(session=s, name="base", path=str(tmp_path / "base"))
+        cand = training_repo.add_version(session=s, name="cand", path=str(tmp_path / "cand"), parent_id=base.id, stage="ppo",
                                  metrics={}, config={}, snapshot_id=None, training_run_id=None)
         return base.id, cand.id
 
@@ -197,7 +197,7 @@ def test_trial_actions_need_the_admin_role_and_a_version_that_loads(session_fact
     from feedback.models import AuditLog
 
     with session_factory.begin() as s:
-        repo.get_or_create_user(session=s, name="bob", role="annotator")
+        repository.get_or_create_user(session=s, name="bob", role="annotator")
     service = ChatService(ScriptedEngine(version="base"), session_factory, settings)
 
     def broken(path, name):
@@ -225,7 +225,7 @@ def test_trial_actions_need_the_admin_role_and_a_version_that_loads(session_fact
     assert service.engine.version == "cand" and service.side_by_side.trial_id is None
     with session_factory() as s:
         assert s.get(AbTrial, trial_id).status == "promoted"
-        assert trepo.active_version(session=s).name == "cand"
+        assert training_repo.active_version(session=s).name == "cand"
 
     with session_factory.begin() as s:  # a trial whose version vanished is stopped at start-up
         trial = trial_repo.start_trial(session=s, candidate_version_id=versions[0], share=0.2, started_by="local")
@@ -253,13 +253,13 @@ def test_a_users_picks_are_in_their_data_export_and_gone_with_delete_my_data(ses
 def test_rankings_across_versions_are_leaderboard_comparisons(session):
     """An annotator's order "v2 > v1 = v2b > v1b" over candidates of two versions gives v2 one win over
     each v1 candidate, a tie for the v1/v2b group, and v2b one win over v1b; same-version pairs count nothing."""
-    from feedback import annotation_repo as arepo
+    from feedback import annotation_repo
     from feedback.leaderboard import ranking_comparisons
 
-    user = repo.get_or_create_user(session=session, name="ann", role="annotator")
-    task = arepo.add_task(session=session, context=[{"role": "user", "content": "Name a colour"}], source="import")
-    a, b, c, d = (arepo.add_candidate(session=session, task=task, content=text, model_version=version)
+    user = repository.get_or_create_user(session=session, name="ann", role="annotator")
+    task = annotation_repo.add_task(session=session, context=[{"role": "user", "content": "Name a colour"}], source="import")
+    a, b, c, d = (annotation_repo.add_candidate(session=session, task=task, content=text, model_version=version)
                   for text, version in (("Blue", "v2"), ("Red", "v1"), ("Green", "v2"), ("Grey", "v1")))
-    arepo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id, c.id], [d.id]])
+    annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id, c.id], [d.id]])
     comps = sorted((x.first, x.second, x.outcome) for x in ranking_comparisons(session))
     assert comps == [("v1", "v2", 0.5), ("v2", "v1", 1.0), ("v2", "v1", 1.0), ("v2", "v1", 1.0)]

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import select
 
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback.models import ModelVersion, TrainingRun
 from tests.training_data import seed_preferences
 from training.config import RetrainConfig
@@ -15,7 +15,7 @@ FAST = dict(max_length=64, bon_samples=2, bon_max_new_tokens=8, rm_epochs=6, rm_
 
 def _run(session_factory, tmp_path, cfg):
     with session_factory.begin() as s:
-        run_id = trepo.create_run(session=s, config=cfg.to_dict(), requested_by="test", base_version_id=None).id
+        run_id = training_repo.create_run(session=s, config=cfg.to_dict(), requested_by="test", base_version_id=None).id
     status = execute(run_id, cfg, session_factory, tmp_path / "data")
     with session_factory() as s:
         return status, s.get(TrainingRun, run_id)
@@ -111,11 +111,11 @@ def test_config_validation():
 
 def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_model_dir):
     """Regression: with fewer prompts than one PPO batch, TRL's loader looped forever."""
-    from feedback import annotation_repo as arepo
+    from feedback import annotation_repo
 
     seed_preferences(session_factory, tiny_model_dir)
     with session_factory.begin() as s:
-        arepo.add_task(session=s, context=[{"role": "user", "content": "hi as alice"}], source="chat")
+        annotation_repo.add_task(session=s, context=[{"role": "user", "content": "hi as alice"}], source="chat")
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
     assert status == "done", run.error
 

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from app.auth import PermissionDenied
 from app.service import ChatService
 from app.training_control import TrainingControl
-from feedback import repository as repo
-from feedback import training_repo as trepo
+from feedback import repository
+from feedback import training_repo
 from feedback.models import AuditLog, Message, ModelVersion, TrainingRun
 from tests.fakes import ScriptedEngine
 from tests.test_training import FAST
@@ -27,7 +27,7 @@ def _service(session_factory, settings, engine=None):
 def test_non_admin_cannot_start_and_nothing_starts(session_factory, settings, tiny_model_dir):
     seed_preferences(session_factory, tiny_model_dir)
     with session_factory.begin() as s:
-        repo.get_or_create_user(session=s, name="bob", role="annotator")
+        repository.get_or_create_user(session=s, name="bob", role="annotator")
     control = TrainingControl(_service(session_factory, settings))
     with pytest.raises(PermissionDenied, match="needs the admin role"):
         control.start("bob", FAST)
@@ -44,7 +44,7 @@ def test_non_admin_cannot_start_and_nothing_starts(session_factory, settings, ti
 def test_non_admin_with_invalid_settings_is_denied_and_audited(session_factory, settings):
     """The role is checked before the settings: a bad config does not hide a non-admin's attempt."""
     with session_factory.begin() as s:
-        repo.get_or_create_user(session=s, name="bob", role="annotator")
+        repository.get_or_create_user(session=s, name="bob", role="annotator")
     control = TrainingControl(_service(session_factory, settings))
     for bad in ({"kl_coef": -1.0}, {"no_such_setting": 1}):
         with pytest.raises(PermissionDenied, match="needs the admin role"):
@@ -62,7 +62,7 @@ def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settin
     seed_preferences(session_factory, tiny_model_dir)
     control = TrainingControl(_service(session_factory, settings))
     run_id = control.start("local", {**FAST, "ppo_episodes": 4000, "ppo_batch_size": 4})
-    with pytest.raises(trepo.ValidationError, match=rf"Training run {run_id} is still \w+; wait for it or cancel it"):
+    with pytest.raises(training_repo.ValidationError, match=rf"Training run {run_id} is still \w+; wait for it or cancel it"):
         control.start("local", FAST)  # only one run at a time
     deadline = time.time() + 240
     while True:
@@ -81,7 +81,7 @@ def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settin
         run = s.get(TrainingRun, run_id)
         assert run.status == "failed" and "killed" in run.error
         assert [v.name for v in s.scalars(select(ModelVersion))] == ["tiny-base"]
-        assert trepo.active_version(session=s).name == "tiny-base"
+        assert training_repo.active_version(session=s).name == "tiny-base"
     versions = Path(settings.data_dir) / "versions"
     visible = [p for p in versions.iterdir() if not p.name.startswith(".")] if versions.exists() else []
     assert visible == []
@@ -111,8 +111,8 @@ def test_promote_and_roll_back_swap_the_serving_engine(session_factory, settings
     seed_preferences(session_factory, tiny_model_dir)
     new_dir = build_tiny_model(tmp_path / "v2", seed=7)
     with session_factory.begin() as s:
-        base = trepo.active_version(session=s)
-        new = trepo.add_version(session=s, name="run1-ppo", path=str(new_dir), parent_id=base.id, stage="ppo",
+        base = training_repo.active_version(session=s)
+        new = training_repo.add_version(session=s, name="run1-ppo", path=str(new_dir), parent_id=base.id, stage="ppo",
                                 metrics={}, config={}, snapshot_id=None, training_run_id=None)
         base_id, new_id = base.id, new.id
     service = _service(session_factory, settings, Engine.from_path(tiny_model_dir, "tiny-base", device="cpu"))
@@ -127,7 +127,7 @@ def test_promote_and_roll_back_swap_the_serving_engine(session_factory, settings
     with session_factory() as s:
         versions = [s.get(Message, r.assistant_message_id).model_version for r in (old_reply, new_reply, back)]
         assert versions == ["tiny-base", "run1-ppo", "tiny-base"]
-        assert trepo.active_version(session=s).id == base_id
+        assert training_repo.active_version(session=s).id == base_id
 
 
 def test_the_training_panel_explains_each_setting_and_starts_with_no_version_id(session_factory, settings):
@@ -161,8 +161,8 @@ def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_f
     settings = dataclasses.replace(settings, engine="openai", remote_urls="http://127.0.0.1:9/v1",
                                    remote_model="fallback-id", model=str(tiny_model_dir))
     with session_factory.begin() as s:
-        vid = trepo.ensure_base_version(session=s, name="tiny-base", path=str(tiny_model_dir)).id
-        repo.get_or_create_user(session=s, name="bob", role="annotator")
+        vid = training_repo.ensure_base_version(session=s, name="tiny-base", path=str(tiny_model_dir)).id
+        repository.get_or_create_user(session=s, name="bob", role="annotator")
     service = _service(session_factory, settings)
     control = TrainingControl(service)
     assert control.map_remote_model("local", vid, " org/model-a:q8 ") == "org/model-a:q8"
@@ -170,7 +170,7 @@ def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_f
     restarted = load_engine(settings, session_factory)
     assert restarted.model == "org/model-a:q8" and restarted.version == "tiny-base"
     for bad in ("two words", "x" * 201, "<script>", "-flag", "a\nb"):
-        with pytest.raises(trepo.ValidationError, match="remote model id"):
+        with pytest.raises(training_repo.ValidationError, match="remote model id"):
             control.map_remote_model("local", vid, bad)
     with pytest.raises(PermissionDenied, match="needs the admin role"):
         control.map_remote_model("bob", vid, "org/evil")
@@ -181,5 +181,29 @@ def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_f
         assert [a.user_name for a in denied] == ["bob"]
     assert control.map_remote_model("local", vid, "") == ""
     assert service.engine.model == "fallback-id"
-    with pytest.raises(trepo.NotFoundError):
+    with pytest.raises(training_repo.NotFoundError):
         control.map_remote_model("local", 999, "org/model-b")
+
+
+def test_what_the_page_polls_shows_non_admins_nothing_and_writes_no_audit_rows(session_factory, settings):
+    """The admin tab's page-load refresh and the training panel's 2-second timer run in every
+    browser. For a non-admin they change no output and write no audit row (before: three denied
+    rows per page load, one more every 2 s); for the admin they fill the panels."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from app.ui.demo import build_demo
+
+    with session_factory.begin() as s:
+        repository.get_or_create_user(session=s, name="bob", role="annotator")
+    demo = build_demo(ChatService(ScriptedEngine("ok"), session_factory, settings))
+    polled = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "guarded"]
+    assert len(polled) == 2  # the page load's admin refresh and the training timer
+    for fn in polled:
+        out = fn(SimpleNamespace(username="bob"))
+        assert out and all(isinstance(o, type(gr.skip())) for o in out)
+        shown = fn(SimpleNamespace(username=None))  # the single-user owner is the admin
+        assert any(isinstance(o, str) and "Data available" in o for o in shown)
+    with session_factory() as s:
+        assert s.scalar(select(func.count(AuditLog.id)).where(AuditLog.user_name == "bob")) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback.db import session_scope
 from feedback.models import ImportedPair
 
@@ -23,4 +23,4 @@ def seed_preferences(session_factory, model_dir, n: int = 48, random_labels: boo
             if random_labels and rng.random() < 0.5:
                 good, bad = bad, good
             s.add(ImportedPair(prompt=prompt, chosen=good, rejected=bad, source="test"))
-        trepo.ensure_base_version(session=s, name="tiny-base", path=str(model_dir))
+        training_repo.ensure_base_version(session=s, name="tiny-base", path=str(model_dir))

@@ -19,7 +19,7 @@ import argparse
 import os
 from pathlib import Path
 
-from feedback import moderation_repo as mrepo
+from feedback import moderation_repo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from model.moderation.head_store import CALIBRATION, activate, read_label_file, train_head
 from model.moderation.learned import POOLINGS, EncoderSpec, describe_encoder
@@ -34,7 +34,7 @@ def gather_rows(session_factory=None, label_files: list[Path] = (), calibration:
         rows += read_label_file(path, source=Path(path).name)
     if reviews and session_factory is not None:
         with session_scope(session_factory) as s:
-            rows += mrepo.review_label_rows(session=s)
+            rows += moderation_repo.review_label_rows(session=s)
     return rows
 
 
@@ -43,7 +43,7 @@ def logged_chat(session_factory=None) -> list[str]:
     if session_factory is None:
         return []
     with session_scope(session_factory) as s:
-        return mrepo.unflagged_user_texts(session=s)
+        return moderation_repo.unflagged_user_texts(session=s)
 
 
 def encoder_model_dir(data_dir: Path, model: str) -> str:

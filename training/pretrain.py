@@ -124,17 +124,17 @@ def register(url: str, path: Path, metrics: dict, name: str) -> str:
     """Record the model as a version (stage ``pretrain``) whose parent is the active one."""
     import os
 
-    from feedback import training_repo as trepo
+    from feedback import training_repo
     from feedback.db import make_engine, make_session_factory, session_scope
 
     factory = make_session_factory(make_engine(url))
     with session_scope(factory) as s:
-        parent = trepo.active_version(session=s)
+        parent = training_repo.active_version(session=s)
         final = Path(os.environ.get("CHAT_DATA_DIR", "data")).resolve() / "versions" / name
         if final.exists():
             raise FileExistsError(f"{final} exists already: choose another --name")
         final.parent.mkdir(parents=True, exist_ok=True)
-        trepo.add_version(session=s, name=name, path=str(final), parent_id=parent.id if parent else None,
+        training_repo.add_version(session=s, name=name, path=str(final), parent_id=parent.id if parent else None,
                           stage="pretrain", metrics=metrics, config=metrics["config"], snapshot_id=None,
                           training_run_id=None)  # a taken name fails here, before anything moves
         os.replace(path, final)  # atomic; if it fails the row above is rolled back

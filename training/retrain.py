@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from feedback import training_repo as trepo
+from feedback import training_repo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from training.common import read_jsonl, write_jsonl
 from training.distributed import is_main, on_main, world_size
@@ -59,7 +59,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         raise ValueError("best-of-N (bon_samples) samples with llama.cpp in one process; turn it off (0) to "
                          f"retrain on {world_size()} processes.")
     with session_scope(session_factory) as s:
-        current = trepo.active_version(session=s)
+        current = training_repo.active_version(session=s)
         if current is None:
             raise NotEnoughData("No model version is active; start the app once so it registers the base model.")
         base_id, base_name, base_path = current.id, current.name, current.path
@@ -163,7 +163,7 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
     timings["total"] = time.monotonic() - started
     metrics["timings_s"] = timings
     with session_scope(session_factory) as s:
-        version = trepo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage=stage_name,
+        version = training_repo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage=stage_name,
                                     metrics=metrics, config=cfg.to_dict(), snapshot_id=snapshot_id,
                                     training_run_id=run_id)
         version_id = version.id
@@ -209,7 +209,7 @@ def execute(run_id: int, cfg: RetrainConfig, session_factory, data_dir: Path, mo
         run(cfg, run_id, session_factory, data_dir, moderator)
         return "done"
     with session_scope(session_factory) as s:
-        r = trepo.get_run(session=s, run_id=run_id)
+        r = training_repo.get_run(session=s, run_id=run_id)
         r.status, r.pid = "running", os.getpid()
     try:
         metrics = run(cfg, run_id, session_factory, data_dir, moderator)
@@ -224,20 +224,20 @@ def execute(run_id: int, cfg: RetrainConfig, session_factory, data_dir: Path, mo
         _finish(session_factory, run_id, "failed", f"{exc.__class__.__name__}: {exc}. See the run log for details.")
         raise
     with session_scope(session_factory) as s:
-        trepo.finish_run(session=s, run_id=run_id, status="done", metrics=metrics, version_id=metrics["version_id"])
+        training_repo.finish_run(session=s, run_id=run_id, status="done", metrics=metrics, version_id=metrics["version_id"])
     return "done"
 
 
 def _finish(session_factory, run_id: int, status: str, error: str) -> None:
     log.warning("run %s %s: %s", run_id, status, error)
     with session_scope(session_factory) as s:
-        trepo.finish_run(session=s, run_id=run_id, status=status, error=error)
+        training_repo.finish_run(session=s, run_id=run_id, status=status, error=error)
 
 
 def _new_cli_run(factory, cfg: RetrainConfig) -> int:
     with session_scope(factory) as s:
-        current = trepo.active_version(session=s)
-        return trepo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
+        current = training_repo.active_version(session=s)
+        return training_repo.create_run(session=s, config=cfg.to_dict(), requested_by="cli",
                                 base_version_id=current.id if current else None).id
 
 

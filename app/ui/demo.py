@@ -7,6 +7,7 @@ import gradio as gr
 from app.auth import caller_name, role_of
 
 from app.ui.admin_tab import build_admin_tab
+from app.ui.guard import unless_admin_skip
 from app.ui.chat_tab import build_chat_tab
 from app.ui.ranking_tab import build_ranking_tab
 
@@ -38,5 +39,6 @@ def build_demo(service, worker=None, control=None) -> gr.Blocks:
         demo.load(show_tabs_for_role, None, [rank_tab, admin_tab], api_visibility="private")
         demo.load(refresh_list, None, convs, api_visibility="private")
         demo.load(model_label, None, chatbot, api_visibility="private")
-        demo.load(admin_refresh, None, admin_outputs, api_visibility="private")
+        demo.load(unless_admin_skip(service, admin_refresh, len(admin_outputs)), None, admin_outputs,
+                  api_visibility="private")
     return demo

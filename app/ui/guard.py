@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from app.auth import PermissionDenied, caller_name, require_role
+from app.auth import PermissionDenied, caller_name, require_role, role_of
 
 ADMIN = ("admin",)
 ANNOTATOR = ("annotator", "admin")
+
+
+def unless_admin_skip(service, fn, n_outputs: int):
+    """``fn`` for an admin; for anyone else every output unchanged and no audit row. For what the
+    page itself polls (its load, timers): a non-admin's browser asks without the user doing
+    anything, so a refusal there is not an attempt worth an audit row (three per page load and
+    one every 2 s were before). Actions and the Refresh button still audit through ``denied``."""
+    import gradio as gr
+
+    def guarded(request: gr.Request):
+        if role_of(service.session_factory, caller_name(request)) != "admin":
+            return tuple(gr.skip() for _ in range(n_outputs))
+        return fn(request)
+
+    return guarded
 
 
 def denied(service, request, roles: tuple[str, ...], action: str, detail: str = "", view: bool = False) -> str | None:

@@ -7,7 +7,7 @@ import gradio as gr
 from app.auth import caller_name
 from app.ui.guard import ADMIN, denied
 from app.ui.moderation_head_panel import build_head_panel
-from feedback import moderation_repo as mrepo
+from feedback import moderation_repo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
 
@@ -21,9 +21,9 @@ def _queue_rows(service, include_passed: bool = False, order: str = ORDERS[0]) -
     with session_scope(service.session_factory) as s:
         if order == ORDERS[1]:
             threshold = service.moderator.threshold("toxicity") if service.moderator else 0.5
-            events = mrepo.uncertain_events(session=s, backend="learned", threshold=threshold)
+            events = moderation_repo.uncertain_events(session=s, backend="learned", threshold=threshold)
         else:
-            events = mrepo.flagged_events(session=s, include_passed=include_passed)
+            events = moderation_repo.flagged_events(session=s, include_passed=include_passed)
         return [[e.id, e.created_at.strftime("%Y-%m-%d %H:%M"), e.direction, e.decision, e.category or "",
                  round(max((v for b in e.scores.values() for v in b.values()), default=0.0), 3),
                  e.backend, e.review or "—", e.text[:300]] for e in events]
@@ -31,7 +31,7 @@ def _queue_rows(service, include_passed: bool = False, order: str = ORDERS[0]) -
 
 def _summary(service) -> str:
     with session_scope(service.session_factory) as s:
-        c = mrepo.moderation_counts(session=s)
+        c = moderation_repo.moderation_counts(session=s)
     mod = service.moderator
     backends = ", ".join(mod.backend_names) if mod else "none (moderation off)"
     thr = "" if mod is None else f"default threshold {mod.default_threshold}" + (
@@ -76,7 +76,7 @@ def build_moderation_panel(service) -> callable:
             return msg, gr.update(), gr.update()
         try:
             with session_scope(service.session_factory) as s:
-                mrepo.review_event(session=s, event_id=eid, verdict=verdict, reviewer=caller_name(request))
+                moderation_repo.review_event(session=s, event_id=eid, verdict=verdict, reviewer=caller_name(request))
         except (NotFoundError, ValidationError) as exc:
             return f"⚠ {exc}", gr.update(), gr.update()
         return (f"Event {eid:.0f} marked {verdict.replace('_', ' ')}.", _summary(service),
@@ -98,7 +98,7 @@ def build_moderation_panel(service) -> callable:
             return msg
         try:
             with session_scope(service.session_factory) as s:
-                row = mrepo.set_template(session=s, direction=d, category=c, text=text, editor=caller_name(request))
+                row = moderation_repo.set_template(session=s, direction=d, category=c, text=text, editor=caller_name(request))
                 service.moderator.templates[(row.direction, row.category)] = row.text
         except ValidationError as exc:
             return f"⚠ {exc}"

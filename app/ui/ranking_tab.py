@@ -12,8 +12,8 @@ import gradio as gr
 
 from app.auth import caller_name
 from app.ui.guard import ANNOTATOR, denied
-from feedback import annotation_repo as arepo
-from feedback import repository as repo
+from feedback import annotation_repo
+from feedback import repository
 from feedback.db import session_scope
 
 SHORTCUTS_JS = """
@@ -24,12 +24,12 @@ SHORTCUTS_JS = """
   });
 }
 """
-FLAG_CHOICES = ["ok", *arepo.FLAG_KINDS]
+FLAG_CHOICES = ["ok", *annotation_repo.FLAG_KINDS]
 
 
 def build_ranking_tab(service, worker=None) -> gr.Tab:
     k = service.settings.ranking_candidates
-    labels = list(arepo.LABELS[:k])
+    labels = list(annotation_repo.LABELS[:k])
     with gr.Tab("Rank", id="rank", visible=False) as tab:
         with gr.Row():
             status = gr.Markdown(elem_id="rank-status")
@@ -54,8 +54,8 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
         task_state = gr.State(None)  # (task id, candidate ids in display order)
 
     def _status(s, user) -> str:
-        ready, waiting = arepo.open_task_count(session=s, annotator=user, k=k)
-        return (f"**Done in the last 24 h:** {arepo.done_today(session=s, annotator=user)} · "
+        ready, waiting = annotation_repo.open_task_count(session=s, annotator=user, k=k)
+        return (f"**Done in the last 24 h:** {annotation_repo.done_today(session=s, annotator=user)} · "
                 f"**ready:** {ready} · **waiting for candidates:** {waiting}")
 
     def load_next(request: gr.Request, progress=gr.Progress()):
@@ -64,14 +64,14 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
             return [msg, [], None, *blank, *[gr.update(value="ok")] * k, "", "", ""]
         name = caller_name(request)
         with session_scope(service.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=name)
-            task = arepo.next_task(session=s, annotator=user, k=k)
+            user = repository.get_or_create_user(session=s, name=name)
+            task = annotation_repo.next_task(session=s, annotator=user, k=k)
         if task is None and worker is not None:
             progress(0.1, desc="Generating candidate replies for the next task…")
             worker.run_once(limit=1)  # the annotator waits only when nothing was prepared ahead
         with session_scope(service.session_factory) as s:
-            user = repo.get_or_create_user(session=s, name=name)
-            task = arepo.next_task(session=s, annotator=user, k=k)
+            user = repository.get_or_create_user(session=s, name=name)
+            task = annotation_repo.next_task(session=s, annotator=user, k=k)
             status_md = _status(s, user)
             if task is None:
                 return [status_md, [], None, *blank, *[gr.update(value="ok")] * k, "", "",
@@ -93,13 +93,13 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
         task_id, cand_ids = state
         by_label = dict(zip(labels, cand_ids))
         try:
-            groups = [] if skipped else [[by_label[x] for x in g] for g in arepo.parse_order(order_text, labels)]
+            groups = [] if skipped else [[by_label[x] for x in g] for g in annotation_repo.parse_order(order_text, labels)]
             flag_map = {by_label[lab]: f for lab, f in zip(labels, flag_values) if f and f != "ok"}
             with session_scope(service.session_factory) as s:
-                user = repo.get_or_create_user(session=s, name=caller_name(request))
-                arepo.submit_ranking(session=s, task_id=task_id, annotator=user, order=groups, flags=flag_map,
+                user = repository.get_or_create_user(session=s, name=caller_name(request))
+                annotation_repo.submit_ranking(session=s, task_id=task_id, annotator=user, order=groups, flags=flag_map,
                                      demonstration=None if skipped else demo_text, skipped=skipped)
-        except (repo.ValidationError, repo.NotFoundError) as exc:
+        except (repository.ValidationError, repository.NotFoundError) as exc:
             return f"⚠ {exc}", gr.update()
         return ("Skipped." if skipped else "Saved. Next task:"), None
 

@@ -9,8 +9,8 @@ import gradio as gr
 import pandas as pd
 
 from app.auth import PermissionDenied, caller_name
-from app.ui.guard import ADMIN, denied
-from feedback import training_repo as trepo
+from app.ui.guard import ADMIN, denied, unless_admin_skip
+from feedback import training_repo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
@@ -41,8 +41,8 @@ def _interval(d: dict, key: str) -> str:
 
 def _version_rows(s) -> list[list]:
     rows = []
-    names = {v.id: v.name for v in trepo.list_versions(session=s)}
-    for v in trepo.list_versions(session=s):
+    names = {v.id: v.name for v in training_repo.list_versions(session=s)}
+    for v in training_repo.list_versions(session=s):
         m, e = v.metrics or {}, (v.metrics or {}).get("eval", {})
         verdict = f"{e.get('verdict', '')}: {e.get('verdict_text', '')}" if e.get("verdict") else ""
         rows.append([v.id, v.name, v.stage, "yes" if v.is_active else "", names.get(v.parent_id, ""), v.remote_model or "", verdict,
@@ -123,7 +123,7 @@ def build_training_panel(service, control) -> tuple:
             return msg, msg, _plot_frame(None, "reward"), _plot_frame(None, "ppo"), [], []
         with session_scope(service.session_factory) as s:
             c = data_counts(session=s)
-            recent = trepo.list_runs(session=s)
+            recent = training_repo.list_runs(session=s)
             latest = recent[0] if recent else None
             sources = ", ".join(f"{k}: {v}" for k, v in c["pairs_by_source"].items()) or "none"
             data = (f"**Data available:** {c['pairs']} preference pairs ({sources}) · "
@@ -156,7 +156,7 @@ def build_training_panel(service, control) -> tuple:
 
     def on_cancel(request: gr.Request):
         with session_scope(service.session_factory) as s:
-            run = trepo.active_run(session=s)
+            run = training_repo.active_run(session=s)
             run_id = run.id if run else None
         if run_id is None:
             if (msg := denied(service, request, ADMIN, "cancel retrain")) is not None:
@@ -181,7 +181,7 @@ def build_training_panel(service, control) -> tuple:
         note = f"Now serving **{name}**. Replies already streaming finish on the previous version."
         if not rollback_:
             with session_scope(service.session_factory) as s:
-                ev = (trepo.get_version(session=s, version_id=int(vid)).metrics or {}).get("eval", {})
+                ev = (training_repo.get_version(session=s, version_id=int(vid)).metrics or {}).get("eval", {})
             if ev.get("verdict") and ev["verdict"] != "better":
                 note += f"  \n⚠ Its evaluation did not find it better ({ev['verdict']}: {ev.get('verdict_text', '')})."
         return note
@@ -212,5 +212,6 @@ def build_training_panel(service, control) -> tuple:
     rollback.click(on_rollback, [version_id], note, api_name="rollback")
     map_remote.click(on_map_remote, [version_id, remote_id], note, api_name="map_remote_model")
     versions.select(pick_version, None, version_id, api_visibility="private")
-    timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
+    timer.tick(unless_admin_skip(service, refresh, len(outputs)), None, outputs, api_visibility="private",
+               show_progress="hidden")
     return refresh, outputs
