@@ -186,9 +186,10 @@ def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_f
 
 
 def test_what_the_page_polls_shows_non_admins_nothing_and_writes_no_audit_rows(session_factory, settings):
-    """The admin tab's page-load refresh and the training panel's 2-second timer run in every
-    browser. For a non-admin they change no output and write no audit row (before: three denied
-    rows per page load, one more every 2 s); for the admin they fill the panels."""
+    """The admin tab's page-load refresh and its timers (training every 2 s, live counts every
+    5 s) run in every browser. For a non-admin they change no output and write no audit row
+    (before: three denied rows per page load, one more every 2 s); for the admin they fill the
+    panels, the template editor with the template in use."""
     from types import SimpleNamespace
 
     import gradio as gr
@@ -197,13 +198,19 @@ def test_what_the_page_polls_shows_non_admins_nothing_and_writes_no_audit_rows(s
 
     with session_factory.begin() as s:
         repository.get_or_create_user(session=s, name="bob", role="annotator")
-    demo = build_demo(ChatService(ScriptedEngine("ok"), session_factory, settings))
+    from model.moderation import build_moderator
+
+    service = ChatService(ScriptedEngine("ok"), session_factory, settings, moderator=build_moderator("rules"))
+    demo = build_demo(service)
     polled = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "guarded"]
-    assert len(polled) == 2  # the page load's admin refresh and the training timer
+    assert len(polled) == 3  # the page load's admin refresh, the training timer, the live counts timer
     for fn in polled:
         out = fn(SimpleNamespace(username="bob"))
         assert out and all(isinstance(o, type(gr.skip())) for o in out)
         shown = fn(SimpleNamespace(username=None))  # the single-user owner is the admin
-        assert any(isinstance(o, str) and "Data available" in o for o in shown)
+        assert any(isinstance(o, str) and ("Data available" in o or "| prompts |" in o) for o in shown)
+    # The admin's page load fills the template editor with the reply in use (it opened empty).
+    shown = [o for fn in polled for o in fn(SimpleNamespace(username=None))]
+    assert any(isinstance(o, str) and o == service.moderator.template("in", None) for o in shown)
     with session_factory() as s:
         assert s.scalar(select(func.count(AuditLog.id)).where(AuditLog.user_name == "bob")) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app.ui.data_panel import build_data_panel
+from app.ui.guard import unless_admin_skip
 from app.ui.moderation_panel import build_moderation_panel
 from app.ui.training_panel import build_training_panel
 from app.ui.trial_panel import build_trial_panel
@@ -28,4 +29,9 @@ def build_admin_tab(service, control) -> tuple:
         return (*refresh_train(request), *refresh_trials(request), refresh_data(request), *refresh_mod(request))
 
     refresh_btn.click(refresh, None, outputs, api_name="admin_refresh")
+    # Live counts: data and moderation numbers every 5 s (cheap: data_counts rebuilds pairs only
+    # when the data behind them changed), so an import or a new flag shows without Refresh.
+    live = gr.Timer(5.0)
+    live.tick(unless_admin_skip(service, lambda request: (refresh_data(request), refresh_mod(request)[0]), 2), None,
+              [data_outputs[0], mod_outputs[0]], api_visibility="private", show_progress="hidden")
     return tab, refresh, outputs

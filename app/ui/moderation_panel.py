@@ -63,13 +63,15 @@ def build_moderation_panel(service) -> callable:
         with gr.Row():
             direction = gr.Dropdown(["in", "out"], value="in", label="Direction")
             category = gr.Textbox(value="*", label="Category (* = any)")
-        template = gr.Textbox(label="Reply shown instead", lines=3)
+        # Filled by the admin's page load and Refresh with the template in use (the admin's edit,
+        # else the default): an empty box read as "no template" while one was being shown to users.
+        template = gr.Textbox(label="Reply shown instead", lines=3, elem_id="template-text")
         save_tpl = gr.Button("Save template")
 
     def refresh(request: gr.Request):
         if (msg := denied(service, request, ADMIN, "view moderation", view=True)) is not None:
-            return msg, [], []
-        return _summary(service), _queue_rows(service), refresh_heads(request)
+            return msg, [], [], ""
+        return _summary(service), _queue_rows(service), refresh_heads(request), show_template("in", "*")
 
     def review(eid, verdict, all_events, order_by, request: gr.Request):
         if (msg := denied(service, request, ADMIN, "review moderation", f"event {eid}")) is not None:
@@ -124,4 +126,4 @@ def build_moderation_panel(service) -> callable:
     category.blur(show_template, [direction, category], template, api_visibility="private")
     save_tpl.click(save_template, [direction, category, template], note, api_name="save_template")
     queue.select(pick_row, None, event_id, api_visibility="private")
-    return refresh, [summary, queue] + head_outputs
+    return refresh, [summary, queue] + head_outputs + [template]
