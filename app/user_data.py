@@ -75,6 +75,28 @@ class UserData:
                     msgs.append({"role": "assistant", "content": REPLY_INTERRUPTED, "id": None, "vote": None})
             return msgs, conv.system_prompt
 
+    def reply_version(self, user_name: str, conversation_id) -> tuple[int, int]:
+        """(1-based position, count) of the shown last reply among its regenerated versions;
+        (0, 0) when the conversation has no reply yet."""
+        with session_scope(self.session_factory) as s:
+            user = repository.get_or_create_user(session=s, name=user_name)
+            versions, shown = repository.reply_versions(session=s, conversation=self._owned(
+                s, user, _conversation_id(conversation_id)))
+            return shown + 1, len(versions)
+
+    def step_reply_version(self, user_name: str, conversation_id, step) -> tuple[int, int]:
+        """Show the previous (-1) or next (+1) version of the last reply (< 1/2 >): the next
+        message continues from the one shown. Returns (position, count)."""
+        if step not in (-1, 1):
+            raise ChatError("Step through reply versions by -1 or +1.")
+        with session_scope(self.session_factory) as s:
+            user = repository.get_or_create_user(session=s, name=user_name)
+            conv = self._owned(s, user, _conversation_id(conversation_id))
+            try:
+                return repository.show_reply_version(session=s, conversation=conv, step=step)
+            except repository.ValidationError as exc:
+                raise ChatError(str(exc)) from None
+
     def my_data(self, user_name: str) -> dict:
         with session_scope(self.session_factory) as s:
             return repository.export_user_data(session=s, user=repository.get_or_create_user(session=s, name=user_name))

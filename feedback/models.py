@@ -39,6 +39,10 @@ class Conversation(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     title: Mapped[str] = mapped_column(String(200), default="New chat")
     system_prompt: Mapped[str] = mapped_column(Text, default="")
+    # The leaf of the thread shown after the user stepped back to an older reply version (< 1/2);
+    # None = the newest message. Any new message clears it (no foreign key: a plain pointer that
+    # feedback.repository.latest_thread checks before use).
+    shown_leaf_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     messages: Mapped[list["Message"]] = relationship(

@@ -152,6 +152,7 @@ def add_message(*, session: Session, conversation: Conversation, role: str, cont
                   role=role, content=storable(content), **fields)
     session.add(msg)
     conversation.updated_at = utcnow()
+    conversation.shown_leaf_id = None  # the new message ends the thread shown from now on
     session.flush()
     return msg
 
@@ -174,10 +175,42 @@ def thread(*, session: Session, leaf: Message) -> list[Message]:
 def latest_thread(*, session: Session, conversation: Conversation) -> list[Message]:
     """The thread ending at the newest message: after a regenerate, the newest sibling. The reply a
     user did not pick in a side-by-side (A/B) turn is never the thread's end (feedback.trial_repo)."""
-    leaf = session.scalar(select(Message).where(Message.conversation_id == conversation.id,
-                                                Message.status != "unpicked")
-                          .order_by(Message.id.desc()).limit(1))
+    leaf = session.get(Message, conversation.shown_leaf_id) if conversation.shown_leaf_id else None
+    if leaf is None or leaf.conversation_id != conversation.id or leaf.status == "unpicked":
+        leaf = session.scalar(select(Message).where(Message.conversation_id == conversation.id,
+                                                    Message.status != "unpicked")
+                              .order_by(Message.id.desc()).limit(1))
     return thread(session=session, leaf=leaf) if leaf else []
+
+
+def reply_versions(*, session: Session, conversation: Conversation) -> tuple[list[Message], int]:
+    """The versions of the shown thread's last reply (it and its regenerated siblings, oldest
+    first, never an unpicked A/B reply) and the index of the one shown. ([], -1) without a reply."""
+    shown = latest_thread(session=session, conversation=conversation)
+    last = next((m for m in reversed(shown) if m.role == "assistant"), None)
+    if last is None:
+        return [], -1
+    versions = [m for m in siblings(session=session, message=last) if m.status != "unpicked"]
+    return versions, versions.index(last)
+
+
+def show_reply_version(*, session: Session, conversation: Conversation, step: int) -> tuple[int, int]:
+    """Show the previous (``step`` -1) or next (+1) version of the last reply, with whatever
+    followed it. Returns (1-based position, count); ValidationError past either end."""
+    versions, shown = reply_versions(session=session, conversation=conversation)
+    if step not in (-1, 1):
+        raise ValidationError("Step through reply versions by -1 or +1.")
+    target = shown + step
+    if not versions or not 0 <= target < len(versions):
+        raise ValidationError("There is no other version of this reply." if len(versions) < 2 else
+                              f"This is already version {shown + 1} of {len(versions)}.")
+    leaf = versions[target]
+    while (child := session.scalar(select(Message).where(Message.parent_id == leaf.id, Message.status != "unpicked")
+                                   .order_by(Message.id.desc()).limit(1))) is not None:
+        leaf = child  # the newest continuation of that version
+    conversation.shown_leaf_id = leaf.id
+    session.flush()
+    return target + 1, len(versions)
 
 
 def siblings(*, session: Session, message: Message) -> list[Message]:

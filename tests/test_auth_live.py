@@ -92,7 +92,7 @@ def test_foreign_origin_cannot_act(session_factory, settings):
 # endpoint is privileged and must refuse them, so a new handler cannot ship unguarded.
 USER_ENDPOINTS = {"/opt_out", "/ab_opt_out", "/pick_left", "/pick_right", "/pick_tie", "/pick_both_bad",
                   "/export_my_data", "/search_conversations", "/rename_conversation", "/delete_conversation",
-                  "/delete_my_data", "/send", "/regenerate", "/stop"}
+                  "/delete_my_data", "/send", "/regenerate", "/stop", "/previous_reply_version", "/next_reply_version"}
 ANNOTATOR_ENDPOINTS = {"/rank_submit", "/rank_skip", "/rank_next"}
 
 

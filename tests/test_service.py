@@ -260,3 +260,38 @@ def test_the_gradio_queue_polls_at_the_configured_interval_not_every_millisecond
     gradio = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), GradioApp))
     queue = gradio.get_blocks()._queue
     assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (0.02, 0.1)
+
+
+def test_stepping_back_to_an_older_reply_version_shows_it_with_its_vote_and_continues_from_it(session_factory,
+                                                                                              settings):
+    """Regenerate keeps the old reply; < 1/2 > brings it back with the user's vote on it, the next
+    message continues from the version shown (the model sees it), and the ends, another user's
+    conversation and a bad step are refused without changing what is shown."""
+    replies = iter(["First answer.", "Second answer.", "Reply to the follow-up."])
+    engine = ScriptedEngine(lambda messages: next(replies))
+    service = ChatService(engine, session_factory, settings)
+    first = list(service.send("alice", "Question"))[-1]
+    cid = first.conversation_id
+    assert service.reply_version("alice", cid) == (1, 1)
+    service.vote("alice", first.assistant_message_id, 1)
+    second = list(service.regenerate("alice", cid))[-1]
+    assert service.reply_version("alice", cid) == (2, 2)
+    with pytest.raises(ChatError, match="already version 2 of 2"):
+        service.step_reply_version("alice", cid, 1)
+    assert service.step_reply_version("alice", cid, -1) == (1, 2)
+    msgs, _ = service.open_conversation("alice", cid)
+    assert [(m["content"], m["vote"]) for m in msgs] == [("Question", None), ("First answer.", 1)]
+    for who, step, error in (("bob", -1, "not found"), ("alice", 5, "by -1 or \\+1"),
+                             ("alice", -1, "already version 1 of 2")):
+        with pytest.raises(ChatError, match=error):
+            service.step_reply_version(who, cid, step)
+    assert service.reply_version("alice", cid) == (1, 2)
+    follow = list(service.send("alice", "And then?", conversation_id=cid))[-1]
+    assert engine.calls[-1][-2:] == [{"role": "assistant", "content": "First answer."},
+                                     {"role": "user", "content": "And then?"}]
+    with session_factory() as s:
+        assert s.get(Message, follow.user_message_id).parent_id == first.assistant_message_id
+    msgs, _ = service.open_conversation("alice", cid)
+    assert [m["content"] for m in msgs] == ["Question", "First answer.", "And then?", "Reply to the follow-up."]
+    assert service.reply_version("alice", cid) == (1, 1)  # the new reply has one version
+    assert second.assistant_message_id not in [m["id"] for m in msgs]

@@ -9,6 +9,7 @@ import gradio as gr
 
 from app.auth import caller_name
 from app.service import ChatError
+from app.ui.reply_versions import ReplyVersions, conversation_view
 from feedback.repository import VOTE_REASONS, NotFoundError, ValidationError
 from model.engine import SamplingParams
 
@@ -67,6 +68,7 @@ def build_chat_tab(service) -> tuple:
                 outgoing = gr.Textbox(visible=False)
             with gr.Row():
                 regen = gr.Button("Regenerate", size="sm", elem_id="regen-btn")
+                versions = ReplyVersions(service, busy=lambda request: request.session_hash in streaming)
             with gr.Row(visible=False) as why_row:
                 reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)
                 comment = gr.Textbox(label="Comment (optional)", max_lines=3)
@@ -286,14 +288,10 @@ def build_chat_tab(service) -> tuple:
         if selected is None:
             return gr.update(), gr.update(), gr.update(), gr.update(), "", gr.update(), gr.update()
         try:
-            msgs, system_prompt = service.open_conversation(caller_name(request), int(selected))
+            rows, row_ids, system_prompt = conversation_view(service, caller_name(request), int(selected))
         except ChatError as exc:
             return [], [], None, "", f"⚠ {exc}", gr.update(visible=False), None
-        rows = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        # The thumbs show the votes this user gave (one value per assistant message).
-        feedback = [{1: "Like", -1: "Dislike"}.get(m["vote"]) for m in msgs if m["role"] == "assistant"]
-        return (gr.update(value=rows, feedback_value=feedback), [m["id"] for m in msgs], int(selected), system_prompt,
-                "", gr.update(visible=False), None)
+        return rows, row_ids, int(selected), system_prompt, "", gr.update(visible=False), None
 
     def on_opt_out(value, request: gr.Request):
         service.set_opt_out(caller_name(request), value)
@@ -346,17 +344,20 @@ def build_chat_tab(service) -> tuple:
 
     for button, choice in ((pick_left, "left"), (pick_right, "right"), (pick_tie, "tie"), (pick_bad, "both_bad")):
         button.click(picker(choice), [ab_turn, chatbot, ids], [chatbot, ids, hint, ab_box, ab_turn],
-                     api_name=f"pick_{choice}")
+                     api_name=f"pick_{choice}") \
+            .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     export_btn.click(on_export, None, my_file, api_name="export_my_data")
     search.change(on_search, [search], [convs, hint], api_name="search_conversations", trigger_mode="always_last")
     rename_btn.click(on_rename, [conv_id, title_box], [convs, hint, title_box], api_name="rename_conversation")
     title_box.submit(on_rename, [conv_id, title_box], [convs, hint, title_box], api_visibility="private")
     delete_chat_btn.click(on_delete_chat, [delete_chat_confirmed, conv_id], [chatbot, ids, conv_id, convs, hint, ab_turn],
                           api_name="delete_conversation",
-                          js="(ok, cid) => [confirm('Delete this conversation? This cannot be undone.'), cid]")
+                          js="(ok, cid) => [confirm('Delete this conversation? This cannot be undone.'), cid]") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     delete_btn.click(on_delete, [delete_confirmed], [chatbot, ids, conv_id, hint, convs, my_file],
                      api_name="delete_my_data",
-                     js="() => confirm('Delete all your conversations, votes and rankings?')")
+                     js="() => confirm('Delete all your conversations, votes and rankings?')") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
 
     send_inputs = [outgoing, chatbot, ids, conv_id, ab_turn, system, *sampling]
     send_outputs = [box, chatbot, ids, conv_id, hint, convs, ab_box, left_md, right_md, ab_turn]
@@ -368,17 +369,23 @@ def build_chat_tab(service) -> tuple:
                          (chosen, {"api_visibility": "private"})):
         trigger(take_message, [box], [box, outgoing, send, stop], queue=False, api_visibility="private") \
             .then(on_send, send_inputs, send_outputs, concurrency_limit=None, show_progress_on=[chatbot], **api) \
-            .then(show_send, None, [send, stop], queue=False, api_visibility="private")
+            .then(show_send, None, [send, stop], queue=False, api_visibility="private") \
+            .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     regen.click(show_stop, None, [send, stop], queue=False, api_visibility="private") \
         .then(on_regen, [chatbot, ids, conv_id, ab_turn, *sampling], [chatbot, ids, conv_id, hint],
               api_name="regenerate", show_progress_on=[chatbot]) \
-        .then(show_send, None, [send, stop], queue=False, api_visibility="private")
+        .then(show_send, None, [send, stop], queue=False, api_visibility="private") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
+    versions.wire(chatbot, ids, conv_id, ab_turn, hint)
     stop.click(on_stop, None, None, api_name="stop")
     chatbot.like(on_like, [ids], [voted, hint, why_row], api_visibility="private")
     save_why.click(on_save_why, [voted, reason, comment], [hint, why_row, voted, comment], api_visibility="private")
-    new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
+    new_btn.click(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     # The chat's trash icon starts a new chat too: clearing only the screen made the next message
     # continue the old conversation out of sight.
-    chatbot.clear(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private")
-    convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private")
+    chatbot.clear(on_new, None, [chatbot, ids, conv_id, hint, convs, ab_box, ab_turn], api_visibility="private") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
+    convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private") \
+        .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     return refresh_list, convs, model_label, chatbot
