@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gradio as gr
+
 from app.auth import PermissionDenied, caller_name, require_role, role_of
 
 ADMIN = ("admin",)
@@ -13,8 +15,8 @@ def unless_admin_skip(service, fn, n_outputs: int):
     page itself polls (its load, timers): a non-admin's browser asks without the user doing
     anything, so a refusal there is not an attempt worth an audit row (three per page load and
     one every 2 s were before). Actions and the Refresh button still audit through ``denied``."""
-    import gradio as gr
-
+    # gr must be a module global: with postponed annotations Gradio resolves "gr.Request" there,
+    # and an unresolved one made it pass None for the request (None reads as the local admin).
     def guarded(request: gr.Request):
         if role_of(service.session_factory, caller_name(request)) != "admin":
             return tuple(gr.skip() for _ in range(n_outputs))
