@@ -16,6 +16,7 @@ import time
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from app.active_ranking import TaskPrioritizer
 from feedback import annotation_repo
 from feedback.db import session_scope
 from model.engine import EngineBusyError, SamplingParams
@@ -32,8 +33,12 @@ VARIANTS = [dict(temperature=0.3, top_p=0.9), dict(temperature=0.7, top_p=0.95),
 
 class CandidateWorker:
     def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int = 128, interval_s: float = 10.0,
-                 max_failures: int = 3):
+                 max_failures: int = 3, prioritize: bool = True, pool: int = 12):
         self.service = service
+        # Uncertainty-first order (app/active_ranking.py): once its preference head exists the
+        # worker keeps ``pool`` tasks ready instead of ``ahead``, so the order has a choice.
+        self.prioritizer = TaskPrioritizer(service, k) if prioritize else None
+        self.pool = pool
         self.max_failures = max_failures
         self._failures: dict[int, int] = {}  # task id -> rounds in a row its candidates failed
         self.k = k
@@ -73,7 +78,7 @@ class CandidateWorker:
         with self._lock:  # one filler at a time (background loop or an annotator waiting)
             self._sync_prompts()
             with session_scope(self.service.session_factory) as s:
-                wanted = limit or max(0, self.ahead - annotation_repo.ready_task_count(session=s, k=self.k))
+                wanted = limit or max(0, self._lookahead() - annotation_repo.ready_task_count(session=s, k=self.k))
                 todo = [(t.id, t.context, len(t.candidates))
                         for t in annotation_repo.tasks_needing_candidates(session=s, k=self.k, limit=wanted)] if wanted else []
             made = 0
@@ -89,7 +94,25 @@ class CandidateWorker:
                     self._task_failed(task_id, exc)
                     continue
                 self._failures.pop(task_id, None)
+            self._prioritize()
             return made
+
+    def _lookahead(self) -> int:
+        return self.pool if self.prioritizer is not None and self.prioritizer.head is not None else self.ahead
+
+    def _prioritize(self) -> None:
+        """Score ready tasks for the queue's order; a failure leaves arrival order, never the worker."""
+        if self.prioritizer is None:
+            return
+        try:
+            self.prioritizer.update()
+        except TRANSIENT:
+            raise
+        except FileNotFoundError as exc:  # a remote engine: no local weights to read features from
+            log.warning("ranking tasks keep arrival order: %s", exc)
+            self.prioritizer = None
+        except Exception:
+            log.warning("ranking tasks keep arrival order this round: the preference head failed", exc_info=True)
 
     def _sync_prompts(self) -> int:
         """Each prompt in its own transaction, so a bad one is skipped without undoing the rest."""

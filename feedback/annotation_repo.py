@@ -110,7 +110,8 @@ def _done_counts():
 
 
 def next_task(*, session: Session, annotator: User, k: int) -> RankingTask | None:
-    """The oldest ready task this annotator has not seen that still wants rankings."""
+    """The ready task this annotator has not seen that still wants rankings: the highest
+    priority first (app/active_ranking.py), then the oldest."""
     mine = select(Ranking.task_id).where(Ranking.annotator_id == annotator.id)
     have = (select(Candidate.task_id, func.count(Candidate.id).label("n")).group_by(Candidate.task_id).subquery())
     done = _done_counts()
@@ -118,8 +119,28 @@ def next_task(*, session: Session, annotator: User, k: int) -> RankingTask | Non
             .outerjoin(done, done.c.task_id == RankingTask.id)
             .where(have.c.n >= k, RankingTask.id.not_in(mine), func.coalesce(done.c.n, 0) < RankingTask.wanted,
                    RankingTask.skipped_reason.is_(None))
-            .order_by(RankingTask.id).limit(1))
+            # Portable "NULLS LAST": scored tasks first, the highest priority of them first.
+            .order_by(RankingTask.priority.is_(None), RankingTask.priority.desc(), RankingTask.id).limit(1))
     return session.scalar(stmt)
+
+
+def ready_tasks(*, session: Session, k: int, limit: int = 50) -> list[RankingTask]:
+    """Tasks with all ``k`` candidates that still want rankings (what the queue may serve next)."""
+    have = (select(Candidate.task_id, func.count(Candidate.id).label("n")).group_by(Candidate.task_id).subquery())
+    done = _done_counts()
+    stmt = (select(RankingTask).join(have, have.c.task_id == RankingTask.id)
+            .outerjoin(done, done.c.task_id == RankingTask.id)
+            .where(have.c.n >= k, func.coalesce(done.c.n, 0) < RankingTask.wanted,
+                   RankingTask.skipped_reason.is_(None))
+            .order_by(RankingTask.id).limit(limit))
+    return list(session.scalars(stmt))
+
+
+def set_priority(*, session: Session, task_id: int, priority: float | None, reason: str | None) -> None:
+    task = session.get(RankingTask, task_id)
+    if task is not None:
+        task.priority, task.priority_reason = priority, (reason or None) and reason[:200]
+        session.flush()
 
 
 def open_task_count(*, session: Session, annotator: User, k: int) -> tuple[int, int]:

@@ -103,6 +103,10 @@ class RankingTask(Base):
     wanted: Mapped[int] = mapped_column(Integer, default=1)
     # Set when candidates could not be made for it (the error): such a task is not retried.
     skipped_reason: Mapped[str | None] = mapped_column(Text)
+    # Where the ranking queue serves it (higher first; None = not scored yet, after the scored
+    # ones in arrival order) and why (shown in the Rank tab): app/active_ranking.py.
+    priority: Mapped[float | None] = mapped_column(Float)
+    priority_reason: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     candidates: Mapped[list["Candidate"]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Candidate.id"

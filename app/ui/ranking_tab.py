@@ -81,6 +81,8 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
             texts = [f"**{label}**\n\n{c.content}" for label, c in zip(labels, cands)]
             rows = [{"role": m["role"], "content": m["content"]} for m in task.context]
             state = (task.id, [c.id for c in cands])
+            why = task.priority_reason or "next in arrival order (the preference model needs 10 pairs first)"
+            status_md = f"{status_md}  \n*Why this task:* {why}"
         if worker is not None:
             worker.wake()  # keep preparing the following tasks
         return [status_md, rows, state, *texts, *[gr.update(value="ok")] * k, "", "", ""]
