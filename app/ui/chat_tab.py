@@ -67,7 +67,7 @@ def build_chat_tab(service) -> tuple:
                 # starts is the next message, never erased by this one's first update.
                 outgoing = gr.Textbox(visible=False)
             with gr.Row():
-                regen = gr.Button("Regenerate", size="sm", elem_id="regen-btn")
+                regen = gr.Button("Regenerate", size="sm", scale=0, min_width=120, elem_id="regen-btn")
                 versions = ReplyVersions(service, busy=lambda request: request.session_hash in streaming)
             with gr.Row(visible=False) as why_row:
                 reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)

@@ -27,9 +27,11 @@ class ReplyVersions:
 
     def __init__(self, service, busy):
         self.service, self.busy = service, busy
-        self.prev = gr.Button("‹", size="sm", visible=False, min_width=40, elem_id="version-prev")
-        self.label = gr.Markdown("", visible=False, elem_id="version-label")
-        self.next = gr.Button("›", size="sm", visible=False, min_width=40, elem_id="version-next")
+        self.prev = gr.Button("‹", size="sm", visible=False, scale=0, min_width=40, elem_id="version-prev")
+        # A button that does nothing: it sizes like its neighbours in the row (a Markdown stretched).
+        self.label = gr.Button("", size="sm", visible=False, interactive=False, scale=0, min_width=110,
+                               elem_id="version-label")
+        self.next = gr.Button("›", size="sm", visible=False, scale=0, min_width=40, elem_id="version-next")
         self.outputs = [self.prev, self.label, self.next]
 
     def refresh(self, conversation_id, request: gr.Request):
