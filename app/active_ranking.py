@@ -25,7 +25,7 @@ import numpy as np
 from feedback import annotation_repo, training_repo
 from feedback.db import session_scope
 from feedback.pairs import all_pairs
-from feedback.stats import data_counts
+from feedback.stats import pair_count
 from model.preference_head import fit_preference_head, score_spread
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TaskPrioritizer:
         """Refit if due, then score ready tasks. Returns the tasks scored (0 when inactive)."""
         factory = self.service.session_factory
         with session_scope(factory) as s:
-            n_pairs = data_counts(session=s)["pairs"]  # cached until the data behind it changes
+            n_pairs = pair_count(s)  # cached until the data behind it changes
         if n_pairs < self.min_pairs:
             return 0
         refit = self.head is None or n_pairs - self._fitted_at >= self.refit_every

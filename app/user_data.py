@@ -87,8 +87,6 @@ class UserData:
     def step_reply_version(self, user_name: str, conversation_id, step) -> tuple[int, int]:
         """Show the previous (-1) or next (+1) version of the last reply (< 1/2 >): the next
         message continues from the one shown. Returns (position, count)."""
-        if step not in (-1, 1):
-            raise ChatError("Step through reply versions by -1 or +1.")
         with session_scope(self.session_factory) as s:
             user = repository.get_or_create_user(session=s, name=user_name)
             conv = self._owned(s, user, _conversation_id(conversation_id))

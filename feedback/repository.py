@@ -197,9 +197,9 @@ def reply_versions(*, session: Session, conversation: Conversation) -> tuple[lis
 def show_reply_version(*, session: Session, conversation: Conversation, step: int) -> tuple[int, int]:
     """Show the previous (``step`` -1) or next (+1) version of the last reply, with whatever
     followed it. Returns (1-based position, count); ValidationError past either end."""
-    versions, shown = reply_versions(session=session, conversation=conversation)
     if step not in (-1, 1):
         raise ValidationError("Step through reply versions by -1 or +1.")
+    versions, shown = reply_versions(session=session, conversation=conversation)
     target = shown + step
     if not versions or not 0 <= target < len(versions):
         raise ValidationError("There is no other version of this reply." if len(versions) < 2 else

@@ -79,6 +79,11 @@ def _pair_summary(session: Session) -> dict:
     return summary
 
 
+def pair_count(session: Session) -> int:
+    """Preference pairs from every source (cached like data_counts' summary)."""
+    return _pair_summary(session)["pairs"]
+
+
 def data_counts(session: Session) -> dict:
     summary = _pair_summary(session)
     count = lambda stmt: session.scalar(stmt) or 0  # noqa: E731
