@@ -83,8 +83,7 @@ def create_app(service, worker=None, control=None):
     from app.my_data import EXPORT_PATH
     from app.my_data import PATH as MY_DATA_PATH
 
-    from app.ui.demo import CSS, build_demo
-    from app.ui.ranking_tab import SHORTCUTS_JS
+    from app.ui.demo import CSS, PAGE_JS, build_demo
 
     api = FastAPI(title="Feedback Chat")
     api.state.service = service
@@ -132,7 +131,7 @@ def create_app(service, worker=None, control=None):
         queue.progress_update_sleep_when_free = max(5 * st.queue_poll_s, 0.01)  # Gradio: 0.01
     throttle = LoginThrottle(st.login_failures_per_name, st.login_failures_per_address, st.login_window_s)
     auth = login_checker(service.session_factory, throttle) if auth_enabled(service.session_factory) else None
-    app = gr.mount_gradio_app(api, demo, path="/", css=CSS, js=SHORTCUTS_JS, footer_links=[], show_error=True,
+    app = gr.mount_gradio_app(api, demo, path="/", css=CSS, js=PAGE_JS, footer_links=[], show_error=True,
                               auth=auth, auth_message=login_message(throttle))
     gradio_app["app"] = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), GradioApp))
     return app

@@ -66,13 +66,16 @@ class Settings:
     max_queue: int = field(default=64, metadata={"help": "Requests waiting for the model; more get 'busy, try again'."})
     max_concurrent: int = field(default=16, metadata={"help": "Replies generated at the same time (the batch size)."})
     busy_wait_s: float = field(default=30.0, metadata={"help": "How long a request waits for a free slot."})
-    moderation_backends: str = field(default="auto", metadata={"help": "Comma list: rules,profanity,detoxify,learned; auto = best available (plus the learned head once one is switched on)."})
+    moderation_backends: str = field(default="auto", metadata={"help": "Comma list: rules,profanity,detoxify,learned; auto = best available, plus the learned head once one is trained (the newest, or the one switched on)."})
     moderation_threshold: float = field(default=0.5, metadata={"help": "Default per-category flag threshold."})
     moderation_thresholds: str = field(default="", metadata={"help": "Per-category overrides, e.g. 'toxicity=0.6,insult=0.7'."})
     moderation_rules_file: str = field(default="", metadata={"help": "JSON file of regex/blocklist rules with a category each."})
     moderation_stream_every: int = field(default=24, metadata={"help": "Check the growing reply every N characters."})
     detoxify_checkpoint: str = field(default="", metadata={"help": "Local Detoxify checkpoint (.ckpt) to use offline."})
     detoxify_config_dir: str = field(default="", metadata={"help": "Local HF config/tokenizer dir for that checkpoint."})
+    retrain_nice: int = field(default=19, metadata={"help": (
+        "Niceness of the retrain process (0-19; 0 = the same priority as chat). It shares the cores with "
+        "chat: at 19 the kernel gives chat's threads the CPU whenever they want it (bench.chat_beside_retrain).")})
     ranking_candidates: int = field(default=4, metadata={"help": "Candidate replies per ranking task (K)."})
     annotations_per_task: int = field(default=1, metadata={"help": "Rankings each task wants (N)."})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,13 @@ from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.repository import checked_id
 from training.config import RetrainConfig
+
+
+def nice_prefix(niceness: int) -> list[str]:
+    """``nice -n N`` before the retrain's command: set before exec, so every thread torch and
+    llama.cpp start in it inherits the priority (a setpriority on the pid reaches one thread)."""
+    niceness = max(0, min(19, int(niceness)))
+    return ["nice", "-n", str(niceness)] if niceness and shutil.which("nice") else []
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +121,8 @@ class TrainingControl:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             run.log_path = str(log_path)
         env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "training.retrain", "--run-id", str(run_id), "--url", self.settings.db_url,
+        cmd = [*nice_prefix(self.settings.retrain_nice), sys.executable, "-m", "training.retrain",
+               "--run-id", str(run_id), "--url", self.settings.db_url,
                "--data-dir", str(Path(self.settings.data_dir).resolve()), "--config-json", json.dumps(cfg.to_dict())]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -12,13 +12,14 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @contextmanager
-def browser_page(name: str):
-    """A page; on failure a screenshot is saved to test-artifacts/<name>.png."""
+def browser_page(name: str, width: int = 1280, height: int = 1000):
+    """A page (``width`` x ``height`` CSS pixels); on failure a screenshot is saved to
+    test-artifacts/<name>.png."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": width, "height": height})
         try:
             yield page
         except BaseException:

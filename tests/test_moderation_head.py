@@ -1,5 +1,5 @@
 """The learned moderation head: training separates labels, review decisions feed it, `auto` uses the
-switched-on head, and a broken head file is a clear error (issue 14)."""
+newest trained head unless one is pinned, and a broken head file is a clear error (issue 14)."""
 
 from __future__ import annotations
 
@@ -116,19 +116,27 @@ def test_uncertain_events_come_nearest_the_threshold_first(session_factory):
             ["near", "mid", "far"]
 
 
-def test_auto_adds_the_learned_head_once_one_is_switched_on(tiny_model_dir, tmp_path):
-    meta = _train(tiny_model_dir, tmp_path, _rows(40, seed=3))
+def test_auto_uses_the_newest_trained_head_unless_an_older_one_is_pinned(tiny_model_dir, tmp_path):
+    """No head: auto is rules + profanity. Once one is trained (never switched on) auto adds it; a
+    second head becomes the one in use; pinning the first brings it back while the second stays stored."""
     assert build_moderator("auto", data_dir=str(tmp_path)).backend_names == ["rules", "profanity"]
-    activate(tmp_path, meta["name"])
+    first = _train(tiny_model_dir, tmp_path, _rows(40, seed=3))
     moderator = build_moderator("auto", data_dir=str(tmp_path))
     assert moderator.backend_names == ["rules", "profanity", "learned"]
-    assert [h["active"] for h in list_heads(tmp_path)] == [True]
+    assert moderator.backends[-1].head_dir.name == first["name"]
     verdict = moderator.check("garden weather stupid filthy vermin", "in")
     assert "learned" in verdict.scores and 0 <= verdict.scores["learned"]["toxicity"] <= 1
+    second = _train(tiny_model_dir, tmp_path, _rows(40, seed=7))
+    assert build_moderator("auto", data_dir=str(tmp_path)).backends[-1].head_dir.name == second["name"]
+    assert [(h["name"], h["active"], h["pinned"]) for h in list_heads(tmp_path)] == \
+        [(second["name"], True, False), (first["name"], False, False)]
+    activate(tmp_path, first["name"])
+    assert build_moderator("auto", data_dir=str(tmp_path)).backends[-1].head_dir.name == first["name"]
+    assert [(h["active"], h["pinned"]) for h in list_heads(tmp_path)] == [(False, False), (True, True)]
 
 
 def test_learned_backend_without_a_head_is_a_clear_error(tmp_path):
-    with pytest.raises(HeadLoadError, match="no head switched on"):
+    with pytest.raises(HeadLoadError, match="no trained head"):
         build_moderator("rules,learned", data_dir=str(tmp_path))
 
 
@@ -182,10 +190,10 @@ def test_streaming_checks_skip_the_learned_head_and_the_complete_reply_gets_it(t
     assert set(moderator.check("garden sky", "out").scores) == {"rules", "learned"}
 
 
-def test_admin_trains_and_switches_on_a_head_in_the_running_app(tiny_model_dir, tmp_path):
+def test_admin_trains_a_head_in_the_running_app_it_is_used_at_once_and_switch_on_pins_it(tiny_model_dir, tmp_path):
     """Through the real app's Gradio API in local mode (admin): Train a head (calibration set +
-    everyday messages), read its metrics, Switch on; the next chat message is scored by it and
-    the active pointer is written for the next start."""
+    everyday messages) and read its metrics; with no head pinned it is in use at once (the next
+    chat message is scored by it); Switch on pins it for the next start."""
     from gradio_client import Client
     from sqlalchemy import select
 
@@ -195,12 +203,13 @@ def test_admin_trains_and_switches_on_a_head_in_the_running_app(tiny_model_dir, 
     with live_app(tmp_path, tiny_model_dir) as url:
         client = Client(url + "/", verbose=False)
         note, _, name = client.predict(None, api_name="/train_moderation_head")
-        assert "ROC AUC" in note and name == "head-0001", note
+        assert "ROC AUC" in note and name == "head-0001" and "is in use now" in note, note
+        client.predict("What is the capital of France?", [], "", 0.0, 0.9, 8, 4, 1.1, api_name="/send")
+        assert not (tmp_path / "moderation" / "heads" / "active").exists()
         note, _ = client.predict("head-9999", api_name="/switch_moderation_head")
         assert "No head named" in note
         note, heads = client.predict(name, api_name="/switch_moderation_head")
         assert f"{name} is on" in note and "learned" in note
-        client.predict("What is the capital of France?", [], "", 0.0, 0.9, 8, 4, 1.1, api_name="/send")
     assert (tmp_path / "moderation" / "heads" / "active").read_text().strip() == name
     factory = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'chat.db'}"))
     with factory() as s:

@@ -9,8 +9,9 @@ every decision in Admin > Moderation's review queue (mark correct / false positi
 and any JSONL of ``{"text", "label"[, "category"]}`` given with ``--labels``; a later label
 for the same text wins (review decisions come last). Features are the base model's hidden
 states (``model.moderation.learned``). The head is stored under ``<data_dir>/moderation/heads``
-with its cross-validated metrics and the rows it learned from, and is switched on only with
-``--activate`` (or the Admin button), after its metrics have been read.
+with its cross-validated metrics and the rows it learned from. ``auto`` moderation uses the newest
+head from the next start on, unless one is pinned; ``--activate`` (or Admin > Switch on) pins
+this one, so a later head is used only once it is switched on in turn.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def main() -> None:
     parser.add_argument("--pooling", default=EncoderSpec.pooling, choices=list(POOLINGS))
     parser.add_argument("--c", type=float, default=0.05, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--threshold", type=float, default=float(os.environ.get("CHAT_MODERATION_THRESHOLD", 0.5)))
-    parser.add_argument("--activate", action="store_true", help="switch the new head on (the app reads it at start)")
+    parser.add_argument("--activate", action="store_true", help="pin the new head (without a pin the app uses the "
+                        "newest head from its next start)")
     parser.add_argument("--url", default=default_url(), help="database URL (for review decisions and logged chat)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CHAT_DATA_DIR", "data")))
     parser.add_argument("--model", default=os.environ.get("CHAT_MODEL", "embedded"))
@@ -99,12 +101,18 @@ def main() -> None:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(describe(meta))
+    if not args.activate:
+        from model.moderation.head_store import active_head_name, pinned_head_name
+
+        in_use = active_head_name(args.data_dir)
+        print(f"in use from the app's next start: {in_use}" + (" (pinned; --activate or Admin > Switch on "
+              "pins another)" if pinned_head_name(args.data_dir) else " (the newest: no head is pinned)"))
     if args.activate:
         from model.moderation.learned import LearnedBackend
 
         LearnedBackend(Path(args.data_dir) / "moderation" / "heads" / meta["name"])  # loads: fails before switching
         activate(args.data_dir, meta["name"])
-        print(f"switched on: {meta['name']} (restart the app, or switch it on in Admin > Moderation)")
+        print(f"switched on (pinned): {meta['name']} (restart the app, or switch it on in Admin > Moderation)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import gradio as gr
 
 from app.auth import caller_name
 from app.service import ChatError
+from app.ui.drawer import wire_drawer
 from app.ui.reply_versions import ReplyVersions, conversation_view
 from feedback.repository import VOTE_REASONS, NotFoundError, ValidationError
 from model.engine import SamplingParams
@@ -30,7 +31,8 @@ EXAMPLES = ["Explain compound interest in two sentences.", "Write a haiku about 
 
 def build_chat_tab(service) -> tuple:
     with gr.Row():
-        with gr.Column(scale=1, min_width=220):
+        with gr.Column(scale=1, min_width=220, elem_id="conv-drawer"):
+            drawer_close = gr.Button("✕ Close", size="sm", elem_id="drawer-close")
             new_btn = gr.Button("+ New chat", variant="secondary")
             search = gr.Textbox(placeholder="Search your chats", show_label=False, elem_id="conv-search",
                                 max_lines=1)
@@ -42,6 +44,7 @@ def build_chat_tab(service) -> tuple:
                     delete_chat_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-chat")
                 delete_chat_confirmed = gr.Checkbox(False, visible=False)
         with gr.Column(scale=4):
+            drawer_toggle = gr.Button("☰ Chats", size="sm", elem_id="drawer-toggle")
             chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", sanitize_html=True,
                                  feedback_options=("Like", "Dislike"), buttons=["copy"], placeholder=WELCOME,
                                  examples=[{"text": t} for t in EXAMPLES])
@@ -388,4 +391,5 @@ def build_chat_tab(service) -> tuple:
         .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private") \
         .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
+    wire_drawer(drawer_toggle, drawer_close, new_btn.click)
     return refresh_list, convs, model_label, chatbot

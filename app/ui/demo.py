@@ -9,12 +9,15 @@ from app.auth import caller_name, role_of
 from app.ui.admin_tab import build_admin_tab
 from app.ui.guard import unless_admin_skip
 from app.ui.chat_tab import build_chat_tab
-from app.ui.ranking_tab import build_ranking_tab
+from app.ui.drawer import DRAWER_CSS, DRAWER_PAGE_JS
+from app.ui.ranking_tab import SHORTCUTS_JS, build_ranking_tab
 
 CSS = """
 #chat-hint p { color: #b45309; margin: 0; min-height: 1.2em; }
 footer { display: none !important; }
-"""
+""" + DRAWER_CSS
+# Gradio takes one page-load function: run each tab's in turn.
+PAGE_JS = f"() => {{ ({SHORTCUTS_JS.strip()})(); ({DRAWER_PAGE_JS})(); }}"
 
 
 def build_demo(service, worker=None, control=None) -> gr.Blocks:

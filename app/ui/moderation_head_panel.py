@@ -8,10 +8,10 @@ import gradio as gr
 
 from app.ui.guard import ADMIN, denied
 from training.moderation_head import describe, encoder_model_dir, flag_rate, gather_rows, logged_chat
-from model.moderation.head_store import activate, heads_dir, list_heads
+from model.moderation.head_store import activate, heads_dir, list_heads, pinned_head_name
 from model.moderation.learned import EncoderSpec, HeadLoadError, LearnedBackend, describe_encoder
 
-HEAD_HEADERS = ["head", "created", "active", "rows (harmful)", "ROC AUC (95%)", "recall", "false positives",
+HEAD_HEADERS = ["head", "created", "in use", "rows (harmful)", "ROC AUC (95%)", "recall", "false positives",
                 "everyday prompts flagged (out of fold)", "logged chat flagged", "features"]
 
 
@@ -22,7 +22,7 @@ def head_rows(data_dir) -> list[list]:
             rows.append([h["name"], "—", "", "unreadable: " + h["error"][:120], "", "", "", "", "", ""])
             continue
         m = h["metrics"].get("toxicity") or next(iter(h["metrics"].values()), {})
-        rows.append([h["name"], h["created"], "on" if h["active"] else "", f"{h['data']['rows']} ({h['data']['positives']})",
+        rows.append([h["name"], h["created"], ("pinned" if h["pinned"] else "newest") if h["active"] else "", f"{h['data']['rows']} ({h['data']['positives']})",
                      f"{m['auc']:.3f} [{m['auc_low']:.2f}, {m['auc_high']:.2f}]", f"{m['recall']:.2f}", f"{m['fpr']:.2f}",
                      flag_rate(m, "everyday"), flag_rate(m, "logged"),
                      describe_encoder(h["encoder"])])
@@ -32,8 +32,8 @@ def head_rows(data_dir) -> list[list]:
 def build_head_panel(service) -> tuple:
     gr.Markdown("A small classifier on the chat model's own hidden states, trained on the ToxiGen calibration "
                 "set, your review decisions above and any labelled JSONL (`{\"text\", \"label\"}`). Its metrics "
-                "are cross-validated (every score from a head that never saw that row). Nothing changes until "
-                "you switch a head on.")
+                "are cross-validated (every score from a head that never saw that row). Until you switch "
+                "one on (a pin), the newest trained head is the one in use.")
     heads = gr.Dataframe(headers=HEAD_HEADERS, interactive=False, elem_id="moderation-heads", label="Trained heads")
     with gr.Row():
         labels = gr.File(label="Extra labelled rows (JSONL, optional)", file_types=[".jsonl"])
@@ -62,8 +62,21 @@ def build_head_panel(service) -> tuple:
                               threshold=threshold, progress=lambda f, desc: progress(f, desc=desc))
         except (OSError, ValueError) as exc:
             return f"⚠ No head trained: {exc}", gr.update(), gr.update()
-        return ("```\n" + describe(meta) + "\n```\nRead the metrics, then switch it on.", head_rows(data_dir),
-                meta["name"])
+        return "```\n" + describe(meta) + "\n```\n" + use_if_unpinned(meta["name"]), head_rows(data_dir), meta["name"]
+
+    def use_if_unpinned(head_name: str) -> str:
+        """`auto` moderation uses the newest head unless one is pinned: put the new one in now."""
+        if pinned_head_name(data_dir) is not None:
+            return f"Read the metrics; {pinned_head_name(data_dir)} stays in use until you switch this one on."
+        configured = {n.strip() for n in service.settings.moderation_backends.split(",")}
+        if service.moderator is None or not configured & {"auto", "learned"}:
+            return "Read the metrics; moderation backends are set explicitly, so nothing changed."
+        try:
+            service.moderator.use_backend(LearnedBackend(heads_dir(data_dir) / head_name))
+        except HeadLoadError as exc:
+            return f"⚠ {exc}"
+        return (f"{head_name} is in use now (the newest head: none is pinned); switch another on to pin it. "
+                f"Backends: {', '.join(service.moderator.backend_names)}.")
 
     def switch(head_name, request: gr.Request):
         head_name = (head_name or "").strip()
@@ -79,7 +92,7 @@ def build_head_panel(service) -> tuple:
         except HeadLoadError as exc:
             return f"⚠ {exc}", gr.update()
         service.moderator.use_backend(backend)
-        return (f"{head_name} is on: every message is now also checked by it (backends: "
+        return (f"{head_name} is on (pinned): every message is now also checked by it (backends: "
                 f"{', '.join(service.moderator.backend_names)})."), head_rows(data_dir)
 
     train_btn.click(train, [labels], [note, heads, name], api_name="train_moderation_head")

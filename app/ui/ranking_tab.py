@@ -25,6 +25,9 @@ SHORTCUTS_JS = """
 }
 """
 FLAG_CHOICES = ["ok", *annotation_repo.FLAG_KINDS]
+CANDIDATE_MAX_HEIGHT = 360  # px
+# After a task is saved the next one starts at the top of the tab, with the "Saved" note.
+SCROLL_TO_TASK_JS = "() => document.querySelector('#rank-status')?.scrollIntoView({block: 'start'})"
 
 
 def build_ranking_tab(service, worker=None) -> gr.Tab:
@@ -34,6 +37,8 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
         with gr.Row():
             status = gr.Markdown(elem_id="rank-status")
             load_btn = gr.Button("Load next task", size="sm", scale=0, elem_id="rank-load")
+        # At the top, where the next task starts: "Saved" must not sit below the fold.
+        note = gr.Markdown(elem_id="rank-note")
         context = gr.Chatbot(label="Conversation so far", height=220, elem_id="rank-context", sanitize_html=True,
                              feedback_options=None)
         boxes, flags = [], []
@@ -41,7 +46,9 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
             with gr.Row(equal_height=True):
                 for label in labels[row_start:row_start + 2]:
                     with gr.Column(variant="panel"):
-                        boxes.append(gr.Markdown(f"**{label}**", elem_id=f"cand-{label}", sanitize_html=True))
+                        # A height limit with a scrollbar: four long replies made a 1,943 px page.
+                        boxes.append(gr.Markdown(f"**{label}**", elem_id=f"cand-{label}", sanitize_html=True,
+                                                 max_height=CANDIDATE_MAX_HEIGHT))
                         flags.append(gr.Radio(FLAG_CHOICES, value="ok", label=f"Flag {label}", container=False))
         order = gr.Textbox(label="Order, best first (ties with =): e.g. B > A = C > D  or  BACD, then Enter",
                            elem_id="rank-order")
@@ -50,7 +57,6 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
         with gr.Row():
             submit = gr.Button("Submit  (Enter / Ctrl+Enter)", variant="primary", elem_id="rank-submit")
             skip = gr.Button("Skip  (Alt+S)", elem_id="rank-skip")
-        note = gr.Markdown(elem_id="rank-note")
         task_state = gr.State(None)  # (task id, candidate ids in display order)
 
     def _status(s, user) -> str:
@@ -103,7 +109,7 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
                                      demonstration=None if skipped else demo_text, skipped=skipped)
         except (repository.ValidationError, repository.NotFoundError) as exc:
             return f"⚠ {exc}", gr.update()
-        return ("Skipped." if skipped else "Saved. Next task:"), None
+        return ("Skipped." if skipped else "Saved."), None
 
     # gr.Request goes first: Gradio injects it by type, and *flag_values takes the K radios.
     def on_skip(request: gr.Request, state, order_text, demo_text, *flag_values):
@@ -115,19 +121,34 @@ def build_ranking_tab(service, worker=None) -> gr.Tab:
     outputs = [status, context, task_state, *boxes, *flags, order, demo, note]
     inputs = [task_state, order, demo, *flags]
 
+    def saved(note_text) -> bool:
+        return note_text.startswith(("Saved", "Skipped"))
+
+    # The saved task leaves the screen at once: its candidates, flags and order must not stay up
+    # (to be flagged by mistake) while the next task is fetched or generated.
+    cleared = [context, *boxes, *flags, order, demo]
+
+    def clear_if_saved(note_text):
+        if not saved(note_text):
+            return [gr.update()] * len(cleared)  # a refused order keeps everything the annotator typed
+        return [[], *[f"**{label}**" for label in labels], *[gr.update(value="ok")] * k, "", ""]
+
     def next_if_saved(note_text, request: gr.Request, progress=gr.Progress()):
-        if note_text.startswith(("Saved", "Skipped")):
+        if saved(note_text):
             out = load_next(request, progress)
-            out[-1] = note_text + " " + (out[-1] or "")
+            out[-1] = note_text + " Next task:" + (" " + out[-1] if out[-1] else "")
             return out
         return [gr.update()] * len(outputs)
 
+    def then_next(event):
+        return (event.then(clear_if_saved, [note], cleared, api_visibility="private", show_progress="hidden")
+                .then(next_if_saved, [note], outputs, api_visibility="private", show_progress_on=[context])
+                .then(None, None, None, js=SCROLL_TO_TASK_JS))
+
     for trigger in (submit.click, order.submit):
-        trigger(submit_handler, inputs, [note, task_state], api_name="rank_submit" if trigger == submit.click
-                else None, api_visibility="public" if trigger == submit.click else "private"
-                ).then(next_if_saved, [note], outputs, api_visibility="private", show_progress_on=[context])
-    skip.click(on_skip, inputs, [note, task_state], api_name="rank_skip").then(
-        next_if_saved, [note], outputs, api_visibility="private", show_progress_on=[context])
+        then_next(trigger(submit_handler, inputs, [note, task_state], api_name="rank_submit" if trigger == submit.click
+                          else None, api_visibility="public" if trigger == submit.click else "private"))
+    then_next(skip.click(on_skip, inputs, [note, task_state], api_name="rank_skip"))
     # One progress bar on the context box instead of an overlay on every component.
     load_btn.click(load_next, None, outputs, api_name="rank_next", show_progress_on=[context])
     tab.select(load_next, None, outputs, api_visibility="private", show_progress_on=[context])

@@ -4,8 +4,9 @@
 
 ``<data_dir>/moderation/heads/head-0001/`` holds head.json (encoder, categories, cross-validated
 metrics, data counts and hash), head.npz and train.jsonl (the exact rows it learned from). The
-file ``active`` names the head the ``learned`` backend uses; nothing is active until a head is
-switched on, so a new head's metrics can be read first.
+``learned`` backend (and ``auto``) use the newest trained head, unless an admin pinned one with
+Switch on (the file ``active`` names it): a pin keeps a chosen head in use while newer ones are
+trained and read, and brings back an older one.
 """
 
 from __future__ import annotations
@@ -37,23 +38,38 @@ def heads_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "moderation" / "heads"
 
 
+def _head_dirs(data_dir: str | Path) -> list[Path]:
+    """Stored head directories, newest first (names are head-NNNN, numbered in training order)."""
+    return sorted((d for d in heads_dir(data_dir).glob("head-*") if d.is_dir()), reverse=True)
+
+
 def list_heads(data_dir: str | Path) -> list[dict]:
-    """Every stored head's head.json (plus ``name`` and ``active``), newest first; unreadable ones are
-    listed with their error rather than hidden."""
-    root, active = heads_dir(data_dir), active_head_name(data_dir)
+    """Every stored head's head.json (plus ``name``, ``active``: the one in use, and ``pinned``),
+    newest first; unreadable ones are listed with their error rather than hidden."""
+    active, pinned = active_head_name(data_dir), pinned_head_name(data_dir)
     out = []
-    for d in sorted(root.glob("head-*"), reverse=True):
+    for d in _head_dirs(data_dir):
         try:
             meta = json.loads((d / "head.json").read_text())
         except (OSError, ValueError) as exc:
             meta = {"error": f"{exc.__class__.__name__}: {exc}"}
-        out.append({**meta, "name": d.name, "active": d.name == active})
+        out.append({**meta, "name": d.name, "active": d.name == active, "pinned": d.name == pinned})
     return out
 
 
-def active_head_name(data_dir: str | Path) -> str | None:
+def pinned_head_name(data_dir: str | Path) -> str | None:
+    """The head an admin switched on, if any (the ``active`` file)."""
     p = heads_dir(data_dir) / "active"
     return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def active_head_name(data_dir: str | Path) -> str | None:
+    """The head in use: the pinned one, else the newest trained one, else None."""
+    pinned = pinned_head_name(data_dir)
+    if pinned is not None:
+        return pinned
+    newest = _head_dirs(data_dir)
+    return newest[0].name if newest else None
 
 
 def active_head_dir(data_dir: str | Path) -> Path | None:
@@ -68,7 +84,7 @@ def active_head_dir(data_dir: str | Path) -> Path | None:
 
 
 def activate(data_dir: str | Path, name: str) -> Path:
-    """Make ``name`` the active head (written atomically). The caller loads it first to check it."""
+    """Pin ``name`` as the head in use (written atomically). The caller loads it first to check it."""
     root = heads_dir(data_dir)
     if not name or "/" in name or not (root / name / "head.json").is_file():
         raise HeadLoadError(f"No moderation head named {name!r}")

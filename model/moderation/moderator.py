@@ -97,8 +97,8 @@ def parse_thresholds(spec: str) -> dict[str, float]:
 def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: str = "", rules_file: str = "",
                     detoxify_checkpoint: str = "", detoxify_config_dir: str = "", data_dir: str = "") -> Moderator:
     """``auto``: rules + Detoxify when its checkpoint is here, else rules + the offline classifier,
-    plus the learned head switched on under ``data_dir`` when there is one (``learned`` asks for it
-    explicitly and fails without one). A head that cannot be loaded is an error here, at start-up."""
+    plus the learned head under ``data_dir`` when one was trained (the pinned one, else the newest;
+    ``learned`` asks for it explicitly and fails without one). A head that cannot be loaded is an error here, at start-up."""
     from model.moderation.backends import DetoxifyBackend, ProfanityBackend, RulesBackend, load_rules
     from model.moderation.head_store import active_head_dir
 
@@ -119,7 +119,7 @@ def build_moderator(backends: str = "auto", threshold: float = 0.5, thresholds: 
             from model.moderation.learned import HeadLoadError, LearnedBackend
 
             if head is None:
-                raise HeadLoadError("The learned moderation backend has no head switched on: train one "
+                raise HeadLoadError("The learned moderation backend has no trained head: train one "
                                     "(python -m training.moderation_head) or use another backend.")
             active.append(LearnedBackend(head))
         elif name != "none":
