@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from app.auth import require_role
@@ -20,6 +22,7 @@ from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.repository import checked_id
 from training.config import RetrainConfig
+from training.chat_busy import BUSY_FILE_ENV, CHAT_BUSY_TOUCH_S
 
 
 def nice_prefix(niceness: int) -> list[str]:
@@ -120,7 +123,8 @@ class TrainingControl:
             log_path = Path(self.settings.data_dir).resolve() / "runs" / f"run-{run_id}" / "retrain.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             run.log_path = str(log_path)
-        env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", PYTHONUNBUFFERED="1")
+        busy_file = Path(self.settings.data_dir).resolve() / "runs" / "chat-busy"
+        env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", PYTHONUNBUFFERED="1", **{BUSY_FILE_ENV: str(busy_file)})
         cmd = [*nice_prefix(self.settings.retrain_nice), sys.executable, "-m", "training.retrain",
                "--run-id", str(run_id), "--url", self.settings.db_url,
                "--data-dir", str(Path(self.settings.data_dir).resolve()), "--config-json", json.dumps(cfg.to_dict())]
@@ -131,7 +135,17 @@ class TrainingControl:
         with session_scope(self.factory) as s:
             run = training_repo.get_run(session=s, run_id=run_id)
             run.pid = proc.pid
+        threading.Thread(target=self._signal_chat_busy, args=(proc, busy_file), name=f"chat-busy-{run_id}",
+                         daemon=True).start()
         return run_id
+
+    def _signal_chat_busy(self, proc: subprocess.Popen, busy_file: Path) -> None:
+        """While the run lives: touch ``busy_file`` whenever a reply is streaming (training.progress
+        waits between steps while it is fresh)."""
+        while proc.poll() is None:
+            if self.service.in_flight() > 0:
+                busy_file.touch()
+            time.sleep(CHAT_BUSY_TOUCH_S)
 
     def cancel(self, user: str, run_id: int) -> None:
         require_role(self.factory, user, ("admin",), "cancel retrain", f"run {run_id}")

@@ -22,8 +22,10 @@ from pathlib import Path
 import httpx
 
 
-def simulate(base: str, users: int, seconds: float) -> dict:
-    sent, ok, refused, errors, ttfts = [0], [0], [0], [0], []
+def simulate(base: str, users: int, seconds: float, max_tokens: int = 24) -> dict:
+    """``users`` threads each send a message, read the streamed reply, and send the next until
+    ``seconds`` are over; ``tokens`` sums the replies' usage.completion_tokens."""
+    sent, ok, refused, errors, ttfts, tokens = [0], [0], [0], [0], [], [0]
     lock = threading.Lock()
     stop_at = time.time() + seconds
 
@@ -33,7 +35,7 @@ def simulate(base: str, users: int, seconds: float) -> dict:
             while time.time() < stop_at:
                 n += 1
                 body = {"messages": [{"role": "user", "content": f"user {i} message {n}: tell me something"}],
-                        "max_tokens": 24, "stream": True}
+                        "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
                 start = time.perf_counter()
                 first = None
                 with lock:
@@ -53,9 +55,11 @@ def simulate(base: str, users: int, seconds: float) -> dict:
                             if line.startswith("data: {") and first is None and '"content": "' in line \
                                     and '"content": ""' not in line:
                                 first = time.perf_counter() - start
-                            if line.startswith("data: {") and '"error"' in json.loads(line[6:]):
+                            if line.startswith("data: {"):
+                                chunk = json.loads(line[6:])
                                 with lock:
-                                    errors[0] += 1
+                                    errors[0] += "error" in chunk
+                                    tokens[0] += (chunk.get("usage") or {}).get("completion_tokens", 0)
                     with lock:
                         ok[0] += 1
                         if first is not None:
@@ -70,7 +74,7 @@ def simulate(base: str, users: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
-    return {"sent": sent[0], "completed": ok[0], "refused": refused[0], "errors": errors[0],
+    return {"sent": sent[0], "completed": ok[0], "refused": refused[0], "errors": errors[0], "tokens": tokens[0],
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p95": q[18]}
 
 

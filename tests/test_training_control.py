@@ -87,7 +87,19 @@ def test_killed_run_is_marked_failed_and_changes_nothing(session_factory, settin
     assert visible == []
 
 
-def test_cancel_stops_a_run(session_factory, settings, tiny_model_dir):
+def _thread_niceness(pid: int) -> set[int]:
+    """The nice value of every thread of ``pid`` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    out = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        out.add(int(fields[16]))  # after "pid (comm)": state is field 3, nice is field 19
+    return out
+
+
+def test_cancel_stops_a_run_and_every_thread_of_the_run_is_niced(session_factory, settings, tiny_model_dir):
+    """A run in PPO is cancelled; while it runs, every one of its threads (torch's too) has the
+    niceness CHAT_RETRAIN_NICE gives it (19 by default), so chat keeps the cores."""
+    assert settings.retrain_nice == 19
     seed_preferences(session_factory, tiny_model_dir)
     control = TrainingControl(_service(session_factory, settings))
     run_id = control.start("local", {**FAST, "ppo_episodes": 4000})
@@ -98,6 +110,8 @@ def test_cancel_stops_a_run(session_factory, settings, tiny_model_dir):
                 break
         assert time.time() < deadline
         time.sleep(0.3)
+    if Path("/proc").is_dir():
+        assert _thread_niceness(control._procs[run_id].pid) == {19}
     control.cancel("local", run_id)
     control._procs[run_id].wait(timeout=60)
     with session_factory() as s:

@@ -62,6 +62,9 @@ class RetrainConfig:
                                                                 "model in PPO (0 = all)."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimisation epochs per PPO batch."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
+    yield_to_chat_s: float = field(default=60.0, metadata={"help": "While chat replies stream on this machine, "
+                                                                   "training waits between steps, at most this many "
+                                                                   "seconds at a time (0 = never waits)."})
     # evaluation
     eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
     eval_references: int = field(default=16, metadata={"help": "Held-out ideal replies (demonstrations, else chosen "
@@ -97,6 +100,7 @@ class RetrainConfig:
                   (self.ppo_episodes % self.ppo_batch_size == 0, "ppo_episodes must be a multiple of ppo_batch_size"),
                   (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
+                  (0 <= self.yield_to_chat_s <= 3600, "yield_to_chat_s must be in [0, 3600]"),
                   (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),
                   (0 <= self.bon_samples <= 16 and self.bon_samples != 1, "bon_samples must be 0 (off) or 2-16"),
                   (1 <= self.bon_max_new_tokens <= 1024, "bon_max_new_tokens must be between 1 and 1024"),

@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from feedback.db import session_scope
 from feedback.training_repo import get_run
+from training.chat_busy import chat_busy
 
 log = logging.getLogger("training")
 
@@ -25,8 +26,11 @@ class Reporter:
     """Writes progress to the run row (at most every ``min_interval_s``) and a terminal bar."""
 
     def __init__(self, session_factory=None, run_id: int | None = None, min_interval_s: float = 1.0,
-                 show_bar: bool = True):
+                 show_bar: bool = True, busy_file: str | None = None, max_pause_s: float = 0.0):
         self.session_factory = session_factory
+        self.busy_file = busy_file  # see chat_busy: wait between steps while chat streams
+        self.max_pause_s = max_pause_s
+        self.paused_s = 0.0
         self.show_bar = show_bar
         self.run_id = run_id
         self.min_interval_s = min_interval_s
@@ -42,6 +46,7 @@ class Reporter:
     def start_stage(self, stage: str, total: int) -> None:
         if self._bar is not None:
             self._bar.close()
+        self.yield_to_chat()
         self.stage, self.step, self.total = stage, 0, total
         self._stage_start = time.monotonic()
         self._bar = tqdm(total=total, desc=stage, unit="step", leave=True, disable=not self.show_bar)
@@ -49,7 +54,19 @@ class Reporter:
             log.warning("stage %s: %d steps", stage, total)
         self.flush(force=True)
 
+    def yield_to_chat(self) -> None:
+        """Between two steps: while the app says a reply is streaming, wait (at most
+        ``max_pause_s`` at a time, so a busy chat slows training but never stops it)."""
+        if not self.busy_file or self.max_pause_s <= 0 or not chat_busy(self.busy_file):
+            return
+        start = time.monotonic()
+        while chat_busy(self.busy_file) and time.monotonic() - start < self.max_pause_s:
+            time.sleep(0.1)  # a Cancel (SIGTERM) still lands: the handler runs during the sleep
+        self.paused_s += time.monotonic() - start
+        self._stage_start += time.monotonic() - start  # the time left counts training, not pauses
+
     def advance(self, step: int | None = None, **metrics) -> None:
+        self.yield_to_chat()
         new_step = self.step + 1 if step is None else step
         if self._bar is not None:
             self._bar.update(max(0, new_step - self.step))

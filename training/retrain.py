@@ -27,6 +27,7 @@ from feedback.db import default_url, make_engine, make_session_factory, session_
 from training.common import read_jsonl, write_jsonl
 from training.distributed import is_main, on_main, world_size
 from training.config import RetrainConfig, add_config_args, config_from_args
+from training.chat_busy import BUSY_FILE_ENV
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
@@ -65,7 +66,9 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         base_id, base_name, base_path = current.id, current.name, current.path
     run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
     # Under a launcher (training/distributed.py) only rank 0 writes the run row and draws a bar.
-    reporter = Reporter(session_factory, run_id) if is_main() else Reporter(show_bar=False)
+    # Rank 0 alone pauses for chat: the others wait for it at the next collective step anyway.
+    reporter = (Reporter(session_factory, run_id, busy_file=os.environ.get(BUSY_FILE_ENV),
+                         max_pause_s=cfg.yield_to_chat_s) if is_main() else Reporter(show_bar=False))
     metrics: dict = {"base_version": base_name}
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -139,6 +142,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                                judge_path=judge_path, judge_metrics=judge_metrics)
     timings["evaluate"] = time.monotonic() - t
 
+    metrics["paused_for_chat_s"] = round(reporter.paused_s, 1)
     t = stage("register")
     metrics["version_id"] = on_main(_register, session_factory, run_id, stage_name, candidate_path, data_dir,
                                     base_id, metrics, timings, started, cfg, snap.snapshot_id, t)
@@ -161,7 +165,7 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
     os.replace(candidate_path, final)  # atomic: the directory appears complete or not at all
     timings["register"] = time.monotonic() - t
     timings["total"] = time.monotonic() - started
-    metrics["timings_s"] = timings
+    metrics["timings_s"] = timings  # stage times include their pauses for chat (metrics["paused_for_chat_s"])
     with session_scope(session_factory) as s:
         version = training_repo.add_version(session=s, name=name, path=str(final.resolve()), parent_id=base_id, stage=stage_name,
                                     metrics=metrics, config=cfg.to_dict(), snapshot_id=snapshot_id,
