@@ -90,6 +90,9 @@ def test_annotator_ranks_one_task(tiny_model_dir, tmp_path):
 
 
 def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_path):
+    """A user sees neither Rank nor Admin; the admin sees Cancel disabled and no plots before any
+    run, starts a retrain, watches its progress to the end, then sees its reward-model curve and
+    its version, with Cancel disabled again."""
     from app.users import add_user
     from feedback.db import make_engine, make_session_factory, migrate
     from tests.training_data import seed_preferences
@@ -124,6 +127,9 @@ def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_p
                 login(page, url, "root", "root-password")
                 page.get_by_role("tab", name="Admin").click()
                 page.get_by_label("PPO episodes").fill("8")
+                page.get_by_text("No training run yet").wait_for(timeout=30000)
+                # Issue 15: no Cancel and no empty "0.000000" plots before there is a run.
+                assert page.locator("#cancel-btn").is_disabled() and page.locator("#rm-plot").is_hidden()
                 page.click("#retrain-btn")
                 page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1')",
                                        timeout=60000)
@@ -133,6 +139,8 @@ def test_login_roles_in_browser_and_admin_retrain_progress(tiny_model_dir, tmp_p
                 page.wait_for_function("document.querySelector('#train-progress').innerText.includes('Run 1: done')",
                                        timeout=180000)
                 page.locator("#versions-table").get_by_text("run1-ppo").wait_for(timeout=30000)
+                page.locator("#rm-plot").wait_for(state="visible", timeout=10000)  # the run's reward-model curve
+                assert page.locator("#cancel-btn").is_disabled()  # the run is over
         finally:
             _kill_run(url_db)  # the run is a separate process that outlives the app on purpose
 

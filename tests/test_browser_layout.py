@@ -104,3 +104,18 @@ def test_at_phone_width_the_message_box_is_on_screen_and_the_conversations_open_
             assert page.locator("#drawer-toggle").is_hidden() and page.locator("#drawer-close").is_hidden()
             column = _rect(page, "#conversations")
             assert column["left"] >= 0 and column["right"] < _rect(page, "#chatbot")["left"]
+
+
+def test_regenerate_shows_only_in_a_conversation(tiny_model_dir, tmp_path):
+    """Issue 15 (smaller items): a new, empty chat has no Regenerate; it appears with the first
+    reply and goes again with + New chat."""
+    with live_app(tmp_path, tiny_model_dir) as url, browser_page("regen-visible") as page:
+        page.goto(url)
+        page.get_by_text("Chat · model").wait_for(timeout=30000)
+        assert page.locator("#regen-btn").is_hidden()
+        page.fill("#chat-input textarea", "Something to regenerate")
+        page.click("#send-btn")
+        page.locator("#conversations").get_by_text("Something to regenerate").wait_for(timeout=90000)
+        page.locator("#regen-btn").wait_for(state="visible", timeout=10000)
+        page.get_by_role("button", name="+ New chat").click()
+        page.locator("#regen-btn").wait_for(state="hidden", timeout=10000)

@@ -70,7 +70,7 @@ def build_chat_tab(service) -> tuple:
                 # starts is the next message, never erased by this one's first update.
                 outgoing = gr.Textbox(visible=False)
             with gr.Row():
-                regen = gr.Button("Regenerate", size="sm", scale=0, min_width=120, elem_id="regen-btn")
+                regen = gr.Button("Regenerate", size="sm", scale=0, min_width=120, elem_id="regen-btn", visible=False)
                 versions = ReplyVersions(service, busy=lambda request: request.session_hash in streaming)
             with gr.Row(visible=False) as why_row:
                 reason = gr.Dropdown(list(VOTE_REASONS), label="What was wrong? (optional)", value=None)
@@ -392,4 +392,7 @@ def build_chat_tab(service) -> tuple:
     convs.input(on_open, [convs], [chatbot, ids, conv_id, system, hint, ab_box, ab_turn], api_visibility="private") \
         .then(versions.refresh, [conv_id], versions.outputs, queue=False, api_visibility="private")
     wire_drawer(drawer_toggle, drawer_close, new_btn.click)
+    # Regenerate only in a conversation (a new, empty chat has no reply to redo).
+    conv_id.change(lambda cid: gr.update(visible=cid is not None), conv_id, regen, queue=False,
+                   api_visibility="private")
     return refresh_list, convs, model_label, chatbot

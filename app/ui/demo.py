@@ -27,7 +27,7 @@ def build_demo(service, worker=None, control=None) -> gr.Blocks:
 
         control = TrainingControl(service)
     with gr.Blocks(title="Feedback Chat") as demo:
-        gr.Markdown("## Feedback Chat · a local model that learns from your votes")
+        gr.Markdown("## Feedback Chat · a local model that learns from your votes", elem_id="app-title")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 refresh_list, convs, model_label, chatbot = build_chat_tab(service)

@@ -21,6 +21,7 @@ DRAWER_CSS = f"""
                  transition: transform .2s ease-out; }}
   #conv-drawer.drawer-open {{ transform: none; }}
   #chatbot {{ height: 58vh !important; }}
+  #app-title h2 {{ font-size: 1.15rem; }}
 }}
 """
 # Page-load script: a tap on any conversation closes the drawer, also on the one already

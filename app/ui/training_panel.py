@@ -77,6 +77,12 @@ def _plot_frame(run, stage: str) -> pd.DataFrame:
     return pd.DataFrame(points or [{"step": 0, "metric": keys[0], "value": 0.0}])
 
 
+def _plot_update(run, stage: str):
+    """The stage's plot, hidden until it has a point (an empty one drew "0.000000" axes)."""
+    frame = _plot_frame(run, stage)
+    return gr.update(value=frame, visible=bool(run and any(stage in h.get("stage", "") for h in run.history or [])))
+
+
 def _help(name: str) -> str:
     """The RetrainConfig field's help string (one source for the CLI, the docs and this panel)."""
     return next(f.metadata.get("help", "") for f in dataclasses.fields(RetrainConfig) if f.name == name)
@@ -97,11 +103,13 @@ def build_training_panel(service, control) -> tuple:
         lora = gr.Checkbox(value=RetrainConfig.use_lora, label="LoRA", info=_help("use_lora"))
     with gr.Row():
         retrain = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
-        cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
+        cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", interactive=False)  # while a run runs
     progress = gr.Markdown(elem_id="train-progress")
     with gr.Row():
-        rm_plot = gr.LinePlot(x="step", y="value", color="metric", title="Reward model: loss and accuracy", height=250)
-        ppo_plot = gr.LinePlot(x="step", y="value", color="metric", title="PPO: reward and KL", height=250)
+        rm_plot = gr.LinePlot(x="step", y="value", color="metric", title="Reward model: loss and accuracy", height=250,
+                              visible=False, elem_id="rm-plot")
+        ppo_plot = gr.LinePlot(x="step", y="value", color="metric", title="PPO: reward and KL", height=250,
+                               visible=False)
     versions = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, label="Model versions (new vs current)",
                             elem_id="versions-table")
     with gr.Row():
@@ -120,7 +128,7 @@ def build_training_panel(service, control) -> tuple:
 
     def refresh(request: gr.Request):
         if (msg := denied(service, request, ADMIN, "view training", view=True)) is not None:
-            return msg, msg, _plot_frame(None, "reward"), _plot_frame(None, "ppo"), [], []
+            return msg, msg, gr.update(), gr.update(), [], [], gr.update()
         with session_scope(service.session_factory) as s:
             c = data_counts(session=s)
             recent = training_repo.list_runs(session=s)
@@ -132,8 +140,9 @@ def build_training_panel(service, control) -> tuple:
             run_rows = [[r.id, r.status, r.stage or "", f"{r.step}/{r.total}", r.requested_by or "",
                          r.version_id or "", (r.error or "")[:120], r.started_at.strftime("%Y-%m-%d %H:%M")]
                         for r in recent]
-            return (data, _progress_md(latest), _plot_frame(latest, "reward"), _plot_frame(latest, "ppo"),
-                    _version_rows(s), run_rows)
+            running = latest is not None and latest.status in training_repo.ACTIVE_STATUSES
+            return (data, _progress_md(latest), _plot_update(latest, "reward"), _plot_update(latest, "ppo"),
+                    _version_rows(s), run_rows, gr.update(interactive=running))
 
     def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, request: gr.Request):
         # The role first (refused and audited), then the settings: a non-admin's junk is still audited.
@@ -205,7 +214,7 @@ def build_training_panel(service, control) -> tuple:
     def pick_version(evt: gr.SelectData):
         return evt.row_value[0] if evt.row_value else None
 
-    outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs]
+    outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs, cancel]
     retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora], note, api_name="retrain")
     cancel.click(on_cancel, None, note, api_name="cancel_retrain")
     promote.click(on_promote, [version_id], note, api_name="promote")
