@@ -93,3 +93,34 @@ def test_markdown_and_text_split_into_documents_at_blank_lines(tmp_path):
     (tmp_path / "a.md").write_bytes(b"# Title\r\nfirst para\r\n\r\nsecond para\n \nthird")
     assert read_documents(tmp_path / "a.md", CorpusConfig()) == ["# Title\r\nfirst para".replace("\r\n", "\n"),
                                                                   "second para", "third"]
+
+
+@pytest.mark.slow
+def test_admin_cleans_an_uploaded_corpus_in_the_running_app_and_a_bad_file_writes_nothing(tiny_model_dir, tmp_path):
+    """Admin > Data > Clean corpus through the real app's Gradio API: two uploaded files (one
+    document repeated, one with an e-mail) give a report with the duplicate removed, the e-mail
+    scrubbed and a corpus snapshot; adding a binary file refuses the whole upload, naming it,
+    and records no second snapshot."""
+    from gradio_client import Client, handle_file
+    from sqlalchemy import create_engine, text
+
+    from tests.live_app import live_app
+
+    doc = "The handbook says that every new starter gets a laptop, a desk and a mentor on day one."
+    (tmp_path / "a.md").write_text(f"{doc}\n\nWrite to hr.team@example.com with questions about the first week.\n")
+    (tmp_path / "b.txt").write_text(f"{doc}\n\nHolidays are booked in the staff portal at least two weeks ahead.\n")
+    (tmp_path / "bad.txt").write_bytes(b"\x00\x01\x02binary\xff\xfe")
+    (tmp_path / "app").mkdir()
+    with live_app(tmp_path / "app", tiny_model_dir) as url:
+        client = Client(url + "/", verbose=False)
+        report = client.predict([handle_file(str(tmp_path / "a.md")), handle_file(str(tmp_path / "b.txt"))],
+                                api_name="/clean_corpus")
+        assert "4 documents" in report and "3 (" in report, report
+        assert "exact duplicate | 1" in report and "e-mails and phone numbers: 1" in report and "data snapshot 1" in report, report
+        refused = client.predict([handle_file(str(tmp_path / "a.md")), handle_file(str(tmp_path / "bad.txt"))],
+                                 api_name="/clean_corpus")
+        assert refused.startswith("⚠ Nothing cleaned") and "bad.txt" in refused, refused
+    db = create_engine(f"sqlite:///{tmp_path / 'app' / 'chat.db'}")
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM data_snapshots WHERE kind = 'corpus'")).scalar() == 1
+    db.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.ui.corpus_panel import build_corpus_panel
 from app.ui.data_panel import build_data_panel
 from app.ui.guard import unless_admin_skip
 from app.ui.moderation_panel import build_moderation_panel
@@ -21,6 +22,7 @@ def build_admin_tab(service, control) -> tuple:
             refresh_trials, trial_outputs = build_trial_panel(service, control)
         with gr.Tab("Data"):
             refresh_data, data_outputs = build_data_panel(service)
+            build_corpus_panel(service)
         with gr.Tab("Moderation"):
             refresh_mod, mod_outputs = build_moderation_panel(service)
     outputs = train_outputs + trial_outputs + data_outputs + mod_outputs
