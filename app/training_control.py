@@ -21,7 +21,7 @@ from feedback import training_repo
 from feedback import trial_repo
 from feedback.db import session_scope
 from feedback.repository import checked_id
-from training.config import RetrainConfig
+from training.config import RetrainConfig, corpus_file
 from training.chat_busy import BUSY_FILE_ENV, CHAT_BUSY_TOUCH_S
 
 
@@ -113,6 +113,8 @@ class TrainingControl:
         # The role first: a non-admin's attempt is refused and audited whatever settings it sent.
         require_role(self.factory, user, ("admin",), "start retrain", json.dumps(config or {}, default=str))
         cfg = RetrainConfig.from_dict(config or {}).validate()  # bad settings fail before anything starts
+        if cfg.pretrain_corpus:
+            corpus_file(self.settings.data_dir, cfg.pretrain_corpus)  # a corpus that is not there, too
         self._reap()
         with session_scope(self.factory) as s:
             training_repo.fail_stale_runs(session=s)

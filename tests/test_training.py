@@ -133,3 +133,31 @@ def test_registration_never_overwrites_an_existing_version_directory(session_fac
         assert s.get(ModelVersion, run.version_id).name == "run1-ppo-2"
     assert (old / "keep.txt").read_text() == "an older version"
     assert (tmp_path / "data" / "versions" / "run1-ppo-2" / "config.json").is_file()
+
+
+def test_a_retrain_can_start_with_continued_pretraining_on_a_cleaned_corpus(session_factory, tmp_path,
+                                                                          tiny_model_dir):
+    """pretrain_corpus names a corpus under data/corpora: the run's first training stage is
+    pretraining on it (perplexity before and after stored with the version), SFT starts from that
+    model, and a corpus that is not there, or a path instead of a name, is refused before the run."""
+    import json
+
+    from training.config import corpus_file
+
+    corpora = tmp_path / "data" / "corpora" / "handbook"
+    corpora.mkdir(parents=True)
+    docs = [f"Rule {i}: the blue kettle stays on the left shelf and the red cup goes on the right." for i in range(30)]
+    (corpora / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with pytest.raises(ValueError, match="No cleaned corpus named 'other'"):
+        corpus_file(tmp_path / "data", "other")
+    with pytest.raises(ValueError, match="must be the name of a corpus"):
+        RetrainConfig(pretrain_corpus="../../etc").validate()
+    seed_preferences(session_factory, tiny_model_dir, random_labels=True)
+    cfg = RetrainConfig(**{**FAST, "accuracy_gate": 0.75, "pretrain_corpus": "handbook"})  # gated: no PPO, faster
+    status, run = _run(session_factory, tmp_path, cfg)
+    assert status == "done", run.error
+    pre = run.metrics["pretrain"]
+    assert pre["corpus"] == "handbook" and pre["documents_train"] + pre["documents_heldout"] == 30
+    assert pre["heldout_ppl_after"] < pre["heldout_ppl_before"]
+    assert [h["stage"] for h in run.history][0].endswith("pretrain") and "pretrain" in run.metrics["timings_s"]
+    assert (tmp_path / "data" / "runs" / f"run-{run.id}" / "pretrain" / "model" / "config.json").is_file()

@@ -51,10 +51,13 @@ def test_non_admin_with_invalid_settings_is_denied_and_audited(session_factory, 
             control.start("bob", bad)
     with pytest.raises(ValueError, match="kl_coef must be >= 0"):
         control.start("local", {"kl_coef": -1.0})  # an admin's bad settings still fail before anything starts
+    with pytest.raises(ValueError, match="No cleaned corpus named 'handbook'"):
+        control.start("local", {"pretrain_corpus": "handbook"})  # a corpus that is not there: no run either
     with session_factory() as s:
         assert s.scalar(select(func.count(TrainingRun.id))) == 0
         rows = s.scalars(select(AuditLog).where(AuditLog.action == "start retrain").order_by(AuditLog.id)).all()
-        assert [(a.user_name, a.allowed) for a in rows] == [("bob", False), ("bob", False), ("local", True)]
+        assert [(a.user_name, a.allowed) for a in rows] == [("bob", False), ("bob", False), ("local", True),
+                                                            ("local", True)]
         assert '"kl_coef": -1.0' in rows[0].detail and "no_such_setting" in rows[1].detail
 
 

@@ -7,7 +7,30 @@ finish in well under 15 minutes (measured stage times are in the README).
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+# A corpus is named by its directory under <data_dir>/corpora: a name, never a path.
+CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def corpus_file(data_dir, name: str) -> Path:
+    """<data_dir>/corpora/<name>/corpus.jsonl; a name that is not a cleaned corpus is a ValueError."""
+    if not CORPUS_NAME.fullmatch(name or ""):
+        raise ValueError(f"{name!r} is not a corpus name")
+    path = Path(data_dir) / "corpora" / name / "corpus.jsonl"
+    if not path.is_file():
+        raise ValueError(f"No cleaned corpus named {name!r} (clean one in Admin > Data first)")
+    return path
+
+
+def corpus_names(data_dir) -> list[str]:
+    """The cleaned corpora under <data_dir>/corpora, newest name first."""
+    root = Path(data_dir) / "corpora"
+    return sorted((d.name for d in root.glob("*") if (d / "corpus.jsonl").is_file()), reverse=True) \
+        if root.is_dir() else []
 
 
 @dataclass
@@ -19,6 +42,12 @@ class RetrainConfig:
                                                                   "evaluation's judge; more pairs, tighter intervals)."})
     max_prompts: int = field(default=64, metadata={"help": "Most prompts for PPO."})
     max_length: int = field(default=256, metadata={"help": "Token limit for reward-model and SFT sequences."})
+    # continued pretraining (training/pretrain.py), an optional first stage
+    pretrain_corpus: str = field(default="", metadata={"help": "Name of a cleaned corpus under data/corpora (Admin > "
+                                                              "Data > Clean corpus, or python -m training.corpus) to "
+                                                              "continue pretraining on before SFT; empty = skip."})
+    pretrain_epochs: float = field(default=1.0, metadata={"help": "Passes over that corpus (1 epoch of 0.5 MB: ~7 min "
+                                                                  "on 2 cores)."})
     # SFT
     sft_on_best: bool = field(default=True, metadata={"help": "Also fine-tune on the best-ranked reply of each training "
                                                           "prompt before the reward model and PPO (a rejection-sampling "
@@ -101,6 +130,9 @@ class RetrainConfig:
                   (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
                   (0 <= self.yield_to_chat_s <= 3600, "yield_to_chat_s must be in [0, 3600]"),
+                  (self.pretrain_epochs > 0, "pretrain_epochs must be > 0"),
+                  (self.pretrain_corpus == "" or CORPUS_NAME.fullmatch(self.pretrain_corpus) is not None,
+                   "pretrain_corpus must be the name of a corpus under data/corpora (letters, digits, . _ -)"),
                   (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),
                   (0 <= self.bon_samples <= 16 and self.bon_samples != 1, "bon_samples must be 0 (off) or 2-16"),
                   (1 <= self.bon_max_new_tokens <= 1024, "bon_max_new_tokens must be between 1 and 1024"),

@@ -26,12 +26,12 @@ from feedback import training_repo
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from training.common import read_jsonl, write_jsonl
 from training.distributed import is_main, on_main, world_size
-from training.config import RetrainConfig, add_config_args, config_from_args
+from training.config import RetrainConfig, add_config_args, config_from_args, corpus_file
 from training.chat_busy import BUSY_FILE_ENV
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "sft", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
+STAGES = ("snapshot", "pretrain", "sft", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
 
 
 class GateFailed(Exception):
@@ -88,10 +88,20 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                             "held-out preference pairs: rank more tasks or import pairs (need at least 8 in all).")
 
     policy_path = Path(base_path)
+    if cfg.pretrain_corpus:  # "make it know our handbook" first; SFT and PPO then start from it
+        from training.pretrain import PretrainConfig, run_pretrain
+
+        t = stage("pretrain")
+        policy_path, metrics["pretrain"] = run_pretrain(
+            base_path, corpus_file(data_dir, cfg.pretrain_corpus), run_dir / "pretrain",
+            PretrainConfig(epochs=cfg.pretrain_epochs, seed=cfg.seed),
+            callbacks=[ReporterCallback(reporter, reporter.stage)])
+        metrics["pretrain"]["corpus"] = cfg.pretrain_corpus
+        timings["pretrain"] = time.monotonic() - t
     sft_path = on_main(_sft_rows, snap, run_dir, cfg)
     if sft_path:
         t = stage("sft")
-        policy_path = run_sft(base_path, sft_path, run_dir / "sft", cfg,
+        policy_path = run_sft(policy_path, sft_path, run_dir / "sft", cfg,
                               callbacks=[ReporterCallback(reporter, reporter.stage)])
         timings["sft"] = time.monotonic() - t
 

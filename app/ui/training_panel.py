@@ -14,8 +14,9 @@ from feedback import training_repo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
-from training.config import RetrainConfig
+from training.config import RetrainConfig, corpus_file, corpus_names
 
+NO_PRETRAIN = "none"
 VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "remote model id", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
                    "judge acc on unseen pairs (95%)", "RM acc (95%)",
                    "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
@@ -101,6 +102,10 @@ def build_training_panel(service, control) -> tuple:
         kl = gr.Number(value=RetrainConfig.kl_coef, label="KL coefficient", info=_help("kl_coef"))
         gate = gr.Number(value=RetrainConfig.accuracy_gate, label="Accuracy gate", info=_help("accuracy_gate"))
         lora = gr.Checkbox(value=RetrainConfig.use_lora, label="LoRA", info=_help("use_lora"))
+        # Checked on the server (a name under data/corpora), so a typed value is fine here.
+        corpus = gr.Dropdown([NO_PRETRAIN, *corpus_names(service.settings.data_dir)], value=NO_PRETRAIN,
+                             allow_custom_value=True, label="Pretrain first on a corpus",
+                             info=_help("pretrain_corpus"), elem_id="pretrain-corpus")
     with gr.Row():
         retrain = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
         cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", interactive=False)  # while a run runs
@@ -144,7 +149,7 @@ def build_training_panel(service, control) -> tuple:
             return (data, _progress_md(latest), _plot_update(latest, "reward"), _plot_update(latest, "ppo"),
                     _version_rows(s), run_rows, gr.update(interactive=running))
 
-    def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, request: gr.Request):
+    def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, corpus_name, request: gr.Request):
         # The role first (refused and audited), then the settings: a non-admin's junk is still audited.
         # view=True audits only a refusal: control.start audits the admin's allowed start itself.
         if (msg := denied(service, request, ADMIN, "start retrain", view=True)) is not None:
@@ -155,6 +160,12 @@ def build_training_panel(service, control) -> tuple:
                           use_lora=bool(use_lora))
         except (TypeError, ValueError):
             return "⚠ Every training setting needs a number."
+        if corpus_name and corpus_name != NO_PRETRAIN:
+            try:
+                corpus_file(service.settings.data_dir, str(corpus_name))
+            except ValueError as exc:
+                return f"⚠ {exc}"
+            config["pretrain_corpus"] = str(corpus_name)
         try:
             run_id = control.start(caller_name(request), config)
         except PermissionDenied as exc:
@@ -215,7 +226,10 @@ def build_training_panel(service, control) -> tuple:
         return evt.row_value[0] if evt.row_value else None
 
     outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs, cancel]
-    retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora], note, api_name="retrain")
+    retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora, corpus], note, api_name="retrain")
+    # The corpora cleaned since the page opened (the list is read when it is opened).
+    corpus.focus(lambda: gr.update(choices=[NO_PRETRAIN, *corpus_names(service.settings.data_dir)]), None, corpus,
+                 queue=False, api_visibility="private")
     cancel.click(on_cancel, None, note, api_name="cancel_retrain")
     promote.click(on_promote, [version_id], note, api_name="promote")
     rollback.click(on_rollback, [version_id], note, api_name="rollback")
