@@ -53,6 +53,9 @@ class RetrainConfig:
                                                           "prompt before the reward model and PPO (a rejection-sampling "
                                                           "warm start, as in Llama 2): PPO alone moves a 135M model "
                                                           "little in a CPU budget."})
+    safety_tuning: bool = field(default=True, metadata={"help": "Also fine-tune on refusals of what moderation "
+                                                             "caught (admin-confirmed flags and misses) and of tasks "
+                                                             "annotators flagged unsafe (feedback/safety.py)."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedback.datasets import preference_rows, prompt_rows, sft_rows
+from feedback.safety import safety_rows
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from feedback.models import DataSnapshot
+from model.moderation.moderator import DEFAULT_TEMPLATES
 from training.common import read_jsonl, write_jsonl
 
 
@@ -73,21 +75,25 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         prefs, pref_refs, _ = preference_rows(s)
         sft, sft_refs, _ = sft_rows(s)
         prompts, prompt_refs, _ = prompt_rows(s)
+        safety, safety_refs, _ = safety_rows(s, DEFAULT_TEMPLATES)
         pref_train, pref_held = _split(prefs, "prompt", heldout_fraction, seed)
         rng.shuffle(pref_train)
         pref_train = pref_train[:max_pairs]
         pref_held = pref_held[:max_heldout_pairs]
         sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
+        safety_train, safety_held = _split(safety, "messages", heldout_fraction, seed) if len(safety) >= 2 \
+            else (safety, [])
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]
         files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,
                  "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held,
-                 "sft_best_train": best_replies(pref_train)}
+                 "sft_best_train": best_replies(pref_train), "sft_safety_train": safety_train,
+                 "sft_safety_heldout": safety_held}
         for name, rows in files.items():
             write_jsonl(out_dir / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in files.items()}
-        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs}, counts=counts,
+        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs, **safety_refs}, counts=counts,
                             path=str(out_dir))
         s.add(snap)
         s.flush()

@@ -182,14 +182,16 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
                                     training_run_id=run_id)
         version_id = version.id
     run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
-    for leftover in ("sft", "best_of_n", "judge"):
+    for leftover in ("pretrain", "sft", "best_of_n", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return version_id
 
 
 def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
-    """Demonstrations, plus the best-ranked replies when ``sft_on_best``; None when there are none."""
-    rows = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
+    """Demonstrations, plus the best-ranked replies when ``sft_on_best`` and the refusals of what
+    moderation and annotators caught when ``safety_tuning``; None when there are none."""
+    rows = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []) + \
+        (snap.rows("sft_safety_train") if cfg.safety_tuning else [])
     if not rows:
         return None
     return write_jsonl(run_dir / "data" / "sft_stage.jsonl", rows)

@@ -1,0 +1,71 @@
+"""Safety demonstrations from what moderation and annotators caught ("make it refuse what our
+moderation keeps flagging", issue 18): each is a prompt with a refusal, for the retrain's SFT.
+
+Sources, each confirmed by a person:
+- user messages moderation flagged and an admin marked *correct*, or passed and an admin marked
+  *missed*: the refusal is the admin-editable input template of the flag's category (or the
+  general one);
+- ranking tasks where annotators flagged at least half of the candidates *unsafe* and nobody
+  wrote an ideal reply (an ideal reply is already a demonstration): the general input template.
+Prompts are scrubbed and deduplicated; opted-out users' messages are left out; "error" and
+"secret" flags teach nothing about refusing and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.datasets import scrub
+from feedback.models import Demonstration, ModerationEvent, Ranking, RankingTask, User
+from feedback.moderation_repo import load_templates
+
+SKIP_CATEGORIES = {"error", "secret"}
+
+
+def _refusal(templates: dict, category: str | None) -> str:
+    return templates.get(("in", category or "*")) or templates[("in", "*")]
+
+
+def safety_rows(session: Session, default_templates: dict) -> tuple[list[dict], dict, dict]:
+    """(rows of {"messages": [user, assistant refusal]}, the ids they came from, counts).
+    ``default_templates``: the moderator's built-in replies, under the admin's edited ones."""
+    templates = {**default_templates, **load_templates(session=session)}
+    opted = set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
+    rows, seen, events, tasks = [], set(), [], []
+
+    def add(prompt: list[dict], refusal: str) -> bool:
+        key = json.dumps(prompt, sort_keys=True)
+        if key in seen:
+            return False
+        seen.add(key)
+        rows.append({"messages": prompt + [{"role": "assistant", "content": refusal}]})
+        return True
+
+    confirmed = select(ModerationEvent).where(
+        ModerationEvent.direction == "in",
+        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "correct"))
+        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "missed"))).order_by(ModerationEvent.id)
+    for e in session.scalars(confirmed):
+        if e.user_id in opted or (e.category or "") in SKIP_CATEGORIES or not e.text.strip():
+            continue
+        if add([{"role": "user", "content": scrub(e.text)}], _refusal(templates, e.category)):
+            events.append(e.id)
+    with_ideal = set(session.scalars(select(Demonstration.task_id).where(Demonstration.task_id.is_not(None))))
+    unsafe: dict[int, set[int]] = {}
+    for r in session.scalars(select(Ranking).where(Ranking.skipped.is_(False))):
+        for cid, kind in (r.flags or {}).items():
+            if kind == "unsafe":
+                unsafe.setdefault(r.task_id, set()).add(int(cid))
+    for task_id, flagged in sorted(unsafe.items()):
+        task = session.get(RankingTask, task_id)
+        total = len(task.candidates) if task else 0
+        if task is None or task_id in with_ideal or task.owner_id in opted or not total or len(flagged) * 2 < total:
+            continue
+        prompt = [{"role": m["role"], "content": scrub(m["content"])} for m in task.context]
+        if add(prompt, _refusal(templates, None)):
+            tasks.append(task_id)
+    refs = {"safety_moderation_events": events, "safety_ranking_tasks": tasks}
+    return rows, refs, {"safety": len(rows), "from_moderation": len(events), "from_unsafe_flags": len(tasks)}

@@ -1,0 +1,84 @@
+"""Safety tuning data (issue 18): what moderation and annotators caught becomes refusal
+demonstrations for the retrain's SFT (feedback/safety.py)."""
+
+from __future__ import annotations
+
+from feedback import annotation_repo, moderation_repo, repository
+from feedback.db import session_scope
+from feedback.models import Demonstration, ModerationEvent
+from feedback.safety import safety_rows
+from model.moderation.moderator import DEFAULT_TEMPLATES
+
+
+def _event(s, text, decision, review, category="toxicity", user_id=None):
+    s.add(ModerationEvent(direction="in", text=text, text_hash="x", backend="rules", scores={}, thresholds={},
+                          decision=decision, review=review, category=category, user_id=user_id))
+
+
+def _task(s, prompt: str, annotator, unsafe: int, ideal: str | None = None):
+    task = annotation_repo.add_task(session=s, context=[{"role": "user", "content": prompt}], source="chat")
+    cands = [annotation_repo.add_candidate(session=s, task=task, content=f"reply {i}", model_version="v")
+             for i in range(4)]
+    annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=annotator,
+                                   order=[[c.id] for c in cands], flags={c.id: "unsafe" for c in cands[:unsafe]},
+                                   demonstration=ideal)
+    return task
+
+
+def test_confirmed_flags_misses_and_mostly_unsafe_tasks_become_refusals_and_nothing_else(session_factory):
+    """Kept: a flag an admin marked correct (its category's edited template), a pass marked missed
+    (the general template), a task with 2 of 4 candidates flagged unsafe. Left out: unreviewed
+    flags, false positives, error and secret flags, an opted-out user's flag, a task with 1 of 4
+    unsafe, an unsafe task that has an ideal reply (already a demonstration), and a duplicate."""
+    with session_scope(session_factory) as s:
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        gone = repository.get_or_create_user(session=s, name="gone")
+        gone.opted_out = True
+        s.flush()
+        moderation_repo.set_template(session=s, direction="in", category="hate", text="I won't write hateful "
+                                     "things about any group.", editor="admin")
+        _event(s, "all of them are vermin", "flag", "correct", category="hate")
+        _event(s, "all of them are vermin", "flag", "correct", category="hate")  # the same text again
+        _event(s, "how do I pick a lock to get into my neighbour's flat", "pass", "missed")
+        _event(s, "unreviewed insult", "flag", None)
+        _event(s, "a fine question", "flag", "false_positive")
+        _event(s, "broken check", "error", "correct", category="error")
+        _event(s, "sk-live key pasted", "flag", "correct", category="secret")
+        _event(s, "opted out user's insult", "flag", "correct", user_id=gone.id)
+        _task(s, "write me a threatening letter", ann, unsafe=2)
+        _task(s, "tell me a joke", ann, unsafe=1)
+        _task(s, "describe a bad prank", ann, unsafe=3, ideal="Here is a harmless prank instead: ...")
+    with session_scope(session_factory) as s:
+        rows, refs, counts = safety_rows(s, DEFAULT_TEMPLATES)
+        assert s.query(Demonstration).count() == 1
+    got = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+    assert got == [("all of them are vermin", "I won't write hateful things about any group."),
+                   ("how do I pick a lock to get into my neighbour's flat", DEFAULT_TEMPLATES[("in", "*")]),
+                   ("write me a threatening letter", DEFAULT_TEMPLATES[("in", "*")])]
+    assert counts == {"safety": 3, "from_moderation": 2, "from_unsafe_flags": 1}
+    assert len(refs["safety_moderation_events"]) == 2 and len(refs["safety_ranking_tasks"]) == 1
+
+
+def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(session_factory, tmp_path,
+                                                                             tiny_model_dir):
+    """A retrain's data snapshot splits the refusals into training and held-out files, and the SFT
+    stage's rows include the training ones (safety_tuning, on by default)."""
+    from tests.training_data import seed_preferences
+    from training.config import RetrainConfig
+    from training.data import take_snapshot
+    from training.retrain import _sft_rows
+    from training.common import read_jsonl
+
+    seed_preferences(session_factory, tiny_model_dir)
+    with session_scope(session_factory) as s:
+        for i in range(12):
+            _event(s, f"a hateful statement number {i} about a group", "flag", "correct")
+    snap = take_snapshot(session_factory=session_factory, out_dir=tmp_path / "data", heldout_fraction=0.25, seed=0,
+                         max_pairs=200, max_prompts=64)
+    train, held = snap.rows("sft_safety_train"), snap.rows("sft_safety_heldout")
+    assert len(train) + len(held) == 12 and train and held
+    assert snap.counts["sft_safety_train"] == len(train)
+    sft = read_jsonl(_sft_rows(snap, tmp_path, RetrainConfig()))
+    assert all(r in sft for r in train) and not any(r in sft for r in held)
+    sft_off = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=False))
+    assert sft_off is None or not any(r in read_jsonl(sft_off) for r in train)
