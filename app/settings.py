@@ -75,7 +75,7 @@ class Settings:
     detoxify_config_dir: str = field(default="", metadata={"help": "Local HF config/tokenizer dir for that checkpoint."})
     retrain_nice: int = field(default=19, metadata={"help": (
         "Niceness of the retrain process (0-19; 0 = the same priority as chat). It shares the cores with "
-        "chat: at 19 the kernel gives chat's threads the CPU whenever they want it (bench.chat_beside_retrain).")})
+        "chat: at 19 the kernel gives chat's threads the CPU whenever they want it (bench.chat_contention).")})
     ranking_candidates: int = field(default=4, metadata={"help": "Candidate replies per ranking task (K)."})
     annotations_per_task: int = field(default=1, metadata={"help": "Rankings each task wants (N)."})
 

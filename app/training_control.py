@@ -145,8 +145,11 @@ class TrainingControl:
         """While the run lives: touch ``busy_file`` whenever a reply is streaming (training.progress
         waits between steps while it is fresh)."""
         while proc.poll() is None:
-            if self.service.in_flight() > 0:
-                busy_file.touch()
+            try:
+                if self.service.in_flight() > 0:
+                    busy_file.touch()
+            except OSError:  # a full or read-only disk: training then simply does not wait
+                pass
             time.sleep(CHAT_BUSY_TOUCH_S)
 
     def cancel(self, user: str, run_id: int) -> None:

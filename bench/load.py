@@ -69,12 +69,14 @@ def simulate(base: str, users: int, seconds: float, max_tokens: int = 24) -> dic
                         errors[0] += 1
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    began = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    elapsed = time.perf_counter() - began
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
-    return {"sent": sent[0], "completed": ok[0], "refused": refused[0], "errors": errors[0], "tokens": tokens[0],
+    return {"sent": sent[0], "completed": ok[0], "refused": refused[0], "errors": errors[0], "tokens": tokens[0], "elapsed": elapsed,
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p95": q[18]}
 
 

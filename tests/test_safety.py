@@ -61,8 +61,9 @@ def test_confirmed_flags_misses_and_mostly_unsafe_tasks_become_refusals_and_noth
 
 def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(session_factory, tmp_path,
                                                                              tiny_model_dir):
-    """A retrain's data snapshot splits the refusals into training and held-out files, and the SFT
-    stage's rows include the training ones (safety_tuning, on by default)."""
+    """A retrain's data snapshot splits the refusals into training and held-out files by their
+    prompt (a prompt held out from the pairs is held out here too), and the SFT stage's rows
+    include the training ones (safety_tuning, on by default)."""
     from tests.training_data import seed_preferences
     from training.config import RetrainConfig
     from training.data import take_snapshot
@@ -82,3 +83,11 @@ def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(ses
     assert all(r in sft for r in train) and not any(r in sft for r in held)
     sft_off = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=False))
     assert sft_off is None or not any(r in read_jsonl(sft_off) for r in train)
+    # A refusal for a prompt the evaluation holds out is held out too (split by the prompt alone).
+    held_prompt = next(r["prompt"] for r in snap.rows("preferences_heldout") if len(r["prompt"]) == 1)
+    with session_scope(session_factory) as s:
+        _event(s, held_prompt[0]["content"], "flag", "correct")
+    again = take_snapshot(session_factory=session_factory, out_dir=tmp_path / "data2", heldout_fraction=0.25,
+                          seed=0, max_pairs=200, max_prompts=64)
+    assert [r for r in again.rows("sft_safety_heldout") if r["messages"][:-1] == held_prompt]
+    assert not [r for r in again.rows("sft_safety_train") if r["messages"][:-1] == held_prompt]

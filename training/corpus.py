@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections import Counter
@@ -179,8 +180,10 @@ def build_corpus(paths: list[str | Path], out_dir: str | Path, cfg: CorpusConfig
     report["files"] = files
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "corpus.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in kept),
-                                      encoding="utf-8")
+    # Written aside and renamed: a corpus is listed (and can be trained on) once corpus.jsonl exists.
+    partial = out / ".corpus.jsonl.partial"
+    partial.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in kept), encoding="utf-8")
+    os.replace(partial, out / "corpus.jsonl")
     if session_factory is not None:
         from feedback.db import session_scope
         from feedback.models import DataSnapshot

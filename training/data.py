@@ -81,8 +81,10 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         pref_train = pref_train[:max_pairs]
         pref_held = pref_held[:max_heldout_pairs]
         sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
-        safety_train, safety_held = _split(safety, "messages", heldout_fraction, seed) if len(safety) >= 2 \
-            else (safety, [])
+        # Split by the prompt alone (the refusal is not part of it), as pairs and prompts are: a
+        # held-out prompt never reaches SFT as a refusal.
+        safety_held = [r for r in safety if _heldout(r["messages"][:-1], heldout_fraction, seed)]
+        safety_train = [r for r in safety if r not in safety_held]
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]

@@ -3,6 +3,7 @@ the report (training/corpus.py does the work; this is the thin handler around it
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def build_corpus_panel(service) -> None:
         paths = [p for p in (paths or []) if p]
         if not paths:
             return "Choose one or more files first."
-        out_dir = Path(service.settings.data_dir).resolve() / "corpora" / f"corpus-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two uploads in one second
+        out_dir = Path(service.settings.data_dir).resolve() / "corpora" / f"corpus-{stamp}"
         progress(0.1, desc="Reading and cleaning…")
         try:
             result = build_corpus(paths, out_dir, CorpusConfig(), moderator=service.moderator,

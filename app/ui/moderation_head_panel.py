@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -43,6 +44,7 @@ def build_head_panel(service) -> tuple:
             switch_btn = gr.Button("Switch on")
     note = gr.Markdown(elem_id="moderation-head-note")
     data_dir = Path(service.settings.data_dir)
+    swap_lock = threading.Lock()
 
     def refresh(request: gr.Request):
         if denied(service, request, ADMIN, "view moderation heads", view=True) is not None:
@@ -66,6 +68,10 @@ def build_head_panel(service) -> tuple:
 
     def use_if_unpinned(head_name: str) -> str:
         """`auto` moderation uses the newest head unless one is pinned: put the new one in now."""
+        with swap_lock:  # the pin read and the swap in one step, against a Switch on meanwhile
+            return _use_if_unpinned(head_name)
+
+    def _use_if_unpinned(head_name: str) -> str:
         if pinned_head_name(data_dir) is not None:
             return f"Read the metrics; {pinned_head_name(data_dir)} stays in use until you switch this one on."
         configured = {n.strip() for n in service.settings.moderation_backends.split(",")}
@@ -88,10 +94,11 @@ def build_head_panel(service) -> tuple:
             return f"⚠ No head named {head_name!r}.", gr.update()
         try:
             backend = LearnedBackend(heads_dir(data_dir) / head_name)  # load (and check) before anything changes
-            activate(data_dir, head_name)
+            with swap_lock:
+                activate(data_dir, head_name)
+                service.moderator.use_backend(backend)
         except HeadLoadError as exc:
             return f"⚠ {exc}", gr.update()
-        service.moderator.use_backend(backend)
         return (f"{head_name} is on (pinned): every message is now also checked by it (backends: "
                 f"{', '.join(service.moderator.backend_names)})."), head_rows(data_dir)
 

@@ -8,7 +8,7 @@ import dataclasses
 import gradio as gr
 import pandas as pd
 
-from app.auth import PermissionDenied, caller_name
+from app.auth import PermissionDenied, caller_name, role_of
 from app.ui.guard import ADMIN, denied, unless_admin_skip
 from feedback import training_repo
 from feedback.db import session_scope
@@ -228,8 +228,12 @@ def build_training_panel(service, control) -> tuple:
     outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs, cancel]
     retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora, corpus], note, api_name="retrain")
     # The corpora cleaned since the page opened (the list is read when it is opened).
-    corpus.focus(lambda: gr.update(choices=[NO_PRETRAIN, *corpus_names(service.settings.data_dir)]), None, corpus,
-                 queue=False, api_visibility="private")
+    def corpus_choices(request: gr.Request):
+        if role_of(service.session_factory, caller_name(request)) != "admin":
+            return gr.skip()  # the page's own event, not an attempt: no audit row (see unless_admin_skip)
+        return gr.update(choices=[NO_PRETRAIN, *corpus_names(service.settings.data_dir)])
+
+    corpus.focus(corpus_choices, None, corpus, queue=False, api_visibility="private")
     cancel.click(on_cancel, None, note, api_name="cancel_retrain")
     promote.click(on_promote, [version_id], note, api_name="promote")
     rollback.click(on_rollback, [version_id], note, api_name="rollback")
