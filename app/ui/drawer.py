@@ -22,7 +22,6 @@ DRAWER_CSS = f"""
   #conv-drawer.drawer-open {{ transform: none; }}
   #chatbot {{ height: 58vh !important; }}
   #app-title h2 {{ font-size: 1.15rem; }}
-  #chatbot label[data-testid="block-label"] {{ position: static !important; }}  /* not over the welcome */
 }}
 """
 # Page-load script: a tap on any conversation closes the drawer, also on the one already
