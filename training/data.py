@@ -83,8 +83,9 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
         # Split by the prompt alone (the refusal is not part of it), as pairs and prompts are: a
         # held-out prompt never reaches SFT as a refusal.
-        safety_held = [r for r in safety if _heldout(r["messages"][:-1], heldout_fraction, seed)]
-        safety_train = [r for r in safety if r not in safety_held]
+        held_flags = [_heldout(r["messages"][:-1], heldout_fraction, seed) for r in safety]
+        safety_held = [r for r, held in zip(safety, held_flags) if held]
+        safety_train = [r for r, held in zip(safety, held_flags) if not held]
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]
