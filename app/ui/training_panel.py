@@ -14,7 +14,7 @@ from feedback import training_repo
 from feedback.db import session_scope
 from feedback.repository import NotFoundError, ValidationError
 from feedback.stats import data_counts
-from training.config import RetrainConfig, corpus_file, corpus_names
+from training.config import RetrainConfig, corpus_names
 
 NO_PRETRAIN = "none"
 VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "remote model id", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
@@ -161,11 +161,7 @@ def build_training_panel(service, control) -> tuple:
         except (TypeError, ValueError):
             return "⚠ Every training setting needs a number."
         if corpus_name and corpus_name != NO_PRETRAIN:
-            try:
-                corpus_file(service.settings.data_dir, str(corpus_name))
-            except ValueError as exc:
-                return f"⚠ {exc}"
-            config["pretrain_corpus"] = str(corpus_name)
+            config["pretrain_corpus"] = str(corpus_name)  # control.start checks it is a cleaned corpus
         try:
             run_id = control.start(caller_name(request), config)
         except PermissionDenied as exc:
