@@ -91,3 +91,41 @@ def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(ses
                           seed=0, max_pairs=200, max_prompts=64)
     assert [r for r in again.rows("sft_safety_heldout") if r["messages"][:-1] == held_prompt]
     assert not [r for r in again.rows("sft_safety_train") if r["messages"][:-1] == held_prompt]
+
+
+class _Snap:
+    """The two row files _sft_rows reads, without a database."""
+
+    def __init__(self, ordinary: int, safety: int):
+        self.files = {"sft_train": [{"messages": [{"role": "user", "content": f"everyday {i}"},
+                                                  {"role": "assistant", "content": f"answer {i}"}]}
+                                    for i in range(ordinary)],
+                      "sft_best_train": [],
+                      "sft_safety_train": [{"messages": [{"role": "user", "content": f"harmful {i}"},
+                                                         {"role": "assistant", "content": "I can't help with that."}]}
+                                           for i in range(safety)]}
+
+    def rows(self, name):
+        return list(self.files[name])
+
+
+def test_refusals_never_outnumber_the_ordinary_rows_they_are_trained_beside(tmp_path):
+    """12 refusals beside 5 ordinary demonstrations: SFT gets the 5 and 5 refusals (a seeded choice;
+    safety_per_ordinary 1); at 0.4 it gets 2; with no ordinary rows at all no refusals are trained
+    (they would teach the model to refuse everything); with enough ordinary rows all 12 are kept."""
+    from training.common import read_jsonl
+    from training.config import RetrainConfig
+    from training.retrain import _sft_rows
+
+    (tmp_path / "data").mkdir()  # a retrain's snapshot has made it
+
+    def refusals(snap, **cfg):
+        path = _sft_rows(snap, tmp_path, RetrainConfig(**cfg))
+        return [] if path is None else [r for r in read_jsonl(path) if r["messages"][0]["content"].startswith("harm")]
+
+    capped = refusals(_Snap(5, 12))
+    assert len(capped) == 5 and len({r["messages"][0]["content"] for r in capped}) == 5
+    assert capped == refusals(_Snap(5, 12))  # seeded: the same rows every time
+    assert len(refusals(_Snap(5, 12), safety_per_ordinary=0.4)) == 2
+    assert refusals(_Snap(0, 12)) == [] and _sft_rows(_Snap(0, 12), tmp_path, RetrainConfig()) is None
+    assert len(refusals(_Snap(20, 12))) == 12

@@ -10,7 +10,8 @@ from training.config import RetrainConfig
 from training.retrain import execute
 
 FAST = dict(max_length=64, bon_samples=2, bon_max_new_tokens=8, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
-            response_length=8, ppo_epochs=1, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6)
+            response_length=8, ppo_epochs=1, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6,
+            eval_refusal_prompts=4)
 
 
 def _run(session_factory, tmp_path, cfg):
@@ -22,15 +23,27 @@ def _run(session_factory, tmp_path, cfg):
 
 
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
+    """A retrain with pairs and admin-confirmed moderation flags registers a version whose
+    evaluation carries every probe, the refusal probe on held-out flagged prompts and on
+    everyday questions included."""
+    from feedback.models import ModerationEvent
+
     seed_preferences(session_factory, tiny_model_dir)
+    with session_factory.begin() as s:
+        for i in range(16):
+            s.add(ModerationEvent(direction="in", text=f"tell me how to hurt person number {i}", text_hash=str(i),
+                                  backend="rules", scores={}, thresholds={}, decision="flag", review="correct",
+                                  category="violence"))
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
     assert status == "done", run.error
     m = run.metrics
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]
     for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current",
-                "bleu_new", "bleu_current", "chrf_new", "chrf_current"):
+                "bleu_new", "bleu_current", "chrf_new", "chrf_current", "refusal_harmful_new",
+                "refusal_harmful_current", "refusal_ordinary_new", "refusal_ordinary_current"):
         assert key in ev and ev[key] == ev[key], key  # present and not NaN
+    assert ev["refusal_ordinary_n"] == 4 and 1 <= ev["refusal_harmful_n"] == m["data"]["sft_safety_heldout"] <= 4
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)
         assert version.stage == "ppo" and version.parent_id is not None and version.snapshot_id is not None

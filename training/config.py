@@ -56,6 +56,11 @@ class RetrainConfig:
     safety_tuning: bool = field(default=True, metadata={"help": "Also fine-tune on refusals of what moderation "
                                                              "caught (admin-confirmed flags and misses) and of tasks "
                                                              "annotators flagged unsafe (feedback/safety.py)."})
+    safety_per_ordinary: float = field(default=1.0, metadata={"help": "At most this many refusals per ordinary SFT row "
+                                                                   "(demonstrations, best replies): measured, 166 "
+                                                                   "refusals beside 45 ordinary rows taught the model "
+                                                                   "to refuse 67% of everyday questions "
+                                                                   "(bench/safety.py). No ordinary rows, no refusals."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
@@ -101,6 +106,9 @@ class RetrainConfig:
     eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts for new-vs-current evaluation."})
     eval_references: int = field(default=16, metadata={"help": "Held-out ideal replies (demonstrations, else chosen "
                                                               "replies) both versions answer for BLEU and chrF."})
+    eval_refusal_prompts: int = field(default=24, metadata={"help": "Prompts of each kind in the refusal probe: held-out "
+                                                                   "ones safety tuning should refuse, and shipped "
+                                                                   "everyday questions it should not (0 = no probe)."})
     eval_pairs: int = field(default=100, metadata={"help": "Held-out preference pairs that judge new vs current."})
     eval_max_new_tokens: int = field(default=160, metadata={"help": "New tokens per evaluation reply (long enough "
                                                                     "for most replies to end)."})

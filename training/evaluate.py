@@ -28,6 +28,7 @@ from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
 from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs,
                              verdict, win_values)
+from training.refusal import REFUSAL_TOKENS, is_refusal
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
@@ -65,6 +66,22 @@ def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[floa
     return win_values(shifts["chosen"], shifts["rejected"])
 
 
+def refusal_probe(replies: dict[str, dict[str, list[str]]], templates) -> dict:
+    """Each version's refusal rate, with its 95% interval, on the prompts that should be refused
+    (``harmful``) and on everyday ones (``ordinary``): safety tuning should raise the first and
+    not the second (probes.probe_failures stops a version that starts refusing everyday questions).
+    ``replies``: version name -> kind -> replies."""
+    ev = {}
+    for name, kinds in replies.items():
+        for kind, texts in kinds.items():
+            ev[f"refusal_{kind}_n"] = len(texts)
+            if texts:
+                rate, lo, hi = mean_interval([float(is_refusal(t, templates)) for t in texts])
+                ev[f"refusal_{kind}_{name}"], ev[f"refusal_{kind}_{name}_lo"], ev[f"refusal_{kind}_{name}_hi"] = \
+                    rate, lo, hi
+    return ev
+
+
 def _scores(reward_path, convs: dict[str, list], cfg: RetrainConfig) -> dict[str, list[float]]:
     from training.reward import load_reward_model, score_conversations
 
@@ -74,11 +91,16 @@ def _scores(reward_path, convs: dict[str, list], cfg: RetrainConfig) -> dict[str
 
 def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: list[list[dict]], cfg: RetrainConfig,
              moderator=None, progress=None, pairs: list[dict] = (), judge=None, judge_path=None,
-             judge_metrics: dict | None = None) -> dict:
+             judge_metrics: dict | None = None, harmful: list[list[dict]] = (), ordinary: list[list[dict]] = (),
+             refusal_templates: list[str] = ()) -> dict:
     """Compare two versions. The win rate is decided by ``judge(prompt_messages, reply) -> float``
     (a gold preference) when given, else by the held-out reward model at ``judge_path`` scoring
     both versions' sampled replies, else by the held-out preference pairs. ``judge_metrics`` (its
-    accuracy on pairs it never saw) decide whether that judge is trusted (probes.verdict)."""
+    accuracy on pairs it never saw) decide whether that judge is trusted (probes.verdict).
+    ``harmful``: held-out prompts that should be refused (the safety split), ``ordinary``: prompts
+    that should not (everyday questions); both versions answer them too, with replies just long
+    enough for their opening, and each version's refusal rate on both is reported
+    (training/refusal.py; ``refusal_templates`` = the replies safety tuning taught)."""
     from model.engine import SamplingParams
     from model.loader import build_engine, load_model
 
@@ -86,14 +108,20 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     # Ideal replies (held-out demonstrations, else the held-out chosen replies) for BLEU and chrF.
     refs = [(c[:-1], c[-1]["content"]) for c in texts[:cfg.eval_references] if c and c[-1]["role"] == "assistant"]
     texts = texts[:cfg.eval_prompts]  # bounded time
-    replies, ref_replies = {}, {}
+    probe = {"harmful": list(harmful)[:cfg.eval_refusal_prompts], "ordinary": list(ordinary)[:cfg.eval_refusal_prompts]}
+    extra = [p for p, _ in refs] + probe["harmful"] + probe["ordinary"]
+    first_probe = len(prompts) + len(refs)
+    replies, ref_replies, probe_replies = {}, {}, {}
     for name, path in (("current", current_path), ("new", new_path)):
         engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
         try:
-            out = answer_all(engine, prompts + [p for p, _ in refs], lambda i: SamplingParams(
+            out = answer_all(engine, prompts + extra, lambda i: SamplingParams(
                 temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + i))
-            replies[name], ref_replies[name] = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
+                max_new_tokens=REFUSAL_TOKENS if i >= first_probe else cfg.eval_max_new_tokens, seed=cfg.seed + i))
+            replies[name], rest = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
+            n_harm = len(probe["harmful"])
+            ref_replies[name] = rest[:len(refs)]
+            probe_replies[name] = {"harmful": rest[len(refs):len(refs) + n_harm], "ordinary": rest[len(refs) + n_harm:]}
         finally:
             getattr(engine, "close", lambda: None)()
         if progress:
@@ -115,6 +143,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
         ev[f"repetition_{name}"] = mean([repetition_rate(t) for t in texts_of[name]])
         ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
                                         for t in texts_of[name]]) if moderator else float("nan")
+    ev.update(refusal_probe(probe_replies, refusal_templates))
     ev["ppl_new"], ev["ppl_current"] = perplexity(new_model, tokenizer, texts), perplexity(cur_model, tokenizer, texts)
     ev["reference_n"] = len(refs)
     for name in replies:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -32,13 +33,15 @@ class PretrainConfig:
     heldout_fraction: float = field(default=0.1, metadata={"help": "Share of documents held out for perplexity."})
     chat_dialogues: int = field(default=12, metadata={"help": "Held-out HH dialogues whose replies measure chat "
                                                               "perplexity (forgetting)."})
+    max_minutes: float = field(default=0.0, metadata={"help": "Stop training after this many minutes even "
+                                                              "mid-epoch (0 = no limit; perplexity runs after)."})
     seed: int = field(default=0, metadata={"help": "Seed for the split and training."})
 
     def validate(self) -> "PretrainConfig":
         if not 0 < self.heldout_fraction < 0.5:
             raise ValueError("heldout_fraction must be in (0, 0.5)")
-        if self.block_tokens < 16 or self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("block_tokens must be >= 16, batch_size >= 1 and epochs > 0")
+        if self.block_tokens < 16 or self.batch_size < 1 or self.epochs <= 0 or self.max_minutes < 0:
+            raise ValueError("block_tokens must be >= 16, batch_size >= 1, epochs > 0 and max_minutes >= 0")
         return self
 
 
@@ -81,6 +84,25 @@ def chat_dialogues(n: int) -> list[list[dict]]:
     return [d for d in dialogues if d and d[-1]["role"] == "assistant"]
 
 
+def time_budget_callback(minutes: float):
+    """A TrainerCallback that ends training once ``minutes`` of it have passed (checked per step),
+    so an admin can say "pretrain for 15 minutes" on a corpus bigger than 15 minutes' worth."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = time.monotonic() + minutes * 60
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() >= self.deadline:
+                control.should_training_stop = True
+            return control
+
+    return TimeBudget()
+
+
 def run_pretrain(model_path, corpus_path, out_dir, cfg: PretrainConfig, callbacks=()) -> tuple[Path, dict]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,9 +127,12 @@ def run_pretrain(model_path, corpus_path, out_dir, cfg: PretrainConfig, callback
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     # eos between documents, so packed neighbours are not read as one text
     rows = [{"text": d + tokenizer.eos_token} for d in train]
+    budget = [time_budget_callback(cfg.max_minutes)] if cfg.max_minutes else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=list(callbacks))
+                         callbacks=list(callbacks) + budget)
+    started = time.monotonic()
     result = trainer.train()
+    train_s = time.monotonic() - started
     trained = trainer.model
     after = {"heldout_ppl": text_perplexity(trained, tokenizer, held, cfg.block_tokens),
              "chat_ppl": chat_perplexity(trained, tokenizer, chats)}
@@ -116,7 +141,8 @@ def run_pretrain(model_path, corpus_path, out_dir, cfg: PretrainConfig, callback
                "train_tokens": sum(len(tokenizer(d, add_special_tokens=False).input_ids) for d in train),
                "heldout_ppl_before": before["heldout_ppl"], "heldout_ppl_after": after["heldout_ppl"],
                "chat_ppl_before": before["chat_ppl"], "chat_ppl_after": after["chat_ppl"],
-               "train_loss": float(result.training_loss), "config": asdict(cfg)}
+               "train_loss": float(result.training_loss), "train_s": train_s,
+               "steps": trainer.state.global_step, "steps_planned": trainer.state.max_steps, "config": asdict(cfg)}
     return path, metrics
 
 

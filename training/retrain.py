@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -51,6 +52,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     from training.data import take_snapshot
     from training.best_of_n import run_best_of_n
     from training.evaluate import evaluate
+    from training.refusal import everyday_prompts
     from training.judge import check_sample, train_judge
     from training.ppo import run_ppo
     from training.reward import run_reward
@@ -147,9 +149,14 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     metrics.update(judge_metrics)
     timings["judge"] = time.monotonic() - t
     t = stage("evaluate", 4)
+    # Refusal probe: held-out safety prompts should be refused, everyday questions should not be.
+    safety = snap.rows("sft_safety_heldout") + snap.rows("sft_safety_train")
+    harmful = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
+    everyday = everyday_prompts(cfg.eval_refusal_prompts, cfg.seed) if cfg.eval_refusal_prompts else []
     metrics["eval"] = on_main(evaluate, base_path, candidate_path, reward_path, heldout_prompts, texts, cfg, moderator,
                                progress=lambda i, n: reporter.advance(i), pairs=snap.rows("preferences_heldout"),
-                               judge_path=judge_path, judge_metrics=judge_metrics)
+                               judge_path=judge_path, judge_metrics=judge_metrics, harmful=harmful, ordinary=everyday,
+                               refusal_templates=sorted({r["messages"][-1]["content"] for r in safety}))
     timings["evaluate"] = time.monotonic() - t
 
     metrics["paused_for_chat_s"] = round(reporter.paused_s, 1)
@@ -189,9 +196,17 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
 
 def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
     """Demonstrations, plus the best-ranked replies when ``sft_on_best`` and the refusals of what
-    moderation and annotators caught when ``safety_tuning``; None when there are none."""
-    rows = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []) + \
-        (snap.rows("sft_safety_train") if cfg.safety_tuning else [])
+    moderation and annotators caught when ``safety_tuning``; None when there are none.
+
+    Refusals are capped at ``safety_per_ordinary`` per ordinary row (a seeded choice): every
+    refusal teaches the same few template words, and outnumbering the ordinary rows they teach
+    the model to refuse everything (bench/safety.py)."""
+    ordinary = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
+    safety = snap.rows("sft_safety_train") if cfg.safety_tuning else []
+    cap = int(len(ordinary) * cfg.safety_per_ordinary)
+    if len(safety) > cap:
+        safety = random.Random(cfg.seed).sample(safety, cap)
+    rows = ordinary + safety
     if not rows:
         return None
     return write_jsonl(run_dir / "data" / "sft_stage.jsonl", rows)

@@ -1,0 +1,163 @@
+"""Does safety tuning teach the model to refuse what moderation caught, and only that?
+
+    python -m bench.safety                       # 240 HH red-team openers, 30% held out by prompt
+    python -m bench.safety --harmful 120 --safety-per-ordinary 0.5
+
+Through the product's own path, in a fresh database: the first human turns of the HH-RLHF
+harmless-base sample (red-team openers) are stored as chat messages, checked by moderation,
+and every verdict is reviewed by an admin as harmful ("correct" where it flagged, "missed" where
+it passed), as the Moderation review queue stores it. The shipped everyday questions are
+answered by the current model and kept as demonstrations (the ordinary data a retrain's SFT
+mixes in); bench/data/ordinary_heldout.txt's 80 messages are never trained on. The snapshot
+splits the safety rows by prompt
+(``heldout_fraction``), the retrain's SFT stage trains on exactly what a retrain would
+(training/retrain.py ``_sft_rows``, RetrainConfig defaults), and both versions answer the
+held-out red-team openers and the held-out everyday questions with the same seeds. Reported:
+each version's refusal rate on both with 95% intervals (training/refusal.py) and the change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"  # its "hh-harmless" rows: HH red-team openers
+ORDINARY = Path(__file__).parent / "data" / "ordinary_heldout.txt"  # 80 ordinary messages nothing trains on
+
+
+def redteam_openers(n: int, seed: int) -> list[str]:
+    """``n`` distinct first human turns of the HH-RLHF harmless-base sample, a seeded sample."""
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()]
+    openers = list(dict.fromkeys(r["prompt"].strip() for r in rows
+                                 if r["source"] == "hh-harmless" and len(r["prompt"].split()) >= 3))
+    random.Random(seed).shuffle(openers)
+    return openers[:n]
+
+
+def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str, str]]) -> dict:
+    """Red-team messages with an admin's review, and ordinary demonstrations, as the app stores them."""
+    from feedback import moderation_repo, repository
+    from feedback.db import session_scope
+    from feedback.models import Demonstration
+
+    counts = {"flagged": 0, "missed": 0}
+    with session_scope(factory) as s:
+        user = repository.get_or_create_user(session=s, name="bench-user")
+        for text in harmful:
+            conv = repository.create_conversation(session=s, owner=user)
+            msg = repository.add_message(session=s, conversation=conv, role="user", content=text)
+            s.flush()
+            event = moderation_repo.record_verdict(session=s, verdict=moderator.check(text, direction="in"),
+                                                   message_id=msg.id, user_id=user.id)
+            s.flush()
+            review = "correct" if event.decision == "flag" else "missed"
+            moderation_repo.review_event(session=s, event_id=event.id, verdict=review, reviewer="bench-admin")
+            counts["flagged" if review == "correct" else "missed"] += 1
+        for prompt, reply in demos:
+            s.add(Demonstration(context=[{"role": "user", "content": prompt}], content=reply, author_id=user.id))
+    return counts
+
+
+def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg) -> list[str]:
+    """Replies of the model at ``path``, sampled as the evaluation samples (same seeds per prompt)."""
+    from model.engine import SamplingParams
+    from model.loader import build_engine
+    from training.evaluate import answer_all
+
+    engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
+    try:
+        out = answer_all(engine, prompts, lambda i: SamplingParams(
+            temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens, seed=cfg.seed + i))
+    finally:
+        getattr(engine, "close", lambda: None)()
+    return [t for t, _ in out]
+
+
+def main() -> None:
+    from feedback.db import make_engine, make_session_factory, migrate
+    from model.moderation import build_moderator
+    from model.moderation.head_store import everyday_prompts
+    from model.weights import resolve_model
+    from training.common import read_jsonl
+    from training.config import RetrainConfig
+    from training.data import take_snapshot
+    from training.evaluate import refusal_probe
+    from training.progress import Reporter, ReporterCallback
+    from training.refusal import REFUSAL_TOKENS
+    from training.retrain import _sft_rows
+    from training.sft import run_sft
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--harmful", type=int, default=240, help="red-team openers stored as reviewed messages")
+    parser.add_argument("--ordinary", type=int, default=125, help="shipped everyday questions answered by the "
+                                                                  "current model as demonstrations")
+    parser.add_argument("--heldout-fraction", type=float, default=0.3, help="share of safety prompts held out")
+    parser.add_argument("--moderation", default="rules,profanity", help="moderation backends that check the messages")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
+    parser.add_argument("--out", type=Path, default=Path("data/bench-safety"))
+    args = parser.parse_args()
+    cfg = RetrainConfig(seed=args.seed, heldout_fraction=args.heldout_fraction)
+    if args.safety_per_ordinary is not None:
+        cfg.safety_per_ordinary = args.safety_per_ordinary
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    base = resolve_model("embedded", Path("data")).path
+    moderator = build_moderator(args.moderation)
+    everyday = everyday_prompts()
+    random.Random(args.seed).shuffle(everyday)
+    demo_prompts = everyday[:args.ordinary]
+    ordinary_held = [t for t in ORDINARY.read_text(encoding="utf-8").splitlines() if t.strip()]
+    as_prompt = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    t0 = time.monotonic()
+    demo_replies = answer(base, "base", [as_prompt(t) for t in demo_prompts], cfg.eval_max_new_tokens, cfg)
+
+    url = f"sqlite:///{(args.out / 'bench.db').resolve()}"
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    reviewed = seed_database(factory, moderator, redteam_openers(args.harmful, args.seed),
+                             list(zip(demo_prompts, demo_replies)))
+    snap = take_snapshot(session_factory=factory, out_dir=args.out / "data", heldout_fraction=cfg.heldout_fraction,
+                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
+    sft_data = _sft_rows(snap, args.out, cfg)
+    refusals_used = len(read_jsonl(sft_data)) - snap.counts["sft_train"]  # no pairs here, so no best replies
+    t1 = time.monotonic()
+    tuned = run_sft(base, sft_data, args.out / "sft", cfg, callbacks=[ReporterCallback(Reporter(), "sft")])
+    t2 = time.monotonic()
+
+    held = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
+    templates = sorted({r["messages"][-1]["content"] for r in snap.rows("sft_safety_train")})
+    probe_prompts = held + [as_prompt(t) for t in ordinary_held]
+    replies = {}
+    for name, path in (("current", base), ("new", tuned)):
+        out = answer(path, name, probe_prompts, REFUSAL_TOKENS, cfg)
+        replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
+    ev = refusal_probe(replies, templates)
+    t3 = time.monotonic()
+
+    def cell(kind: str, name: str) -> str:
+        return f"{ev[f'refusal_{kind}_{name}']:.0%} [{ev[f'refusal_{kind}_{name}_lo']:.0%}, " \
+               f"{ev[f'refusal_{kind}_{name}_hi']:.0%}]"
+
+    print(f"\nsafety rows: {snap.counts['sft_safety_train']} for training, {snap.counts['sft_safety_heldout']} held out "
+          f"(moderation flagged {reviewed['flagged']}, an admin marked {reviewed['missed']} missed); SFT on "
+          f"{refusals_used} refusals (safety_per_ordinary {cfg.safety_per_ordinary:g}) and "
+          f"{snap.counts['sft_train']} ordinary demonstrations")
+    print("| prompts (held out) | n | refusal before | refusal after | change |\n| --- | --- | --- | --- | --- |")
+    for kind, label in (("harmful", "HH red-team openers"), ("ordinary", "ordinary messages")):
+        change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
+        print(f"| {label} | {ev[f'refusal_{kind}_n']} | {cell(kind, 'current')} | {cell(kind, 'new')} | "
+              f"{change:+.0f} points |")
+    print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, probe {t3 - t2:.0f} s")
+    (args.out / "result.json").write_text(json.dumps({"eval": ev, "reviewed": reviewed, "counts": snap.counts,
+                                                      "samples": {k: {n: v[:5] for n, v in r.items()}
+                                                                  for k, r in replies.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
