@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
     parser.add_argument("--out", type=Path, default=Path("data/bench-safety"))
     args = parser.parse_args()
-    cfg = RetrainConfig(seed=args.seed, heldout_fraction=args.heldout_fraction)
+    cfg = RetrainConfig(seed=args.seed, heldout_fraction=args.heldout_fraction, safety_tuning=True)
     if args.safety_per_ordinary is not None:
         cfg.safety_per_ordinary = args.safety_per_ordinary
     shutil.rmtree(args.out, ignore_errors=True)

@@ -63,7 +63,7 @@ def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(ses
                                                                              tiny_model_dir):
     """A retrain's data snapshot splits the refusals into training and held-out files by their
     prompt (a prompt held out from the pairs is held out here too), and the SFT stage's rows
-    include the training ones (safety_tuning, on by default)."""
+    include the training ones when safety_tuning is on (it is off by default)."""
     from tests.training_data import seed_preferences
     from training.config import RetrainConfig
     from training.data import take_snapshot
@@ -79,7 +79,7 @@ def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(ses
     train, held = snap.rows("sft_safety_train"), snap.rows("sft_safety_heldout")
     assert len(train) + len(held) == 12 and train and held
     assert snap.counts["sft_safety_train"] == len(train)
-    sft = read_jsonl(_sft_rows(snap, tmp_path, RetrainConfig()))
+    sft = read_jsonl(_sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True)))
     assert all(r in sft for r in train) and not any(r in sft for r in held)
     sft_off = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=False))
     assert sft_off is None or not any(r in read_jsonl(sft_off) for r in train)
@@ -120,12 +120,12 @@ def test_refusals_never_outnumber_the_ordinary_rows_they_are_trained_beside(tmp_
     (tmp_path / "data").mkdir()  # a retrain's snapshot has made it
 
     def refusals(snap, **cfg):
-        path = _sft_rows(snap, tmp_path, RetrainConfig(**cfg))
+        path = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True, **cfg))
         return [] if path is None else [r for r in read_jsonl(path) if r["messages"][0]["content"].startswith("harm")]
 
     capped = refusals(_Snap(5, 12))
     assert len(capped) == 5 and len({r["messages"][0]["content"] for r in capped}) == 5
     assert capped == refusals(_Snap(5, 12))  # seeded: the same rows every time
     assert len(refusals(_Snap(5, 12), safety_per_ordinary=0.4)) == 2
-    assert refusals(_Snap(0, 12)) == [] and _sft_rows(_Snap(0, 12), tmp_path, RetrainConfig()) is None
+    assert refusals(_Snap(0, 12)) == [] and _sft_rows(_Snap(0, 12), tmp_path, RetrainConfig(safety_tuning=True)) is None
     assert len(refusals(_Snap(20, 12))) == 12

@@ -53,9 +53,11 @@ class RetrainConfig:
                                                           "prompt before the reward model and PPO (a rejection-sampling "
                                                           "warm start, as in Llama 2): PPO alone moves a 135M model "
                                                           "little in a CPU budget."})
-    safety_tuning: bool = field(default=True, metadata={"help": "Also fine-tune on refusals of what moderation "
-                                                             "caught (admin-confirmed flags and misses) and of tasks "
-                                                             "annotators flagged unsafe (feedback/safety.py)."})
+    safety_tuning: bool = field(default=False, metadata={"help": "Also fine-tune on refusals of what moderation "
+                                                              "caught (admin-confirmed flags and misses) and of tasks "
+                                                              "annotators flagged unsafe (feedback/safety.py). Off by "
+                                                              "default: measured, it also makes the model refuse about "
+                                                              "half of ordinary messages (bench/safety.py)."})
     safety_per_ordinary: float = field(default=1.0, metadata={"help": "At most this many refusals per ordinary SFT row "
                                                                    "(demonstrations, best replies): measured, 166 "
                                                                    "refusals beside 45 ordinary rows taught the model "
