@@ -64,18 +64,9 @@ def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str,
 
 def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg) -> list[str]:
     """Replies of the model at ``path``, sampled as the evaluation samples (same seeds per prompt)."""
-    from model.engine import SamplingParams
-    from model.loader import build_engine
-    from training.evaluate import answer_all
+    from training.evaluate import sample_replies
 
-    engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
-    try:
-        out = answer_all(engine, prompts, lambda i: SamplingParams(
-            temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens, seed=cfg.seed + i))
-    finally:
-        getattr(engine, "close", lambda: None)()
-    return [t for t, _ in out]
+    return [t for t, _ in sample_replies(path, name, prompts, cfg, lambda i: max_new_tokens)]
 
 
 def main() -> None:

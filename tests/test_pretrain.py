@@ -34,3 +34,18 @@ def test_continued_pretraining_lowers_held_out_perplexity_of_the_corpus(tmp_path
     assert m["heldout_ppl_after"] < 0.8 * m["heldout_ppl_before"], m
     assert m["chat_ppl_before"] > 0 and m["chat_ppl_after"] > 0
     AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_a_time_budget_stops_pretraining_after_the_first_step(tmp_path, tiny_model_dir):
+    """max_minutes ends training once the budget has passed (checked after each step): with a
+    budget shorter than one step, training stops after step 1 of the several the epochs plan,
+    and the model is still saved and measured. A negative budget is refused."""
+    docs = [f"Note {i}: the green lamp is switched off at night and the door is locked." for i in range(40)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with pytest.raises(ValueError, match="max_minutes"):
+        PretrainConfig(max_minutes=-1).validate()
+    cfg = PretrainConfig(epochs=3, learning_rate=3e-3, block_tokens=32, batch_size=2, train_layers=0,
+                         max_minutes=1e-6)
+    path, m = run_pretrain(tiny_model_dir, tmp_path / "corpus.jsonl", tmp_path / "out", cfg)
+    assert m["steps"] == 1 and m["steps_planned"] > 3, m
+    assert (path / "config.json").is_file() and m["heldout_ppl_after"] > 0

@@ -152,7 +152,8 @@ def test_a_retrain_can_start_with_continued_pretraining_on_a_cleaned_corpus(sess
                                                                           tiny_model_dir):
     """pretrain_corpus names a corpus under data/corpora: the run's first training stage is
     pretraining on it (perplexity before and after stored with the version), SFT starts from that
-    model, and a corpus that is not there, or a path instead of a name, is refused before the run."""
+    model, its time budget is pretrain_max_minutes, and a corpus that is not there, a path instead
+    of a name, or a negative budget is refused before the run."""
     import json
 
     from training.config import corpus_file
@@ -165,6 +166,8 @@ def test_a_retrain_can_start_with_continued_pretraining_on_a_cleaned_corpus(sess
         corpus_file(tmp_path / "data", "other")
     with pytest.raises(ValueError, match="must be the name of a corpus"):
         RetrainConfig(pretrain_corpus="../../etc").validate()
+    with pytest.raises(ValueError, match="pretrain_max_minutes must be >= 0"):
+        RetrainConfig(pretrain_max_minutes=-1).validate()
     seed_preferences(session_factory, tiny_model_dir, random_labels=True)
     cfg = RetrainConfig(**{**FAST, "accuracy_gate": 0.75, "pretrain_corpus": "handbook"})  # gated: no PPO, faster
     status, run = _run(session_factory, tmp_path, cfg)
@@ -172,5 +175,6 @@ def test_a_retrain_can_start_with_continued_pretraining_on_a_cleaned_corpus(sess
     pre = run.metrics["pretrain"]
     assert pre["corpus"] == "handbook" and pre["documents_train"] + pre["documents_heldout"] == 30
     assert pre["heldout_ppl_after"] < pre["heldout_ppl_before"]
+    assert pre["config"]["max_minutes"] == cfg.pretrain_max_minutes == 14.0  # the retrain's time budget is passed on
     assert [h["stage"] for h in run.history][0].endswith("pretrain") and "pretrain" in run.metrics["timings_s"]
     assert not (tmp_path / "data" / "runs" / f"run-{run.id}" / "pretrain").exists()  # the version keeps the weights

@@ -48,6 +48,9 @@ class RetrainConfig:
                                                               "continue pretraining on before SFT; empty = skip."})
     pretrain_epochs: float = field(default=1.0, metadata={"help": "Passes over that corpus (1 epoch of 0.5 MB: ~7 min "
                                                                   "on 2 cores)."})
+    pretrain_max_minutes: float = field(default=14.0, metadata={"help": "Stop pretraining after this many minutes "
+                                                                       "(0 = no limit): 14 min of a 1.17 MB corpus "
+                                                                       "lowered its perplexity by 26% (README)."})
     # SFT
     sft_on_best: bool = field(default=True, metadata={"help": "Also fine-tune on the best-ranked reply of each training "
                                                           "prompt before the reward model and PPO (a rejection-sampling "
@@ -144,6 +147,7 @@ class RetrainConfig:
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
                   (0 <= self.yield_to_chat_s <= 3600, "yield_to_chat_s must be in [0, 3600]"),
                   (self.pretrain_epochs > 0, "pretrain_epochs must be > 0"),
+                  (self.pretrain_max_minutes >= 0, "pretrain_max_minutes must be >= 0"),
                   (self.pretrain_corpus == "" or CORPUS_NAME.fullmatch(self.pretrain_corpus) is not None,
                    "pretrain_corpus must be the name of a corpus under data/corpora (letters, digits, . _ -)"),
                   (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),

@@ -52,6 +52,23 @@ def answer_all(engine, prompts: list[list[dict]], params_for) -> list[tuple[str,
         return list(pool.map(one, range(len(prompts))))
 
 
+def sample_replies(path, name: str, prompts: list[list[dict]], cfg: RetrainConfig,
+                   max_new_tokens_for) -> list[tuple[str, int]]:
+    """(reply, tokens) of the model at ``path`` for each prompt, sampled as the evaluation samples:
+    the serving engine (``eval_engine``), ``eval_temperature`` with no top-p or penalty (so the KL
+    is exact for it), seed ``cfg.seed + i`` for prompt i, ``max_new_tokens_for(i)`` new tokens."""
+    from model.engine import SamplingParams
+    from model.loader import build_engine
+
+    engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
+    try:
+        return answer_all(engine, prompts, lambda i: SamplingParams(
+            temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens_for(i), seed=cfg.seed + i))
+    finally:
+        getattr(engine, "close", lambda: None)()
+
+
 def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[float]:
     """Per held-out pair: 1 when the new model raised the chosen reply's log-probability more than
     the rejected one's (relative to the current model), 0.5 on a tie, else 0. Neither the reward
@@ -101,8 +118,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     that should not (everyday questions); both versions answer them too, with replies just long
     enough for their opening, and each version's refusal rate on both is reported
     (training/refusal.py; ``refusal_templates`` = the replies safety tuning taught)."""
-    from model.engine import SamplingParams
-    from model.loader import build_engine, load_model
+    from model.loader import load_model
 
     prompts = [r["prompt"] for r in prompts[:cfg.eval_prompts]]
     # Ideal replies (held-out demonstrations, else the held-out chosen replies) for BLEU and chrF.
@@ -113,17 +129,12 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     first_probe = len(prompts) + len(refs)
     replies, ref_replies, probe_replies = {}, {}, {}
     for name, path in (("current", current_path), ("new", new_path)):
-        engine = build_engine(path, name, kind=cfg.eval_engine, max_concurrent=4)
-        try:
-            out = answer_all(engine, prompts + extra, lambda i: SamplingParams(
-                temperature=cfg.eval_temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                max_new_tokens=REFUSAL_TOKENS if i >= first_probe else cfg.eval_max_new_tokens, seed=cfg.seed + i))
-            replies[name], rest = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
-            n_harm = len(probe["harmful"])
-            ref_replies[name] = rest[:len(refs)]
-            probe_replies[name] = {"harmful": rest[len(refs):len(refs) + n_harm], "ordinary": rest[len(refs) + n_harm:]}
-        finally:
-            getattr(engine, "close", lambda: None)()
+        out = sample_replies(path, name, prompts + extra, cfg,
+                             lambda i: REFUSAL_TOKENS if i >= first_probe else cfg.eval_max_new_tokens)
+        replies[name], rest = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
+        n_harm = len(probe["harmful"])
+        ref_replies[name] = rest[:len(refs)]
+        probe_replies[name] = {"harmful": rest[len(refs):len(refs) + n_harm], "ordinary": rest[len(refs) + n_harm:]}
         if progress:
             progress(len(replies), 4)
     new_model, tokenizer = load_model(new_path, "cpu")

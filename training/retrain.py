@@ -96,7 +96,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         t = stage("pretrain")
         policy_path, metrics["pretrain"] = run_pretrain(
             base_path, corpus_file(data_dir, cfg.pretrain_corpus), run_dir / "pretrain",
-            PretrainConfig(epochs=cfg.pretrain_epochs, seed=cfg.seed),
+            PretrainConfig(epochs=cfg.pretrain_epochs, seed=cfg.seed, max_minutes=cfg.pretrain_max_minutes),
             callbacks=[ReporterCallback(reporter, reporter.stage)])
         metrics["pretrain"]["corpus"] = cfg.pretrain_corpus
         timings["pretrain"] = time.monotonic() - t
