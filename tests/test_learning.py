@@ -94,7 +94,8 @@ def test_reference_overlap_is_sacrebleus_corpus_bleu_and_chrf():
 
 
 def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
-    """No pair is dropped: long dialogues lose their start and keep the reply's last tokens."""
+    """No pair is dropped: long dialogues lose their start and keep the reply's last tokens, up to
+    its end-of-turn token (where the reward is read)."""
     from transformers import AutoTokenizer
 
     from training.reward import pair_dataset
@@ -108,7 +109,7 @@ def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
     data, cut = pair_dataset(tok, rows, max_length=64)
     assert len(data) == 2 and cut == 1
     assert all(len(r["chosen_ids"]) <= 64 and len(r["rejected_ids"]) <= 64 for r in data)
-    tail = tok("The sky is blue.<|im_end|>\n", add_special_tokens=False).input_ids
+    tail = tok("The sky is blue.<|im_end|>", add_special_tokens=False).input_ids
     assert data[0]["chosen_ids"][-len(tail):] == tail
 
 

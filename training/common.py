@@ -59,6 +59,32 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(with_system(messages), tokenize=False, add_generation_prompt=True)
 
 
+def load_tokenizer(path, padding_side: str | None = None):
+    """The model's tokenizer with a pad token that never occurs in a rendered chat.
+
+    SmolLM2 ships pad = eos = ``<|im_end|>``, the token that ends every turn. TRL's PPO takes
+    ``attention_mask = ids != pad``: with that pad, every end-of-turn marker in the prompt was
+    masked out of the rollouts, the reference and the reward model, and a reply was scored at
+    its last word instead of at its end. PPO then optimised a context no user ever sends.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **({"padding_side": padding_side} if padding_side else {}))
+    sample = tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                            {"role": "assistant", "content": "a"}], tokenize=False)
+    in_chat = set(tokenizer(sample, add_special_tokens=False).input_ids) | {tokenizer.eos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in in_chat:
+        return tokenizer
+    for token in (tokenizer.unk_token, *tokenizer.all_special_tokens, "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        if token_id is not None and token_id not in in_chat:
+            tokenizer.pad_token = token
+            return tokenizer
+    if tokenizer.pad_token is None:  # no spare token: the old behaviour, pad = eos
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def lora_config(task_type: str):
     from peft import LoraConfig
 

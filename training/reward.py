@@ -14,20 +14,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.common import (base_trainer_args, freeze_lower_layers, lora_config, read_jsonl, save_model_dir,
-                             with_system)
+from training.common import (base_trainer_args, freeze_lower_layers, load_tokenizer, lora_config, read_jsonl,
+                             save_model_dir, with_system)
 from training.config import RetrainConfig
 
 
 def load_reward_model(path: str | Path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def conversation_text(tokenizer, conversation: list[dict]) -> str:
+    """The conversation as the serving engine renders it, ending at the reply's end-of-turn token
+    (the chat template's trailing newline dropped). The reward is read at that token in training,
+    in scoring and in PPO, whose rollouts end there too; read one token later in training and one
+    earlier in PPO, the head was asked about a position it never learnt."""
+    return tokenizer.apply_chat_template(with_system(conversation), tokenize=False).rstrip()
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], max_length: int = 256,
@@ -35,7 +41,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
     """Scalar reward for each full conversation (formatted with the chat template)."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(with_system(c), tokenize=False) for c in conversations]
+    texts = [conversation_text(tokenizer, c) for c in conversations]
     scores: list[float] = []
     model.eval()
     side, cut = tokenizer.padding_side, tokenizer.truncation_side
@@ -65,8 +71,7 @@ def pair_dataset(tokenizer, rows: list[dict], max_length: int):
     from datasets import Dataset
 
     def ids(conversation):
-        text = tokenizer.apply_chat_template(with_system(conversation), tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer(conversation_text(tokenizer, conversation), add_special_tokens=False).input_ids
 
     out, cut = [], 0
     for r in rows:

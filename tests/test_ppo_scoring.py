@@ -1,0 +1,54 @@
+"""PPO's rollouts are scored as the reward model was trained: at the reply's end-of-turn token,
+with every end-of-turn marker of the prompt visible (not taken for padding)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _rm_and_tokenizer(tiny_model_dir):
+    import torch
+
+    from training.reward import load_reward_model
+
+    torch.manual_seed(0)
+    return load_reward_model(tiny_model_dir)
+
+
+def test_the_training_pad_token_never_occurs_in_a_rendered_chat(tiny_model_dir, tmp_path):
+    """A tokenizer whose pad is its end-of-turn token (as SmolLM2 ships) gets another pad."""
+    from transformers import AutoTokenizer
+
+    from training.common import chat_text, load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    fixed = load_tokenizer(tmp_path, padding_side="left")
+    ids = fixed(chat_text(fixed, [{"role": "user", "content": "hello there"}]), add_special_tokens=False).input_ids
+    assert fixed.pad_token_id != fixed.eos_token_id
+    assert fixed.pad_token_id not in ids and fixed.eos_token_id in ids
+    assert fixed.padding_side == "left"
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_ppo_reads_the_same_reward_as_scoring_the_whole_conversation(tiny_model_dir, finished):
+    """TRL's get_reward through scored_at_end_of_turn equals score_conversations on the same reply,
+    for a rollout that ended with eos and for one cut mid-reply (scored as if it ended there)."""
+    import torch
+    from trl.experimental.utils import get_reward
+
+    from training.common import chat_text
+    from training.ppo import scored_at_end_of_turn
+    from training.reward import score_conversations
+
+    rm, tok = _rm_and_tokenizer(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a much longer question here"}]]
+    replies = ["the cat sat", "a dog ran far away"]
+    queries = [tok(chat_text(tok, p), add_special_tokens=False).input_ids for p in prompts]
+    answers = [tok(r, add_special_tokens=False).input_ids + ([tok.eos_token_id] if finished else []) for r in replies]
+    pad, width, span = tok.pad_token_id, max(map(len, queries)), max(map(len, answers)) + 2
+    rows = [[pad] * (width - len(q)) + q + a + [pad] * (span - len(a)) for q, a in zip(queries, answers)]
+    _, scores, _ = get_reward(scored_at_end_of_turn(rm, tok.eos_token_id), torch.tensor(rows), pad, width)
+    expected = score_conversations(rm, tok, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)])
+    assert scores.squeeze(-1).tolist() == pytest.approx(expected, abs=1e-4)
