@@ -106,9 +106,12 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
         finally:
             engine.close() if hasattr(engine, "close") else None
     scores = {n: [gold.score(m[-1]["content"], t) for m, (t, _) in zip(msgs, replies[n])] for n in replies}
-    rate, lo, hi = mean_interval(win_values(scores["new"], scores["current"]))
+    wins = win_values(scores["new"], scores["current"])
+    rate, lo, hi = mean_interval(wins)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"gold_win_rate": rate, "gold_lo": lo, "gold_hi": hi, "gold_n": len(msgs),
+    sources = [p.get("source", "") for p in prompts for _ in range(seeds)]
+    by_source = {src: mean_interval([w for w, s in zip(wins, sources) if s == src]) for src in sorted(set(sources))}
+    return {"gold_win_rate": rate, "gold_lo": lo, "gold_hi": hi, "gold_n": len(msgs), "gold_by_source": by_source,
             "gold_score_new": mean(scores["new"]), "gold_score_current": mean(scores["current"]),
             "served_length_new": mean([n for _, n in replies["new"]]),
             "served_length_current": mean([n for _, n in replies["current"]]),
@@ -168,6 +171,10 @@ def print_table(results: list[dict]) -> None:
               f"| {f(r.get('kl_to_current'), 3)} | {f(r.get('length_new'), 0)} / {f(r.get('length_current'), 0)} "
               f"| {f(r.get('ppl_new'))} / {f(r.get('ppl_current'))} | {f(r.get('retrain_s'), 0)} ({stages}) "
               f"| {r.get('verdict') or r.get('error') or ''} |")
+    for r in results:  # the held-out prompts are half everyday questions, half red-team openers
+        parts = [f"{src} {w:.2f} [{lo:.2f}, {hi:.2f}]" for src, (w, lo, hi) in r.get("gold_by_source", {}).items()]
+        if parts:
+            print(f"{r['preference']} {r['noise']:.0%}, gold win rate by prompt source: " + "; ".join(parts))
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def test_ppo_reads_the_same_reward_as_scoring_the_whole_conversation(tiny_model_
     from trl.experimental.utils import get_reward
 
     from training.common import chat_text
-    from training.ppo import scored_at_end_of_turn
+    from training.ppo_reward import scored_at_end_of_turn
     from training.reward import score_conversations
 
     rm, tok = _rm_and_tokenizer(tiny_model_dir)
@@ -52,3 +52,31 @@ def test_ppo_reads_the_same_reward_as_scoring_the_whole_conversation(tiny_model_
     _, scores, _ = get_reward(scored_at_end_of_turn(rm, tok.eos_token_id), torch.tensor(rows), pad, width)
     expected = score_conversations(rm, tok, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)])
     assert scores.squeeze(-1).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_each_rollout_is_scored_relative_to_its_prompts_baseline(tiny_model_dir):
+    """A prompt's baseline (the mean reward of the replies annotators saw for it) is subtracted from
+    its rollouts' rewards; a prompt without one gets the default baseline."""
+    import torch
+    from trl.experimental.utils import get_reward
+
+    from training.common import chat_text
+    from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
+    from training.reward import score_conversations
+
+    rm, tok = _rm_and_tokenizer(tiny_model_dir)
+    known, other = [{"role": "user", "content": "hello there"}], [{"role": "user", "content": "what now"}]
+    pairs = [{"prompt": known, "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": r}]} for c, r in (("the cat sat", "a dog"), ("yes", "a dog"))]
+    by_prompt = prompt_baselines(rm, tok, pairs, 256)
+    replies = [known + [{"role": "assistant", "content": t}] for t in ("the cat sat", "a dog", "yes")]
+    assert list(by_prompt.values()) == pytest.approx([sum(score_conversations(rm, tok, replies)) / 3], abs=1e-4)
+
+    queries = [tok(chat_text(tok, p), add_special_tokens=False).input_ids for p in (known, other)]
+    answer = tok("the cat sat", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    width = max(map(len, queries))
+    rows = [[tok.pad_token_id] * (width - len(q)) + q + answer for q in queries]
+    scorer = scored_at_end_of_turn(rm, tok.eos_token_id, [(queries[0], 1.5)], default_baseline=-0.5)
+    _, scores, _ = get_reward(scorer, torch.tensor(rows), tok.pad_token_id, width)
+    raw = score_conversations(rm, tok, [p + [{"role": "assistant", "content": "the cat sat"}] for p in (known, other)])
+    assert scores.squeeze(-1).tolist() == pytest.approx([raw[0] - 1.5, raw[1] + 0.5], abs=1e-4)

@@ -120,6 +120,10 @@ def test_config_validation():
         RetrainConfig(ppo_episodes=10, ppo_batch_size=4).validate()
     with pytest.raises(ValueError, match="Unknown retrain settings"):
         RetrainConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="ppo_gae_lambda"):
+        RetrainConfig(ppo_gae_lambda=1.5).validate()
+    with pytest.raises(ValueError, match="multiple of ppo_mini_batches"):
+        RetrainConfig(ppo_batch_size=8, ppo_mini_batches=3).validate()
 
 
 def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_model_dir):

@@ -10,12 +10,14 @@ model initialised from the reward model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from training.common import (base_trainer_args, freeze_lower_layers, jsonl_dataset, load_tokenizer, lora_config,
-                             save_model_dir, with_system)
+                             read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
+from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -32,54 +34,10 @@ def prompt_dataset(prompts_path, tokenizer, max_prompt_tokens: int):
     return rows.map(encode, remove_columns=rows.column_names)
 
 
-def scored_at_end_of_turn(reward_model, eos_token_id: int):
-    """The reward model as TRL's PPO calls it, reading every rollout's reward at an end-of-turn token.
-
-    TRL reads a reward at the response's last token before padding. A rollout that stopped by
-    itself ends in eos, the position the reward model was trained at (training/reward.py); one cut
-    at ``response_length`` (most of them) ends mid-sentence, a position it never saw, where its
-    head says little. Cut rollouts get an eos appended before scoring: each is judged as the
-    finished reply it would be if it stopped there.
-    """
-    import torch
-    from types import SimpleNamespace
-
-    backbone = getattr(reward_model, reward_model.base_model_prefix)
-
-    class AppendEos(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = backbone
-
-        def forward(self, input_ids, attention_mask, **kwargs):
-            rows, width = input_ids.shape
-            mask = attention_mask.long()
-            first = mask.argmax(1)  # queries are left-padded; the reply ends before the next pad
-            after = (torch.arange(width, device=mask.device)[None] > first[:, None]) & (mask == 0)
-            read = torch.where(after.any(1), after.int().argmax(1), torch.full_like(first, width)) - 1
-            cut = input_ids[torch.arange(rows), read] != eos_token_id
-            ids = torch.cat([input_ids, input_ids.new_zeros(rows, 1)], 1)
-            ext = torch.cat([mask, mask.new_zeros(rows, 1)], 1)
-            where = torch.nonzero(cut).squeeze(1)
-            ids[where, read[where] + 1], ext[where, read[where] + 1] = eos_token_id, 1
-            out = self.inner(input_ids=ids, attention_mask=ext, position_ids=ext.cumsum(1) - ext,
-                             return_dict=True, output_hidden_states=True, use_cache=False)
-            hidden = out.hidden_states[-1]
-            last = hidden[:, :width].clone()
-            last[where, read[where]] = hidden[where, read[where] + 1]
-            return SimpleNamespace(hidden_states=(last,))
-
-    class Scorer(torch.nn.Module):
-        base_model_prefix = "backbone"
-
-        def __init__(self):
-            super().__init__()
-            self.backbone, self.score, self.config = AppendEos(), reward_model.score, reward_model.config
-
-    return Scorer()
-
-
-def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig, callbacks=()) -> tuple[Path, dict]:
+def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig, callbacks=(),
+            pairs_path=None) -> tuple[Path, dict]:
+    """PPO from ``policy_path`` against the reward model; ``pairs_path`` (the training pairs) gives
+    each prompt its baseline when ``ppo_prompt_baseline`` is on (training/ppo_reward.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -97,15 +55,25 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     dataset = prompt_dataset(prompts_path, tokenizer, cfg.ppo_max_prompt_tokens)
     if len(dataset) < cfg.ppo_batch_size:  # PPOTrainer would loop forever over an empty loader
         raise ValueError(f"PPO needs at least {cfg.ppo_batch_size} prompts; {prompts_path} has {len(dataset)}.")
+    baselines, default_baseline = [], 0.0
+    if pairs_path and cfg.ppo_prompt_baseline:
+        by_prompt = prompt_baselines(reward, tokenizer, read_jsonl(pairs_path), cfg.max_length)
+        for row, encoded in zip(read_jsonl(prompts_path), dataset):
+            key = json.dumps(row["prompt"], sort_keys=True)
+            if key in by_prompt:
+                baselines.append((encoded["input_ids"], by_prompt[key]))
+        default_baseline = sum(by_prompt.values()) / len(by_prompt) if by_prompt else 0.0
     args = PPOConfig(total_episodes=cfg.ppo_episodes, per_device_train_batch_size=cfg.ppo_batch_size,
-                     gradient_accumulation_steps=1, num_mini_batches=1,
+                     gradient_accumulation_steps=1, num_mini_batches=cfg.ppo_mini_batches,
                      local_rollout_forward_batch_size=cfg.ppo_batch_size, learning_rate=cfg.ppo_learning_rate,
-                     num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.response_length,
+                     num_ppo_epochs=cfg.ppo_epochs, lam=cfg.ppo_gae_lambda, kl_coef=cfg.kl_coef,
+                     response_length=cfg.response_length,
                      temperature=0.7, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0,
                      sft_model_path=str(policy_path), reward_model_path=str(reward_path),
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
-                         reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id),
+                         reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id, baselines,
+                                                            default_baseline),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()
@@ -113,7 +81,7 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     tokenizer.padding_side = "right"
     path = save_model_dir(trained, tokenizer, out_dir)
-    metrics = {"ppo_updates": len(history)}
+    metrics = {"ppo_updates": len(history), "ppo_prompts_with_baseline": len(baselines)}
     if history:
         metrics.update(ppo_reward_first=history[0]["objective/rlhf_reward"],
                        ppo_reward_last=history[-1]["objective/rlhf_reward"], ppo_kl_last=history[-1]["objective/kl"])
@@ -126,10 +94,12 @@ def main() -> None:
     parser.add_argument("--reward", required=True)
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pairs", default=None, help="training pairs: each prompt's baseline is the mean reward "
+                                                      "of its replies")
     parser.add_argument("--episodes", type=int, default=RetrainConfig.ppo_episodes)
     args = parser.parse_args()
     path, metrics = run_ppo(args.policy, args.reward, args.prompts, args.out,
-                            RetrainConfig(ppo_episodes=args.episodes).validate())
+                            RetrainConfig(ppo_episodes=args.episodes).validate(), pairs_path=args.pairs)
     print(f"saved PPO policy to {path}: {metrics}")
 
 

@@ -134,7 +134,8 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
             timings["best_of_n"] = time.monotonic() - t
         t = stage("ppo")
         candidate_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
-                                              callbacks=[ReporterCallback(reporter, reporter.stage)])
+                                              callbacks=[ReporterCallback(reporter, reporter.stage)],
+                                              pairs_path=snap.path("preferences_train"))
         metrics.update(ppo_metrics)
         timings["ppo"] = time.monotonic() - t
 

@@ -1,0 +1,98 @@
+"""How PPO reads the reward model: at the reply's end-of-turn token, relative to the prompt.
+
+Used by training/ppo.py; TRL's PPOTrainer calls ``get_reward(model, ...)``, which runs
+``getattr(model, model.base_model_prefix)`` and then ``model.score`` on its last hidden states,
+so the wrapper below keeps that shape.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int) -> dict[str, float]:
+    """Mean reward of the replies annotators saw for each prompt (both sides of its pairs), keyed
+    by the prompt's JSON. These replies were sampled from the serving model, so the mean estimates
+    what the policy scores on that prompt before PPO."""
+    from training.reward import score_conversations
+
+    replies: dict[str, set[str]] = {}
+    for row in pairs:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        replies.setdefault(key, set()).update((row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
+    flat = [(key, text) for key, texts in replies.items() for text in sorted(texts)]
+    scores = score_conversations(reward_model, tokenizer, [json.loads(k) + [{"role": "assistant", "content": t}]
+                                                           for k, t in flat], max_length)
+    sums: dict[str, list[float]] = {}
+    for (key, _), score in zip(flat, scores):
+        sums.setdefault(key, []).append(score)
+    return {key: sum(v) / len(v) for key, v in sums.items()}
+
+
+def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple[list[int], float]] = (),
+                          default_baseline: float = 0.0):
+    """The reward model as TRL's PPO calls it, reading every rollout's reward at an end-of-turn
+    token, minus its prompt's baseline.
+
+    TRL reads a reward at the response's last token before padding. A rollout that stopped by
+    itself ends in eos, the position the reward model was trained at (training/reward.py); one cut
+    at ``response_length`` (most of them) ends mid-sentence, a position it never saw, where its
+    head says little. Cut rollouts get an eos appended before scoring: each is judged as the
+    finished reply it would be if it stopped there.
+
+    ``baselines``: (query token ids, baseline) per known prompt; a rollout whose query is one of
+    them gets that baseline subtracted, others ``default_baseline``. With one rollout per prompt
+    in a batch, how easy the prompt is otherwise dominates the reward (red-team openers score low
+    whatever the reply), and PPO learns "which prompts" instead of "which replies"; a baseline
+    that depends only on the prompt leaves the policy gradient unbiased and removes that noise.
+    """
+    import torch
+    from types import SimpleNamespace
+
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    known = [(torch.tensor(ids), value) for ids, value in baselines]
+    state = {}
+
+    def offsets(input_ids, first) -> torch.Tensor:
+        out = []
+        for row, start in zip(input_ids, first.tolist()):
+            matches = [(len(ids), value) for ids, value in known
+                       if start + len(ids) <= len(row) and torch.equal(row[start:start + len(ids)], ids)]
+            out.append(max(matches)[1] if matches else default_baseline)  # the longest matching prompt
+        return torch.tensor(out)
+
+    class AppendEos(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = backbone
+
+        def forward(self, input_ids, attention_mask, **kwargs):
+            rows, width = input_ids.shape
+            mask = attention_mask.long()
+            first = mask.argmax(1)  # queries are left-padded; the reply ends before the next pad
+            after = (torch.arange(width, device=mask.device)[None] > first[:, None]) & (mask == 0)
+            read = torch.where(after.any(1), after.int().argmax(1), torch.full_like(first, width)) - 1
+            cut = input_ids[torch.arange(rows), read] != eos_token_id
+            ids = torch.cat([input_ids, input_ids.new_zeros(rows, 1)], 1)
+            ext = torch.cat([mask, mask.new_zeros(rows, 1)], 1)
+            where = torch.nonzero(cut).squeeze(1)
+            ids[where, read[where] + 1], ext[where, read[where] + 1] = eos_token_id, 1
+            out = self.inner(input_ids=ids, attention_mask=ext, position_ids=ext.cumsum(1) - ext,
+                             return_dict=True, output_hidden_states=True, use_cache=False)
+            hidden = out.hidden_states[-1]
+            last = hidden[:, :width].clone()
+            last[where, read[where]] = hidden[where, read[where] + 1]
+            state["offset"] = offsets(input_ids.cpu(), first.cpu()).to(hidden.dtype).to(hidden.device)
+            return SimpleNamespace(hidden_states=(last,))
+
+    class Scorer(torch.nn.Module):
+        base_model_prefix = "backbone"
+
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head, self.config = AppendEos(), reward_model.score, reward_model.config
+
+        def score(self, hidden):
+            return self.head(hidden) - state["offset"].view(-1, 1, 1)
+
+    return Scorer()
