@@ -133,7 +133,7 @@ def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_d
     for name, part in (("train", rows[:24]), ("held", rows[24:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-    cfg = RetrainConfig(**{**FAST, "ppo_episodes": 96, "ppo_batch_size": 8, "ppo_learning_rate": 1e-3, "kl_coef": 0.01,
+    cfg = RetrainConfig(**{**FAST, "ppo_episodes": 96, "ppo_batch_size": 8, "ppo_learning_rate": 3e-3, "kl_coef": 0.01, "ppo_epochs": 1, "ppo_mini_batches": 1, "ppo_gae_lambda": 0.95,
                            "response_length": 6}).validate()
     rm_path, _ = run_reward(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "rm", cfg)
     new_path, _ = run_ppo(tiny_model_dir, rm_path, tmp_path / "prompts.jsonl", tmp_path / "ppo", cfg)
