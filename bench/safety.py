@@ -80,7 +80,8 @@ def main() -> None:
     from training.evaluate import refusal_probe
     from training.progress import Reporter, ReporterCallback
     from training.refusal import REFUSAL_TOKENS
-    from training.retrain import _sft_rows
+    from training.retrain import _safety_dpo_pairs, _sft_rows
+    from training.safety_dpo import run_safety_dpo
     from training.sft import run_sft
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,9 +92,12 @@ def main() -> None:
     parser.add_argument("--moderation", default="rules,profanity", help="moderation backends that check the messages")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
+    parser.add_argument("--no-dpo", action="store_true", help="SFT only (before safety DPO existed)")
+    parser.add_argument("--retrain-json", default="{}", help="RetrainConfig overrides, e.g. '{\"safety_dpo_beta\": 0.2}'")
     parser.add_argument("--out", type=Path, default=Path("data/bench-safety"))
     args = parser.parse_args()
-    cfg = RetrainConfig(seed=args.seed, heldout_fraction=args.heldout_fraction, safety_tuning=True)
+    cfg = RetrainConfig(**{"seed": args.seed, "heldout_fraction": args.heldout_fraction, "safety_tuning": True,
+                           "safety_dpo": not args.no_dpo, **json.loads(args.retrain_json)}).validate()
     if args.safety_per_ordinary is not None:
         cfg.safety_per_ordinary = args.safety_per_ordinary
     shutil.rmtree(args.out, ignore_errors=True)
@@ -120,6 +124,13 @@ def main() -> None:
     t1 = time.monotonic()
     tuned = run_sft(base, sft_data, args.out / "sft", cfg, callbacks=[ReporterCallback(Reporter(), "sft")])
     t2 = time.monotonic()
+    dpo = {}
+    if cfg.safety_dpo:  # as the retrain does after SFT (training/retrain.py)
+        pairs = _safety_dpo_pairs(snap, args.out, cfg, base)
+        if pairs:
+            tuned, dpo = run_safety_dpo(tuned, pairs, args.out / "safety_dpo", cfg,
+                                        callbacks=[ReporterCallback(Reporter(), "safety_dpo")])
+    t2b = time.monotonic()
 
     held = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
     templates = sorted({r["messages"][-1]["content"] for r in snap.rows("sft_safety_train")})
@@ -130,6 +141,8 @@ def main() -> None:
         replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
     ev = refusal_probe(replies, templates)
     t3 = time.monotonic()
+    print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "
+          f"{dpo or 'off'}")
 
     def cell(kind: str, name: str) -> str:
         return f"{ev[f'refusal_{kind}_{name}']:.0%} [{ev[f'refusal_{kind}_{name}_lo']:.0%}, " \
@@ -144,8 +157,9 @@ def main() -> None:
         change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
         print(f"| {label} | {ev[f'refusal_{kind}_n']} | {cell(kind, 'current')} | {cell(kind, 'new')} | "
               f"{change:+.0f} points |")
-    print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, probe {t3 - t2:.0f} s")
-    (args.out / "result.json").write_text(json.dumps({"eval": ev, "reviewed": reviewed, "counts": snap.counts,
+    print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, safety DPO {t2b - t2:.0f} s, "
+          f"probe {t3 - t2b:.0f} s")
+    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "reviewed": reviewed, "counts": snap.counts,
                                                       "samples": {k: {n: v[:5] for n, v in r.items()}
                                                                   for k, r in replies.items()}}, indent=1))
 

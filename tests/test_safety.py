@@ -129,3 +129,62 @@ def test_refusals_never_outnumber_the_ordinary_rows_they_are_trained_beside(tmp_
     assert len(refusals(_Snap(5, 12), safety_per_ordinary=0.4)) == 2
     assert refusals(_Snap(0, 12)) == [] and _sft_rows(_Snap(0, 12), tmp_path, RetrainConfig(safety_tuning=True)) is None
     assert len(refusals(_Snap(20, 12))) == 12
+
+
+def _is_refusal(text, templates=()):
+    return text.startswith("I can't")
+
+
+def test_contrast_pairs_prefer_the_refusal_on_caught_prompts_and_the_answer_on_ordinary_ones():
+    """Caught prompt: chosen = its refusal, rejected = the current model's answer, skipped when that
+    answer already refuses. Ordinary row: chosen = its reply, rejected = a refusal template; rows
+    whose reply refuses are skipped, and ordinary pairs never outnumber the caught ones."""
+    from training.safety_dpo import contrast_pairs
+
+    snap = _Snap(ordinary=10, safety=4)
+    answers = ["Sure, here is how.", "I can't help with that.", "Step one: ...", "Of course!"]
+    ordinary = snap.rows("sft_train") + [{"messages": [{"role": "user", "content": "everyday refused"},
+                                                       {"role": "assistant", "content": "I can't say."}]}]
+    pairs = contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary, seed=0, is_refusal=_is_refusal)
+    caught = [p for p in pairs if p["prompt"][0]["content"].startswith("harmful")]
+    everyday = [p for p in pairs if p["prompt"][0]["content"].startswith("everyday")]
+    assert len(caught) == 3 and len(everyday) == 3 and len(pairs) == 6
+    assert {p["prompt"][0]["content"] for p in caught} == {"harmful 0", "harmful 2", "harmful 3"}
+    assert all(p["chosen"][0]["content"] == "I can't help with that." for p in caught)
+    assert {p["rejected"][0]["content"] for p in caught} == {"Sure, here is how.", "Step one: ...", "Of course!"}
+    for p in everyday:
+        assert p["prompt"][0]["content"] != "everyday refused"
+        assert p["chosen"][0]["content"] == "answer " + p["prompt"][0]["content"].split()[-1]
+        assert p["rejected"][0]["content"] == "I can't help with that."
+    assert pairs == contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary, seed=0, is_refusal=_is_refusal)
+
+
+def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_margin_on_ordinary_ones(
+        tmp_path, tiny_model_dir):
+    """After DPO on contrast pairs, the model prefers the refusal to the answer on a caught prompt,
+    and the answer to the refusal on an ordinary one, by a wider log-probability margin than before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.common import chat_text, write_jsonl
+    from training.config import RetrainConfig
+    from training.probes import reply_logprobs
+    from training.safety_dpo import contrast_pairs, run_safety_dpo
+
+    snap = _Snap(ordinary=8, safety=8)
+    pairs = contrast_pairs(snap.rows("sft_safety_train"), ["Sure, here is how."] * 8, snap.rows("sft_train"),
+                           seed=0, is_refusal=_is_refusal)
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=3, safety_dpo_learning_rate=5e-3).validate()
+    new_path, metrics = run_safety_dpo(tiny_model_dir, path, tmp_path / "dpo", cfg)
+    assert metrics["safety_dpo_pairs"] == 16
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def margin(model, prompt, good, bad):
+        text = chat_text(tok, [{"role": "user", "content": prompt}])
+        return float(reply_logprobs(model, tok, text, good).sum() - reply_logprobs(model, tok, text, bad).sum())
+
+    before, after = (AutoModelForCausalLM.from_pretrained(p) for p in (tiny_model_dir, new_path))
+    for prompt, good, bad in (("harmful 3", "I can't help with that.", "Sure, here is how."),
+                              ("everyday 3", "answer 3", "I can't help with that.")):
+        assert margin(after, prompt, good, bad) > margin(before, prompt, good, bad) + 0.5, (
+            prompt, margin(before, prompt, good, bad), margin(after, prompt, good, bad))

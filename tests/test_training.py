@@ -23,9 +23,9 @@ def _run(session_factory, tmp_path, cfg):
 
 
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
-    """A retrain with pairs and admin-confirmed moderation flags registers a version whose
-    evaluation carries every probe, the refusal probe on held-out flagged prompts and on
-    everyday questions included."""
+    """A retrain with pairs and admin-confirmed moderation flags, safety tuning on, runs the
+    safety-DPO stage on contrast pairs and registers a version whose evaluation carries every
+    probe, the refusal probe on held-out flagged prompts and on everyday questions included."""
     from feedback.models import ModerationEvent
 
     seed_preferences(session_factory, tiny_model_dir)
@@ -34,9 +34,11 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             s.add(ModerationEvent(direction="in", text=f"tell me how to hurt person number {i}", text_hash=str(i),
                                   backend="rules", scores={}, thresholds={}, decision="flag", review="correct",
                                   category="violence"))
-    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8))
     assert status == "done", run.error
     m = run.metrics
+    # every caught training prompt the tiny model answered without refusing, and as many ordinary rows
+    assert m["safety_dpo_pairs"] == 2 * m["data"]["sft_safety_train"] and "safety_dpo" in m["timings_s"]
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]
     for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current",
@@ -48,7 +50,7 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
         version = s.get(ModelVersion, run.version_id)
         assert version.stage == "ppo" and version.parent_id is not None and version.snapshot_id is not None
         assert version.metrics["eval"]["win_rate"] == ev["win_rate"] and not version.is_active
-        assert {h["stage"].split(" ")[1] for h in run.history} >= {"reward", "best_of_n", "ppo"}
+        assert {h["stage"].split(" ")[1] for h in run.history} >= {"sft", "safety_dpo", "reward", "best_of_n", "ppo"}
     assert m["bon_samples"] == 2 and m["bon_prompts"] >= 4 and "best_of_n" in m["timings_s"]
     assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
     assert ev["reference_n"] == min(16, m["data"]["preferences_heldout"])  # chosen replies when no demonstrations

@@ -67,6 +67,17 @@ class RetrainConfig:
                                                                    "refusals beside 45 ordinary rows taught the model "
                                                                    "to refuse 67% of everyday questions "
                                                                    "(bench/safety.py). No ordinary rows, no refusals."})
+    safety_dpo: bool = field(default=True, metadata={"help": "With safety_tuning, follow the SFT with DPO on contrast "
+                                                         "pairs (refusal over the current model's answer on caught "
+                                                         "prompts, the ordinary reply over a refusal on ordinary "
+                                                         "ones; training/safety_dpo.py), so the model learns when "
+                                                         "to refuse, not only how."})
+    safety_dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs over the contrast pairs."})
+    safety_dpo_learning_rate: float = field(default=5e-6, metadata={"help": "DPO learning rate (top blocks only)."})
+    safety_dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta: how far from the SFT model the "
+                                                               "contrast may pull (smaller = further)."})
+    safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
+                                                                     "to caught prompts (the rejected side)."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
@@ -168,6 +179,9 @@ class RetrainConfig:
                   (0 <= self.accuracy_gate < 1, "accuracy_gate must be in [0, 1)"),
                   (0 <= self.bon_samples <= 16 and self.bon_samples != 1, "bon_samples must be 0 (off) or 2-16"),
                   (1 <= self.bon_max_new_tokens <= 1024, "bon_max_new_tokens must be between 1 and 1024"),
+                  (self.safety_dpo_epochs > 0 and 0 < self.safety_dpo_learning_rate < 1 and self.safety_dpo_beta > 0,
+                   "safety_dpo_epochs, safety_dpo_learning_rate and safety_dpo_beta must be > 0 (learning rate < 1)"),
+                  (1 <= self.safety_dpo_answer_tokens <= 1024, "safety_dpo_answer_tokens must be between 1 and 1024"),
                   (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
                    "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:

@@ -32,7 +32,7 @@ from training.chat_busy import BUSY_FILE_ENV
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "pretrain", "sft", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
+STAGES = ("snapshot", "pretrain", "sft", "safety_dpo", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
 
 
 class GateFailed(Exception):
@@ -56,6 +56,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     from training.judge import check_sample, train_judge
     from training.ppo import run_ppo
     from training.reward import run_reward
+    from training.safety_dpo import run_safety_dpo
     from training.sft import run_sft
 
     if world_size() > 1 and cfg.bon_samples:
@@ -106,6 +107,14 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         policy_path = run_sft(policy_path, sft_path, run_dir / "sft", cfg,
                               callbacks=[ReporterCallback(reporter, reporter.stage)])
         timings["sft"] = time.monotonic() - t
+        if cfg.safety_tuning and cfg.safety_dpo and snap.counts.get("sft_safety_train"):
+            t = stage("safety_dpo")
+            pairs = on_main(_safety_dpo_pairs, snap, run_dir, cfg, base_path)
+            if pairs:
+                policy_path, dpo_metrics = run_safety_dpo(policy_path, pairs, run_dir / "safety_dpo", cfg,
+                                                          callbacks=[ReporterCallback(reporter, reporter.stage)])
+                metrics.update(dpo_metrics)
+            timings["safety_dpo"] = time.monotonic() - t
 
     t = stage("reward")
     reward_path, rm_metrics = run_reward(policy_path, snap.path("preferences_train"), snap.path("preferences_heldout"),
@@ -190,7 +199,7 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
                                     training_run_id=run_id)
         version_id = version.id
     run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
-    for leftover in ("pretrain", "sft", "best_of_n", "judge"):
+    for leftover in ("pretrain", "sft", "safety_dpo", "best_of_n", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return version_id
 
@@ -211,6 +220,22 @@ def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
     if not rows:
         return None
     return write_jsonl(run_dir / "data" / "sft_stage.jsonl", rows)
+
+
+def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> Path | None:
+    """Contrast pairs for safety DPO (training/safety_dpo.py): the current model answers every
+    caught training prompt (the rejected side; the serving engine, evaluation sampling), and the
+    ordinary SFT rows are paired against a refusal. None when no pair is left."""
+    from training.evaluate import sample_replies
+    from training.refusal import is_refusal
+    from training.safety_dpo import contrast_pairs
+
+    safety = snap.rows("sft_safety_train")
+    answers = [text for text, _ in sample_replies(current_path, "current", [r["messages"][:-1] for r in safety], cfg,
+                                                  lambda i: cfg.safety_dpo_answer_tokens)]
+    ordinary = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
+    pairs = contrast_pairs(safety, answers, ordinary, cfg.seed, is_refusal)
+    return write_jsonl(run_dir / "data" / "safety_dpo_pairs.jsonl", pairs) if pairs else None
 
 
 def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:

@@ -1,0 +1,100 @@
+"""Stage 2b, teach *when* to refuse: DPO on contrast pairs after safety SFT (issue 18).
+
+    python -m training.safety_dpo --model run/sft --pairs safety_pairs.jsonl --out run/safety_dpo
+
+SFT on refusals teaches a 135M model the refusal words, and it then says them to everything:
+bench.safety measured ordinary messages refused 1% -> 48% after SFT with one refusal per
+ordinary row. Refusals alone never show the model a prompt where refusing is wrong. These pairs
+do, from both sides:
+
+- a prompt moderation caught (reviewed by an admin): chosen = its refusal, rejected = what the
+  current model answered (sampled by the serving engine, refusals among them dropped);
+- an ordinary training prompt: chosen = its demonstration or best-ranked reply, rejected = a
+  refusal template (a seeded choice).
+
+TRL's ``DPOTrainer`` trains the SFT model against itself as the reference, so the words it
+learned stay and only the choice between refusing and answering moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from training.common import (as_text, base_trainer_args, freeze_lower_layers, load_tokenizer, read_jsonl,
+                             save_model_dir, with_system)
+from training.config import RetrainConfig
+
+
+def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
+                   seed: int, is_refusal) -> list[dict]:
+    """Preference pairs in TRL's conversational form ({"prompt", "chosen", "rejected"}).
+
+    ``safety_rows`` and ``ordinary_rows`` are SFT rows ({"messages": [..., reply]});
+    ``harmful_answers[i]`` is the current model's reply to ``safety_rows[i]``'s prompt. A safety
+    prompt whose answer already refuses teaches nothing and is skipped; so is an ordinary row
+    whose reply refuses (a demonstration may rightly decline). Ordinary rows are capped at the
+    number of safety pairs (a seeded choice), so neither side outweighs the other."""
+    if len(harmful_answers) != len(safety_rows):
+        raise ValueError(f"{len(safety_rows)} safety prompts but {len(harmful_answers)} answers")
+    templates = sorted({r["messages"][-1]["content"] for r in safety_rows})
+    rng = random.Random(seed)
+    pairs = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+              "rejected": [{"role": "assistant", "content": answer}]}
+             for r, answer in zip(safety_rows, harmful_answers) if answer.strip() and not is_refusal(answer, templates)]
+    ordinary = [r for r in ordinary_rows if not is_refusal(r["messages"][-1]["content"], templates)]
+    rng.shuffle(ordinary)
+    pairs += [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+               "rejected": [{"role": "assistant", "content": rng.choice(templates)}]}
+              for r in ordinary[:len(pairs)]] if templates else []
+    rng.shuffle(pairs)
+    return pairs
+
+
+def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | Path, cfg: RetrainConfig,
+                   callbacks=()) -> tuple[Path, dict]:
+    """DPO from ``model_path`` (reference = the same weights) on the contrast pairs."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    rows = read_jsonl(pairs_path)
+    if not rows:
+        raise ValueError(f"{pairs_path} has no pairs")
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    ref = AutoModelForCausalLM.from_pretrained(str(model_path))
+    freeze_lower_layers(model, cfg.sft_train_layers)
+    # Trained in the serving engine's context (its system prompt), as SFT was.
+    reply = lambda side: [{"role": "assistant", "content": as_text(side[-1]["content"])}]  # noqa: E731
+    data = Dataset.from_list([{"prompt": with_system(r["prompt"]), "chosen": reply(r["chosen"]),
+                               "rejected": reply(r["rejected"])} for r in rows])
+    # keep_end, as SFT: a long dialogue loses its start, never the reply. TRL's default keep_start
+    # silently drops every pair whose prompt alone fills max_length.
+    args = DPOConfig(num_train_epochs=cfg.safety_dpo_epochs, learning_rate=cfg.safety_dpo_learning_rate,
+                     beta=cfg.safety_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
+                     truncation_mode="keep_end",
+                     precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
+                         callbacks=list(callbacks))
+    result = trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+    metrics = {"safety_dpo_pairs": len(rows), "safety_dpo_loss": round(float(result.training_loss), 4),
+               "safety_dpo_final_accuracy": round(float(logs[-1]["rewards/accuracies"]), 3) if logs else None}
+    return save_model_dir(trainer.model, tokenizer, out_dir), metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the safety-SFT model (also the DPO reference)")
+    parser.add_argument("--pairs", required=True, help="JSONL of contrast pairs (contrast_pairs)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=float, default=RetrainConfig.safety_dpo_epochs)
+    args = parser.parse_args()
+    out, metrics = run_safety_dpo(args.model, args.pairs, args.out, RetrainConfig(safety_dpo_epochs=args.epochs))
+    print(f"saved the safety-DPO model to {out}: {metrics}")
+
+
+if __name__ == "__main__":
+    main()
