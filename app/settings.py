@@ -39,6 +39,10 @@ class Settings:
     trial_threads: int = field(default=1, metadata={"help": "CPU threads of the engine of a version on A/B trial; "
                                                             "0 = all cores (two engines with all cores each spin "
                                                             "against each other on a small machine: bench.ab_serving)."})
+    trial_yields: bool = field(default=True, metadata={"help": "The A/B candidate's engine pauses while the serving "
+                                                          "engine has a user waiting for a first token (at most 1 s "
+                                                          "a step), so a trial does not slow everyone else's first "
+                                                          "token (bench.ab_serving)."})
     max_message_chars: int = field(default=8000, metadata={"help": "Longer messages (any role, API too) are refused."})
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation (and in one API call)."})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Larger HTTP API bodies are refused (413) unread."})

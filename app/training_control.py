@@ -210,7 +210,11 @@ def _default_loader(service, trial: bool = False):
     def load(path: str, name: str):
         return build_engine(path, name, **engine_options(service.settings, remote_model(name)))
 
+    def first_tokens_pending() -> int:  # of whichever engine serves now (Promote swaps it)
+        return getattr(service.engine, "first_tokens_pending", lambda: 0)()
+
     def load_trial(path: str, name: str, share: float):  # fewer slots and threads: app.settings
-        return build_engine(path, name, **trial_engine_options(service.settings, share, remote_model(name)))
+        return build_engine(path, name, **trial_engine_options(service.settings, share, remote_model(name)),
+                            yields_to=first_tokens_pending if service.settings.trial_yields else None)
 
     return load_trial if trial else load

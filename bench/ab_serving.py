@@ -3,11 +3,13 @@
     python -m bench.ab_serving                       # 4 users, 40 s per case, the embedded model
     python -m bench.ab_serving --users 4 --seconds 20
 
-Three cases in one run, each with the same simulated users sending chat turns one after
+Four cases in one run, each with the same simulated users sending chat turns one after
 another through the real ChatService (llama.cpp engines, moderation off, SQLite):
   1. no trial (the baseline);
   2. a trial loaded but on no turns (share 0): the candidate's engine only sits in memory;
-  3. a trial on ``--share`` of turns: those turns are side-by-side (two replies at once).
+  3. a trial on ``--share`` of turns: those turns are side-by-side (two replies at once), the
+     candidate's engine yielding to the serving engine's first tokens (as the app builds it);
+  4. the same with a candidate engine that does not yield (``CHAT_TRIAL_YIELDS=0``).
 TTFT is measured on the turns that are not side-by-side (the users a trial must not slow
 down), as p50/p95 and as a ratio to case 1. Memory is the process's resident set after
 loading the serving engine and after loading the candidate (a copy of the weights in its own
@@ -106,20 +108,30 @@ def main() -> None:
     run_case(service, 1, 3, 0)  # warm-up
     one = rss_mb()
     results = {"no trial": run_case(service, args.users, args.seconds, 0)}
-    candidate = build_engine(cand_dir, "candidate", **trial_engine_options(settings, args.share))  # as the app does
+    def pending() -> int:  # as app/training_control.py wires the candidate to the serving engine
+        return engine.first_tokens_pending()
+
+    candidate = build_engine(cand_dir, "candidate", **trial_engine_options(settings, args.share), yields_to=pending)
     with session_scope(factory) as s:
         trial_id = trial_repo.start_trial(session=s, candidate_version_id=cand_id, share=1.0, started_by="bench").id
     service.side_by_side.start(trial_id, candidate, 1.0)
     run_case(service, 1, 3, 1.0)  # warm the candidate too
     two = rss_mb()
     results["trial loaded, share 0"] = run_case(service, args.users, args.seconds, 0)
-    results[f"trial on {args.share:.0%} of turns"] = run_case(service, args.users, args.seconds, args.share)
+    results[f"trial on {args.share:.0%} of turns, candidate yields (default)"] = run_case(
+        service, args.users, args.seconds, args.share)
+    service.side_by_side.stop()
+    greedy = build_engine(cand_dir, "candidate", **trial_engine_options(settings, args.share))
+    service.side_by_side.start(trial_id, greedy, 1.0)
+    run_case(service, 1, 3, 1.0)
+    results["same, candidate does not yield"] = run_case(service, args.users, args.seconds, args.share)
+    yielded_s = candidate.counters["yield_s"]
 
     slots = trial_engine_options(settings, args.share)["max_concurrent"]
     print(f"\nresident memory: before engines {before:.0f} MB, serving one version {one:.0f} MB "
           f"({settings.max_concurrent} slots), with the candidate loaded {two:.0f} MB "
           f"(+{two - one:.0f} MB for {slots} slots, {settings.trial_threads or 'all'} thread(s); "
-          f"x{two / one:.2f} of one version)\n")
+          f"x{two / one:.2f} of one version); the yielding candidate paused {yielded_s:.1f} s in all\n")
     base_p95 = results["no trial"]["p95"]
     print("| case | non-trial turns | side-by-side turns | TTFT p50 s | TTFT p95 s | p95 vs no trial |")
     print("| --- | --- | --- | --- | --- | --- |")

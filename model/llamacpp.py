@@ -12,7 +12,11 @@ C API directly (``llama_decode`` on a multi-sequence ``llama_batch``) with a sch
 * prefix cache: a finished reply's KV cache is kept (up to ``prefix_cache`` of them, least
   recently used dropped first, all dropped when memory runs short). The next turn of that
   conversation, or any prompt sharing its start (the system prompt), shares those cells
-  instead of recomputing them: a long conversation's next first token does not re-read it.
+  instead of recomputing them: a long conversation's next first token does not re-read it;
+* an engine built with ``yields_to`` (the serving engine's ``first_tokens_pending``) pauses
+  before each step while that engine has a user waiting for a first token (at most
+  ``max_yield_s`` a step): a version on A/B trial shares the cores without slowing everyone
+  else's first token (bench/ab_serving.py).
 
 Try it:
 
@@ -49,6 +53,7 @@ class _Request(QueuedRequest):
     max_new: int = 0
     sampler: object = None
     decoder: object = None
+    awaiting_first: bool = True  # counted in the engine's first_tokens_pending until it has one
 
 
 class LlamaCppEngine:
@@ -59,7 +64,7 @@ class LlamaCppEngine:
     def __init__(self, gguf_path: str | Path, version: str = "unversioned", max_batch: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, context_tokens: int = 2048,
                  step_tokens: int = 512, kv_unified: bool = True, flash_attn: int = -1, prefix_cache: int = -1,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, yields_to=None, max_yield_s: float = 1.0):
         ll = lib()
         self.path = Path(gguf_path)
         if not self.path.is_file():
@@ -101,10 +106,13 @@ class LlamaCppEngine:
         self._free = list(range(max_batch + self.prefix_cache))
         self._cached: OrderedDict[int, list[int]] = OrderedDict()  # finished seq id -> tokens in its KV
         self._active: list[_Request] = []
+        self._yields_to, self.max_yield_s = yields_to, max_yield_s
+        self._awaiting_lock = threading.Lock()
+        self._awaiting = 0  # requests submitted that have no first token yet
         # Where scheduler time goes (read by bench/serving.py): forward passes, rows decoded,
         # prompt tokens fed, seconds inside llama_decode and inside sampling/detokenizing.
         self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "reused_tokens": 0, "decode_s": 0.0,
-                         "sample_s": 0.0}
+                         "sample_s": 0.0, "yield_s": 0.0}
         self._closed = threading.Event()
         self._retiring = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llama-batcher", daemon=True)
@@ -117,7 +125,13 @@ class LlamaCppEngine:
         if self._retiring.is_set():
             raise EngineBusyError("The model is being switched to a new version; please try again in a moment.")
         req = _Request(messages, params, cancel or threading.Event(), GenerationStats())
-        req.submit(self._queue)
+        with self._awaiting_lock:
+            self._awaiting += 1
+        try:
+            req.submit(self._queue)
+        except BaseException:
+            self._first_token_done(req)
+            raise
         return Generation(req.drain(self.busy_wait_s, lambda r: r.seq >= 0), req.stats, req.cancel)
 
     generate = Engine.generate  # stream, then return the text and stats
@@ -137,6 +151,25 @@ class LlamaCppEngine:
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self._vocab, text)
+
+    def first_tokens_pending(self) -> int:
+        """Requests submitted that have not had their first token (queued, or in prefill)."""
+        return self._awaiting
+
+    def _first_token_done(self, r: _Request) -> None:
+        if r.awaiting_first:
+            r.awaiting_first = False
+            with self._awaiting_lock:
+                self._awaiting -= 1
+
+    def _yield(self) -> None:
+        """Wait while the engine we yield to has users waiting for a first token (capped)."""
+        if self._yields_to is None:
+            return
+        start = time.perf_counter()
+        while self._yields_to() > 0 and not self._closed.is_set() and time.perf_counter() - start < self.max_yield_s:
+            time.sleep(0.002)
+        self.counters["yield_s"] += time.perf_counter() - start
 
     def unbatched(self):
         return self  # background work goes through the same scheduler; it is cheap to share
@@ -169,6 +202,7 @@ class LlamaCppEngine:
                 self._admit(block=not self._active)
                 if not self._active:
                     continue
+                self._yield()
                 try:
                     self._step()
                 except BaseException as exc:  # hand the error to everyone running, start clean
@@ -192,6 +226,7 @@ class LlamaCppEngine:
                 return
             block = False
             if req.cancel.is_set():
+                self._first_token_done(req)
                 req.out.put(DONE)
                 continue
             try:
@@ -202,6 +237,7 @@ class LlamaCppEngine:
                         f"The conversation is too long for the model ({len(prompt)} tokens, limit {limit}). "
                         "Start a new conversation or shorten the message.")
             except Exception as exc:
+                self._first_token_done(req)
                 req.out.put(exc)
                 continue
             req.stats.prompt_tokens = len(prompt)
@@ -318,6 +354,7 @@ class LlamaCppEngine:
         c["sample_s"] += time.perf_counter() - t1
 
     def _emit(self, r: _Request, tok: int) -> None:
+        self._first_token_done(r)
         st = r.stats
         if lib().llama_vocab_is_eog(self._vocab, tok):
             reason = r.end_reason("stop")
@@ -330,6 +367,7 @@ class LlamaCppEngine:
 
     def _release(self, r: _Request, error: BaseException | None = None) -> None:
         ll = lib()
+        self._first_token_done(r)
         if r in self._active:
             self._active.remove(r)
             ll.llama_sampler_free(r.sampler)

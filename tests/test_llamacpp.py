@@ -182,6 +182,50 @@ def test_prefix_cache_gives_way_when_memory_runs_short():
         e.close()
 
 
+def test_first_tokens_pending_counts_users_until_their_first_token(engine):
+    """The serving engine's count of users waiting for a first token: 1 while a request waits
+    (the scheduler is held by a long reply's steps, which also count until their first token),
+    0 once every request has its first token, ended, was cancelled or was refused."""
+    assert engine.first_tokens_pending() == 0
+    gen = engine.stream([{"role": "user", "content": PROMPTS[1]}], GREEDY)
+    assert engine.first_tokens_pending() in (0, 1)  # 0 only if the scheduler already answered
+    text = "".join(gen)
+    assert text and engine.first_tokens_pending() == 0
+    cancel = threading.Event()
+    cancel.set()  # cancelled before it is admitted
+    "".join(engine.stream([{"role": "user", "content": PROMPTS[0]}], GREEDY, cancel=cancel))
+    with pytest.raises(ContextTooLongError):
+        "".join(engine.stream([{"role": "user", "content": "word " * 600}], GREEDY))
+    assert engine.first_tokens_pending() == 0
+
+
+def test_an_engine_that_yields_waits_while_the_other_has_users_without_a_first_token():
+    """A candidate engine built with ``yields_to`` takes no step while that callable says a
+    user of the serving engine waits for a first token, then answers as soon as it says 0;
+    with the wait capped at ``max_yield_s`` it still answers when the other engine stays busy."""
+    waiting = {"n": 1}
+    e = LlamaCppEngine(embedded_gguf_path(), "candidate", max_batch=2, threads=1, context_tokens=512,
+                       yields_to=lambda: waiting["n"], max_yield_s=60)
+    try:
+        gen = e.stream([{"role": "user", "content": PROMPTS[0]}], GREEDY)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(text="".join(gen)))
+        t.start()
+        t.join(timeout=1.5)
+        assert t.is_alive() and e.counters["steps"] == 0  # paused: not one forward pass
+        waiting["n"] = 0
+        t.join(timeout=30)
+        assert not t.is_alive() and "Paris" in result["text"] and e.counters["yield_s"] >= 1.0
+    finally:
+        e.close()
+    capped = LlamaCppEngine(embedded_gguf_path(), "candidate", max_batch=2, threads=1, context_tokens=512,
+                            yields_to=lambda: 1, max_yield_s=0.01)
+    try:
+        assert "Paris" in ask(capped, PROMPTS[0])[0] and capped.counters["yield_s"] > 0
+    finally:
+        capped.close()
+
+
 def test_llamacpp_is_built_without_openmp():
     # The Makefile compiles llama-cpp-python with GGML_OPENMP=OFF. An OpenMP build shares libgomp
     # with torch (moderation) in the server process and decodes ~2x slower (bench/serving.py).
