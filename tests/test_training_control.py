@@ -231,3 +231,36 @@ def test_what_the_page_polls_shows_non_admins_nothing_and_writes_no_audit_rows(s
     assert any(isinstance(o, str) and o == service.moderator.template("in", None) for o in shown)
     with session_factory() as s:
         assert s.scalar(select(func.count(AuditLog.id)).where(AuditLog.user_name == "bob")) == 0
+
+
+def test_a_trial_engine_yields_to_whichever_engine_serves_now(session_factory, settings, monkeypatch):
+    """The app builds a version on A/B trial with ``yields_to`` reading the serving engine's
+    users waiting for a first token, looked up at each call (Promote swaps the serving engine);
+    with CHAT_TRIAL_YIELDS off it builds it without; the serving engine itself never yields."""
+    import model.loader
+    from app.training_control import _default_loader
+
+    built = []
+    monkeypatch.setattr(model.loader, "build_engine", lambda path, name, **kw: built.append(kw) or object())
+
+    class Waiting(ScriptedEngine):
+        def __init__(self, n):
+            super().__init__(version="v")
+            self.n = n
+
+        def first_tokens_pending(self):
+            return self.n
+
+    service = _service(session_factory, settings, engine=Waiting(3))
+    _default_loader(service, trial=True)("some/path", "cand", 0.25)
+    yields_to = built[-1]["yields_to"]
+    assert yields_to() == 3
+    service.swap_engine(Waiting(0))
+    assert yields_to() == 0
+    service.swap_engine(ScriptedEngine(version="no counter"))  # an engine without the count never holds it up
+    assert yields_to() == 0
+    _default_loader(service)("some/path", "served")
+    assert "yields_to" not in built[-1]
+    settings.trial_yields = False
+    _default_loader(service, trial=True)("some/path", "cand", 0.25)
+    assert built[-1]["yields_to"] is None
