@@ -138,7 +138,7 @@ def _is_refusal(text, templates=()):
 def test_contrast_pairs_prefer_the_refusal_on_caught_prompts_and_the_answer_on_ordinary_ones():
     """Caught prompt: chosen = its refusal, rejected = the current model's answer, skipped when that
     answer already refuses. Ordinary row: chosen = its reply, rejected = a refusal template; rows
-    whose reply refuses are skipped, and ordinary pairs never outnumber the caught ones."""
+    whose reply refuses are skipped, and each kind is cut to the other's number."""
     from training.safety_dpo import contrast_pairs
 
     snap = _Snap(ordinary=10, safety=4)
@@ -157,6 +157,8 @@ def test_contrast_pairs_prefer_the_refusal_on_caught_prompts_and_the_answer_on_o
         assert p["chosen"][0]["content"] == "answer " + p["prompt"][0]["content"].split()[-1]
         assert p["rejected"][0]["content"] == "I can't help with that."
     assert pairs == contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary, seed=0, is_refusal=_is_refusal)
+    few = contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary[:2], seed=0, is_refusal=_is_refusal)
+    assert sum(p["chosen"][0]["content"].startswith("I can't") for p in few) == 2 and len(few) == 4
 
 
 def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_margin_on_ordinary_ones(

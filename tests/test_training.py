@@ -37,8 +37,10 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8))
     assert status == "done", run.error
     m = run.metrics
-    # every caught training prompt the tiny model answered without refusing, and as many ordinary rows
-    assert m["safety_dpo_pairs"] == 2 * m["data"]["sft_safety_train"] and "safety_dpo" in m["timings_s"]
+    # the tiny model's answers and the best replies never refuse: as many pairs of each kind as the fewer has
+    ordinary = m["data"]["sft_train"] + m["data"]["sft_best_train"]
+    assert m["safety_dpo_pairs"] == 2 * min(m["data"]["sft_safety_train"], ordinary) > 0
+    assert "safety_dpo" in m["timings_s"]
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]
     for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current",

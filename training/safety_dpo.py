@@ -34,20 +34,22 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
     ``safety_rows`` and ``ordinary_rows`` are SFT rows ({"messages": [..., reply]});
     ``harmful_answers[i]`` is the current model's reply to ``safety_rows[i]``'s prompt. A safety
     prompt whose answer already refuses teaches nothing and is skipped; so is an ordinary row
-    whose reply refuses (a demonstration may rightly decline). Ordinary rows are capped at the
-    number of safety pairs (a seeded choice), so neither side outweighs the other."""
+    whose reply refuses (a demonstration may rightly decline). Each kind is cut to the other's
+    number (a seeded choice), so neither side outweighs the other."""
     if len(harmful_answers) != len(safety_rows):
         raise ValueError(f"{len(safety_rows)} safety prompts but {len(harmful_answers)} answers")
     templates = sorted({r["messages"][-1]["content"] for r in safety_rows})
     rng = random.Random(seed)
-    pairs = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
-              "rejected": [{"role": "assistant", "content": answer}]}
-             for r, answer in zip(safety_rows, harmful_answers) if answer.strip() and not is_refusal(answer, templates)]
+    refuse = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+               "rejected": [{"role": "assistant", "content": answer}]}
+              for r, answer in zip(safety_rows, harmful_answers) if answer.strip() and not is_refusal(answer, templates)]
     ordinary = [r for r in ordinary_rows if not is_refusal(r["messages"][-1]["content"], templates)]
-    rng.shuffle(ordinary)
-    pairs += [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
-               "rejected": [{"role": "assistant", "content": rng.choice(templates)}]}
-              for r in ordinary[:len(pairs)]] if templates else []
+    answer = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+               "rejected": [{"role": "assistant", "content": rng.choice(templates)}]} for r in ordinary]
+    n = min(len(refuse), len(answer))  # as many of each: 169 against 87 taught refusing (bench.safety)
+    rng.shuffle(refuse)
+    rng.shuffle(answer)
+    pairs = refuse[:n] + answer[:n]
     rng.shuffle(pairs)
     return pairs
 
