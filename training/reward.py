@@ -86,6 +86,11 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
 
     from training.probes import mean_interval
 
+    from transformers import set_seed
+
+    # The new scalar head is initialised from the global RNG: unseeded, a reward model depended on
+    # whatever ran before it in the process (the full test suite trained another one than a lone test).
+    set_seed(cfg.seed)
     model, tokenizer = load_reward_model(model_path)
     if not cfg.use_lora:
         freeze_lower_layers(model, cfg.rm_train_layers)
