@@ -43,6 +43,9 @@ class Settings:
                                                           "engine has a user waiting for a first token (at most 1 s "
                                                           "a step), so a trial does not slow everyone else's first "
                                                           "token (bench.ab_serving)."})
+    trial_nice: int = field(default=10, metadata={"help": "How much lower the CPU priority of the A/B candidate's "
+                                                        "engine is (Unix nice, 0-19): when both engines want the "
+                                                        "cores, the serving engine gets them (bench.ab_serving)."})
     max_message_chars: int = field(default=8000, metadata={"help": "Longer messages (any role, API too) are refused."})
     max_turns: int = field(default=200, metadata={"help": "Messages allowed in one conversation (and in one API call)."})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Larger HTTP API bodies are refused (413) unread."})
@@ -124,8 +127,10 @@ def engine_options(settings: Settings, remote_model: str | None = None) -> dict:
 
 def trial_engine_options(settings: Settings, share: float, remote_model: str | None = None) -> dict:
     """Options for the engine of a version on A/B trial: slots in proportion to the trial's share
-    of turns (its KV cache is most of an engine's memory) and ``trial_threads`` threads."""
+    of turns (its KV cache is most of an engine's memory), ``trial_threads`` threads and a CPU
+    priority ``trial_nice`` lower than the serving engine's."""
     import math
 
     slots = max(2, math.ceil(settings.max_concurrent * min(max(share, 0.0), 1.0)))
-    return {**engine_options(settings, remote_model), "max_concurrent": slots, "threads": settings.trial_threads}
+    return {**engine_options(settings, remote_model), "max_concurrent": slots, "threads": settings.trial_threads,
+            "nice": settings.trial_nice}

@@ -8,10 +8,13 @@ another through the real ChatService (llama.cpp engines, moderation off, SQLite)
   1. no trial (the baseline);
   2. a trial loaded but on no turns (share 0): the candidate's engine only sits in memory;
   3. a trial on ``--share`` of turns: those turns are side-by-side (two replies at once), the
-     candidate's engine yielding to the serving engine's first tokens (as the app builds it);
-  4. the same with a candidate engine that does not yield (``CHAT_TRIAL_YIELDS=0``).
+     candidate's engine yielding to the serving engine's first tokens and running at a lower
+     CPU priority (``CHAT_TRIAL_NICE``), as the app builds it;
+  4. the same at the serving engine's priority (``CHAT_TRIAL_NICE=0``);
+  5. the same, not yielding either (``CHAT_TRIAL_YIELDS=0``: the first trial engine).
 TTFT is measured on the turns that are not side-by-side (the users a trial must not slow
-down), as p50/p95 and as a ratio to case 1. Memory is the process's resident set after
+down), as p50/p95 and as a ratio to case 1, with a bootstrap 95% interval of that ratio
+(both cases' turns resampled: a p95 of ~100 turns is noisy). Memory is the process's resident set after
 loading the serving engine and after loading the candidate (a copy of the weights in its own
 directory, as a retrained version has): a trial adds one version's weights and cache, once,
 however many users there are.
@@ -20,6 +23,7 @@ however many users there are.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import statistics
@@ -65,9 +69,23 @@ def run_case(service, users: int, seconds: float, share: float) -> dict:
     for t in threads:
         t.join()
     good = sorted(x for x in ttfts if x == x)
-    p95 = good[round(0.95 * (len(good) - 1))] if good else float("nan")  # nearest rank
     return {"turns": len(ttfts), "ab_turns": len(ab_ttfts), "p50": statistics.median(good) if good else float("nan"),
-            "p95": p95}
+            "p95": p95(good), "ttfts": good}
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile (nan for no values)."""
+    good = sorted(values)
+    return good[round(0.95 * (len(good) - 1))] if good else float("nan")
+
+
+def ratio_interval(case: list[float], base: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of p95(case) / p95(base), each resampled with replacement."""
+    if not case or not base:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    ratios = sorted(p95(rng.choices(case, k=len(case))) / p95(rng.choices(base, k=len(base))) for _ in range(draws))
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
 
 
 def main() -> None:
@@ -116,27 +134,33 @@ def main() -> None:
         trial_id = trial_repo.start_trial(session=s, candidate_version_id=cand_id, share=1.0, started_by="bench").id
     service.side_by_side.start(trial_id, candidate, 1.0)
     run_case(service, 1, 3, 1.0)  # warm the candidate too
+    os.sync()  # the candidate's GGUF was just written: its write-back must not land in the next case
     two = rss_mb()
     results["trial loaded, share 0"] = run_case(service, args.users, args.seconds, 0)
     results[f"trial on {args.share:.0%} of turns, candidate yields (default)"] = run_case(
         service, args.users, args.seconds, args.share)
-    service.side_by_side.stop()
-    greedy = build_engine(cand_dir, "candidate", **trial_engine_options(settings, args.share))
-    service.side_by_side.start(trial_id, greedy, 1.0)
-    run_case(service, 1, 3, 1.0)
-    results["same, candidate does not yield"] = run_case(service, args.users, args.seconds, args.share)
     yielded_s = candidate.counters["yield_s"]
+    for name, options in (("same, candidate at the serving priority (CHAT_TRIAL_NICE=0)", {"yields_to": pending}),
+                          ("same, candidate neither yields nor runs at a lower priority", {})):
+        service.side_by_side.stop()
+        other = build_engine(cand_dir, "candidate", **{**trial_engine_options(settings, args.share), "nice": 0},
+                             **options)
+        service.side_by_side.start(trial_id, other, 1.0)
+        run_case(service, 1, 3, 1.0)
+        results[name] = run_case(service, args.users, args.seconds, args.share)
 
     slots = trial_engine_options(settings, args.share)["max_concurrent"]
     print(f"\nresident memory: before engines {before:.0f} MB, serving one version {one:.0f} MB "
           f"({settings.max_concurrent} slots), with the candidate loaded {two:.0f} MB "
           f"(+{two - one:.0f} MB for {slots} slots, {settings.trial_threads or 'all'} thread(s); "
           f"x{two / one:.2f} of one version); the yielding candidate paused {yielded_s:.1f} s in all\n")
-    base_p95 = results["no trial"]["p95"]
-    print("| case | non-trial turns | side-by-side turns | TTFT p50 s | TTFT p95 s | p95 vs no trial |")
+    baseline = results["no trial"]
+    print("| case | non-trial turns | side-by-side turns | TTFT p50 s | TTFT p95 s | p95 vs no trial (95%) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
-        print(f"| {name} | {r['turns']} | {r['ab_turns']} | {r['p50']:.3f} | {r['p95']:.3f} | {r['p95'] / base_p95:.2f}x |")
+        lo, hi = ratio_interval(r["ttfts"], baseline["ttfts"])
+        print(f"| {name} | {r['turns']} | {r['ab_turns']} | {r['p50']:.3f} | {r['p95']:.3f} "
+              f"| {r['p95'] / baseline['p95']:.2f}x [{lo:.2f}, {hi:.2f}] |")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -16,7 +16,9 @@ C API directly (``llama_decode`` on a multi-sequence ``llama_batch``) with a sch
 * an engine built with ``yields_to`` (the serving engine's ``first_tokens_pending``) pauses
   before each step while that engine has a user waiting for a first token (at most
   ``max_yield_s`` a step): a version on A/B trial shares the cores without slowing everyone
-  else's first token (bench/ab_serving.py).
+  else's first token (bench/ab_serving.py). ``nice`` lowers the CPU priority of its scheduler
+  thread (and the compute threads it starts), so between first tokens the serving engine's
+  steps still win the cores whenever both are runnable.
 
 Try it:
 
@@ -64,7 +66,8 @@ class LlamaCppEngine:
     def __init__(self, gguf_path: str | Path, version: str = "unversioned", max_batch: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, context_tokens: int = 2048,
                  step_tokens: int = 512, kv_unified: bool = True, flash_attn: int = -1, prefix_cache: int = -1,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, yields_to=None, max_yield_s: float = 1.0):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, yields_to=None, max_yield_s: float = 1.0,
+                 nice: int = 0):
         ll = lib()
         self.path = Path(gguf_path)
         if not self.path.is_file():
@@ -106,7 +109,8 @@ class LlamaCppEngine:
         self._free = list(range(max_batch + self.prefix_cache))
         self._cached: OrderedDict[int, list[int]] = OrderedDict()  # finished seq id -> tokens in its KV
         self._active: list[_Request] = []
-        self._yields_to, self.max_yield_s = yields_to, max_yield_s
+        self._yields_to, self.max_yield_s, self.nice = yields_to, max_yield_s, nice
+        self.scheduler_tid: int | None = None  # the scheduler thread's OS id, once it runs
         self._awaiting_lock = threading.Lock()
         self._awaiting = 0  # requests submitted that have no first token yet
         # Where scheduler time goes (read by bench/serving.py): forward passes, rows decoded,
@@ -193,8 +197,20 @@ class LlamaCppEngine:
             pass  # a full queue means the scheduler is awake anyway
 
     # the scheduler --------------------------------------------------------------------------
+    def _lower_priority(self) -> None:
+        """Raise this thread's nice value by ``nice`` (Linux: per thread; threads it starts inherit
+        it). Lowering priority needs no privilege; where it is unsupported the engine runs as is."""
+        self.scheduler_tid = threading.get_native_id()
+        if self.nice > 0:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.scheduler_tid,
+                               min(19, os.getpriority(os.PRIO_PROCESS, self.scheduler_tid) + self.nice))
+            except (AttributeError, OSError):
+                pass
+
     def _loop(self) -> None:
         ll = lib()
+        self._lower_priority()
         try:
             while not self._closed.is_set():
                 if self._retiring.is_set() and not self._active and self._queue.empty():

@@ -30,7 +30,7 @@ def llamacpp_available() -> bool:
 def build_engine(path, version: str, kind: str = "auto", device: str = "auto", max_concurrent: int = 16,
                  max_queue: int = 64, busy_wait_s: float = 30.0, threads: int = 0, gguf_type: str = "q8_0",
                  context_tokens: int = 2048, prefix_cache: int = -1, remote_urls: str = "", remote_api_key: str = "",
-                 remote_model: str = "", yields_to=None):
+                 remote_model: str = "", yields_to=None, nice: int = 0):
     """The serving engine for a model directory.
 
     ``llamacpp``: the checkpoint as a GGUF (written once next to it) served by llama.cpp with
@@ -40,7 +40,8 @@ def build_engine(path, version: str, kind: str = "auto", device: str = "auto", m
     no local model; replies come from the OpenAI-compatible servers at ``remote_urls`` (comma list,
     model/remote.py), asked for ``remote_model`` (default: the version's name). ``yields_to``: a
     callable giving how many users another engine has waiting for a first token; a llama.cpp
-    engine pauses its steps while it is above zero (the engine of a version on A/B trial).
+    engine pauses its steps while it is above zero (the engine of a version on A/B trial); ``nice``
+    lowers a llama.cpp engine's CPU priority by that much (other kinds ignore both).
     """
     import logging
 
@@ -70,7 +71,7 @@ def build_engine(path, version: str, kind: str = "auto", device: str = "auto", m
             else:
                 return LlamaCppEngine(gguf, version, max_batch=max_concurrent, max_queue=max_queue,
                                       busy_wait_s=busy_wait_s, threads=threads, context_tokens=context_tokens,
-                                      prefix_cache=prefix_cache, yields_to=yields_to)
+                                      prefix_cache=prefix_cache, yields_to=yields_to, nice=nice)
         kind = "batched"
     if kind == "batched":
         return BatchedEngine.from_path(path, version, device=device, max_batch=max_concurrent, max_queue=max_queue,

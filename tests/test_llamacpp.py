@@ -226,6 +226,22 @@ def test_an_engine_that_yields_waits_while_the_other_has_users_without_a_first_t
         capped.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is a Unix feature")
+def test_an_engine_built_with_nice_runs_its_scheduler_at_lower_cpu_priority(engine):
+    """``nice`` raises the nice value of the engine's scheduler thread (where llama.cpp decodes,
+    and which starts its compute threads) by that much, and of nothing else: the process and
+    an engine built without it keep their priority, and the niced engine still answers."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    e = LlamaCppEngine(embedded_gguf_path(), "candidate", max_batch=2, threads=1, context_tokens=512, nice=5)
+    try:
+        assert "Paris" in ask(e, PROMPTS[0])[0]
+        assert os.getpriority(os.PRIO_PROCESS, e.scheduler_tid) == min(19, own + 5)
+        assert os.getpriority(os.PRIO_PROCESS, engine.scheduler_tid) == own
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        e.close()
+
+
 def test_llamacpp_is_built_without_openmp():
     # The Makefile compiles llama-cpp-python with GGML_OPENMP=OFF. An OpenMP build shares libgomp
     # with torch (moderation) in the server process and decodes ~2x slower (bench/serving.py).

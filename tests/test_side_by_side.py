@@ -263,3 +263,17 @@ def test_rankings_across_versions_are_leaderboard_comparisons(session):
     annotation_repo.submit_ranking(session=session, task_id=task.id, annotator=user, order=[[a.id], [b.id, c.id], [d.id]])
     comps = sorted((x.first, x.second, x.outcome) for x in ranking_comparisons(session))
     assert comps == [("v1", "v2", 0.5), ("v2", "v1", 1.0), ("v2", "v1", 1.0), ("v2", "v1", 1.0)]
+
+
+def test_ab_serving_bench_p95_ratio_interval_brackets_the_ratio_of_the_samples():
+    """bench.ab_serving's bootstrap interval of p95(case)/p95(no trial): around 1 for the same
+    latencies, around 2 for latencies twice as long, never inverted, nan without turns."""
+    from bench.ab_serving import p95, ratio_interval
+
+    base = [i / 100 for i in range(1, 201)]
+    assert p95(base) == base[189]  # nearest rank: index round(0.95 * 199)
+    lo, hi = ratio_interval(base, base)
+    assert lo < 1.0 < hi and hi - lo < 0.3
+    lo, hi = ratio_interval([2 * x for x in base], base)
+    assert lo < 2.0 < hi and 1.7 < lo <= hi < 2.3
+    assert all(x != x for x in ratio_interval([], base))

@@ -236,7 +236,8 @@ def test_what_the_page_polls_shows_non_admins_nothing_and_writes_no_audit_rows(s
 def test_a_trial_engine_yields_to_whichever_engine_serves_now(session_factory, settings, monkeypatch):
     """The app builds a version on A/B trial with ``yields_to`` reading the serving engine's
     users waiting for a first token, looked up at each call (Promote swaps the serving engine);
-    with CHAT_TRIAL_YIELDS off it builds it without; the serving engine itself never yields."""
+    with CHAT_TRIAL_YIELDS off it builds it without; the serving engine itself never yields.
+    The trial engine runs CHAT_TRIAL_NICE lower in CPU priority; the serving engine at its own."""
     import model.loader
     from app.training_control import _default_loader
 
@@ -254,13 +255,13 @@ def test_a_trial_engine_yields_to_whichever_engine_serves_now(session_factory, s
     service = _service(session_factory, settings, engine=Waiting(3))
     _default_loader(service, trial=True)("some/path", "cand", 0.25)
     yields_to = built[-1]["yields_to"]
-    assert yields_to() == 3
+    assert yields_to() == 3 and built[-1]["nice"] == settings.trial_nice == 10
     service.swap_engine(Waiting(0))
     assert yields_to() == 0
     service.swap_engine(ScriptedEngine(version="no counter"))  # an engine without the count never holds it up
     assert yields_to() == 0
     _default_loader(service)("some/path", "served")
-    assert "yields_to" not in built[-1]
+    assert "yields_to" not in built[-1] and built[-1].get("nice", 0) == 0
     settings.trial_yields = False
     _default_loader(service, trial=True)("some/path", "cand", 0.25)
     assert built[-1]["yields_to"] is None
