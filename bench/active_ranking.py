@@ -10,6 +10,8 @@ learning bench's prompts; cached in --out). A simulated annotator with a gold pr
 * random: any unranked task next (what arrival order amounts to);
 * uncertainty: the tasks the preference head is least sure about (model/preference_head.py);
 * spread: the tasks whose candidates the head expects to differ most;
+* committee: the tasks whose candidates' order heads fitted on bootstrap resamples of the
+  rankings so far disagree about most (query-by-committee);
 * NAME-mix: half of each batch by NAME, half at random (what the app's queue does with spread:
   every other task in arrival order, app/active_ranking.py).
 
@@ -64,6 +66,9 @@ def gold_pairs(gold, prompt: str, n_cands: int, texts: list[str]) -> list[tuple[
     return [(a, b) for i, g in enumerate(groups) for h in groups[i + 1:] for a in g for b in h]
 
 
+COMMITTEE = 5  # bootstrap heads for the committee orders (each refit costs one more logistic regression)
+
+
 def simulate(features, pairs_by_task, pool, test_pairs, order: str, budget: int, batch: int, seed: int):
     """Held-out accuracy after each batch of rankings, for one order and one seed."""
     rng = random.Random(seed)
@@ -84,7 +89,8 @@ def simulate(features, pairs_by_task, pool, test_pairs, order: str, budget: int,
         ranked += chosen
         train = [(features[t][a], features[t][b]) for t in ranked for a, b in pairs_by_task[t]]
         if train:
-            head = fit_preference_head(np.array([p[0] for p in train]), np.array([p[1] for p in train]))
+            head = fit_preference_head(np.array([p[0] for p in train]), np.array([p[1] for p in train]),
+                                       committee=COMMITTEE if order.startswith("committee") else 0, seed=seed)
             acc = head.accuracy(np.array([p[0] for p in test_pairs]), np.array([p[1] for p in test_pairs]))
         else:
             acc = 0.5

@@ -9,8 +9,10 @@ It refits in well under a second from a few hundred pairs, so the ranking queue 
 every ranking saved, which the full reward model of a retrain (minutes) cannot.
 
 Task scores for the ranking queue (``STRATEGIES``): ``uncertainty`` (one minus the mean pairwise
-confidence |2 sigmoid(s_i - s_j) - 1|: 1 = no idea which is better), ``expected-gradient`` and
-``spread`` (how much the head expects the candidates to differ). Measured by
+confidence |2 sigmoid(s_i - s_j) - 1|: 1 = no idea which is better), ``expected-gradient``,
+``spread`` (how much the head expects the candidates to differ) and ``committee`` (how much
+heads fitted on bootstrap resamples of the pairs disagree about the candidates' order:
+query-by-committee, which a head that is unsure because the replies are alike does not fool). Measured by
 ``python -m bench.active_ranking``: uncertainty first does worse than random order (it picks
 tasks whose candidates all look alike: their rankings are mostly ties); the app serves by
 spread, every other task in arrival order (app/active_ranking.py).
@@ -30,6 +32,7 @@ class PreferenceHead:
     scale: np.ndarray
     weights: np.ndarray
     pairs: int  # training pairs it was fitted on
+    committee: np.ndarray | None = None  # weights of heads fitted on bootstrap resamples (members x dim)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return ((np.asarray(features, dtype=np.float64) - self.mean) / self.scale) @ self.weights
@@ -40,21 +43,32 @@ class PreferenceHead:
         return float(np.mean((diff > 0) + 0.5 * (diff == 0))) if len(diff) else float("nan")
 
 
-def fit_preference_head(better: np.ndarray, worse: np.ndarray, c: float = 0.05) -> PreferenceHead:
-    """Bradley-Terry by logistic regression on standardised feature differences (no intercept:
-    only differences between replies carry information). ``better[i]`` was preferred to ``worse[i]``."""
+def _bradley_terry_weights(diff: np.ndarray, c: float) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
 
+    x = np.concatenate([diff, -diff])  # each pair both ways round: the model has no side to favour
+    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
+    return LogisticRegression(C=c, fit_intercept=False, max_iter=2000).fit(x, y).coef_[0]
+
+
+def fit_preference_head(better: np.ndarray, worse: np.ndarray, c: float = 0.05, committee: int = 0,
+                        seed: int = 0) -> PreferenceHead:
+    """Bradley-Terry by logistic regression on standardised feature differences (no intercept:
+    only differences between replies carry information). ``better[i]`` was preferred to ``worse[i]``.
+    ``committee`` > 0 also fits that many heads on bootstrap resamples of the pairs (seeded)."""
     better, worse = np.asarray(better, dtype=np.float64), np.asarray(worse, dtype=np.float64)
     if len(better) == 0 or better.shape != worse.shape:
         raise ValueError("A preference head needs one or more (better, worse) feature pairs of the same shape.")
     both = np.concatenate([better, worse])
     mean, scale = both.mean(0), both.std(0) + 1e-6
     diff = (better - worse) / scale
-    x = np.concatenate([diff, -diff])  # each pair both ways round: the model has no side to favour
-    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
-    model = LogisticRegression(C=c, fit_intercept=False, max_iter=2000).fit(x, y)
-    return PreferenceHead(mean=mean, scale=scale, weights=model.coef_[0], pairs=len(better))
+    members = None
+    if committee > 0:
+        rng = np.random.default_rng(seed)
+        members = np.stack([_bradley_terry_weights(diff[rng.integers(0, len(diff), len(diff))], c)
+                            for _ in range(committee)])
+    return PreferenceHead(mean=mean, scale=scale, weights=_bradley_terry_weights(diff, c), pairs=len(better),
+                          committee=members)
 
 
 def uncertainty(scores) -> float:
@@ -85,10 +99,23 @@ def score_spread(head: PreferenceHead, features: np.ndarray) -> float:
     return float(np.std(head.scores(features)))
 
 
+def committee_disagreement(head: PreferenceHead, features: np.ndarray) -> float:
+    """Mean over candidate pairs of the spread (standard deviation) across the committee's heads
+    of P(i beats j). Alike replies get ~0.5 from every head (no disagreement); replies the heads
+    order differently score high. Needs a head fitted with ``committee`` > 1."""
+    if head.committee is None or len(head.committee) < 2:
+        raise ValueError("committee disagreement needs a head fitted with committee >= 2")
+    z = (np.asarray(features, dtype=np.float64) - head.mean) / head.scale
+    s = z @ head.committee.T  # candidates x members
+    spreads = [np.std(1.0 / (1.0 + np.exp(-(s[i] - s[j])))) for i, j in combinations(range(len(s)), 2)]
+    return float(np.mean(spreads)) if spreads else 0.0
+
+
 STRATEGIES = {
     "uncertainty": lambda head, f: uncertainty(head.scores(f)),
     "expected-gradient": expected_gradient,
     "spread": score_spread,
+    "committee": committee_disagreement,
 }
 
 

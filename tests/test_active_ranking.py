@@ -1,4 +1,4 @@
-"""Which ranking task next: the preference head, its task scores (uncertainty, spread), the
+"""Which ranking task next: the preference head, its task scores (uncertainty, spread, committee), the
 queue's order, and the worker ordering real tasks with the real encoder on a tiny model."""
 
 import math
@@ -10,7 +10,7 @@ from app.active_ranking import TaskPrioritizer
 from app.service import ChatService
 from feedback import annotation_repo, repository, training_repo
 from feedback.db import session_scope
-from model.preference_head import fit_preference_head, score_spread, uncertainty
+from model.preference_head import committee_disagreement, fit_preference_head, score_spread, uncertainty
 from tests.fakes import ScriptedEngine
 from tests.training_data import seed_preferences
 
@@ -41,6 +41,29 @@ def test_the_preference_head_learns_a_direction_from_pairs_and_ranks_unseen_repl
     assert score_spread(head, apart) > 10 * score_spread(head, alike + 1e-3)
     with pytest.raises(ValueError, match="one or more"):
         fit_preference_head(np.zeros((0, 16)), np.zeros((0, 16)))
+
+
+def test_a_committee_disagrees_where_the_rankings_left_the_order_open_not_where_replies_are_alike():
+    """Pairs that only ever differ in feature 0 (the better one larger) teach feature 0 firmly;
+    feature 1 varies independently of the preference, so bootstrap heads weigh it differently.
+    Candidates apart only in feature 1 get the committee's disagreement; candidates apart only
+    in feature 0 (every head agrees) and alike candidates (every head says 0.5) get little."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
+    a[:, 2:], b[:, 2:] = 0.0, 0.0
+    better = np.where((a[:, 0] > b[:, 0])[:, None], a, b)
+    worse = np.where((a[:, 0] > b[:, 0])[:, None], b, a)
+    head = fit_preference_head(better, worse, c=1.0, committee=8, seed=0)
+    assert head.committee.shape == (8, 4) and head.pairs == 30
+    learned, open_, alike = np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4))
+    learned[:, 0] = [-2.0, 0.0, 2.0]
+    open_[:, 1] = [-2.0, 0.0, 2.0]
+    assert committee_disagreement(head, open_) > 2 * committee_disagreement(head, learned)
+    assert committee_disagreement(head, alike) == pytest.approx(0.0)
+    assert fit_preference_head(better, worse, committee=8, seed=0).committee.tolist() == \
+        fit_preference_head(better, worse, committee=8, seed=0).committee.tolist()  # seeded
+    with pytest.raises(ValueError, match="committee"):
+        committee_disagreement(fit_preference_head(better, worse), open_)
 
 
 def _task(session, text, priority=None):
