@@ -6,7 +6,8 @@ import pytest
 
 from tests.training_data import seed_preferences
 from training.config import RetrainConfig
-from training.probes import kl_per_token, mean_interval, probe_failures, repetition_rate, reply_logprobs, verdict
+from training.probes import (kl_per_token, mean_interval, probe_failures, repetition_rate, reply_logprobs,
+                             reply_logprobs_batch, verdict)
 
 FAST = dict(max_length=64, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
             response_length=8, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6, eval_engine="simple")
@@ -14,6 +15,23 @@ FAST = dict(max_length=64, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, 
 
 def _margin(model, tok, prompt_text: str, good: str, bad: str) -> float:
     return float(reply_logprobs(model, tok, prompt_text, good).sum() - reply_logprobs(model, tok, prompt_text, bad).sum())
+
+
+def test_batched_reply_logprobs_equal_one_at_a_time_in_input_order(tiny_model_dir):
+    """The evaluation scores many replies per forward pass (right-padded, masked, grouped by
+    length): each row equals reply_logprobs of that pair alone, in input order, and an empty
+    reply gets no values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = ["Hello, how", "A much longer prompt that takes many more tokens than the others do", "Hi", "Q:"]
+    replies = [" can I help", " short", " a reply of quite a few words, longer than the rest", ""]
+    got = reply_logprobs_batch(model, tok, prompts, replies, temperature=0.7, batch_size=3)
+    assert [len(g) for g in got] == [len(reply_logprobs(model, tok, p, r)) for p, r in zip(prompts, replies)]
+    assert len(got[3]) == 0 and len(got[2]) > len(got[1]) > 0
+    for p, r, g in zip(prompts, replies, got):
+        assert g.tolist() == pytest.approx(reply_logprobs(model, tok, p, r, temperature=0.7).tolist(), abs=1e-4)
 
 
 def test_reply_logprobs_match_a_hand_computed_softmax_at_temperature(tiny_model_dir):

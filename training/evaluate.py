@@ -26,7 +26,7 @@ from pathlib import Path
 
 from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
-from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs,
+from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs_batch,
                              verdict, win_values)
 from training.refusal import REFUSAL_TOKENS, is_refusal
 
@@ -34,11 +34,9 @@ from training.refusal import REFUSAL_TOKENS, is_refusal
 def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
     import math
 
-    total, count = 0.0, 0
-    for conv in conversations:
-        lp = reply_logprobs(model, tokenizer, chat_text(tokenizer, conv[:-1]), conv[-1]["content"])
-        total -= float(lp.sum())
-        count += len(lp)
+    lps = reply_logprobs_batch(model, tokenizer, [chat_text(tokenizer, c[:-1]) for c in conversations],
+                               [c[-1]["content"] for c in conversations])
+    total, count = -sum(float(lp.sum()) for lp in lps), sum(len(lp) for lp in lps)
     return math.exp(total / count) if count else float("nan")
 
 
@@ -73,13 +71,12 @@ def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[floa
     """Per held-out pair: 1 when the new model raised the chosen reply's log-probability more than
     the rejected one's (relative to the current model), 0.5 on a tie, else 0. Neither the reward
     model nor PPO saw these pairs."""
-    shifts = {"chosen": [], "rejected": []}
-    for row in pairs:
-        prompt = chat_text(tokenizer, row["prompt"])
-        for side in shifts:
-            reply = row[side][-1]["content"]
-            shifts[side].append(float(reply_logprobs(new, tokenizer, prompt, reply).sum()
-                                      - reply_logprobs(current, tokenizer, prompt, reply).sum()))
+    prompts = [chat_text(tokenizer, row["prompt"]) for row in pairs]
+    shifts = {}
+    for side in ("chosen", "rejected"):
+        replies = [row[side][-1]["content"] for row in pairs]
+        shifts[side] = [float(n.sum() - c.sum()) for n, c in zip(reply_logprobs_batch(new, tokenizer, prompts, replies),
+                                                                 reply_logprobs_batch(current, tokenizer, prompts, replies))]
     return win_values(shifts["chosen"], shifts["rejected"])
 
 
@@ -139,11 +136,9 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
             progress(len(replies), 4)
     new_model, tokenizer = load_model(new_path, "cpu")
     cur_model, _ = load_model(current_path, "cpu")
-    lp_new, lp_cur = [], []
-    for msgs, (text, _) in zip(prompts, replies["new"]):
-        prompt = chat_text(tokenizer, msgs)
-        lp_new.append(reply_logprobs(new_model, tokenizer, prompt, text, cfg.eval_temperature))
-        lp_cur.append(reply_logprobs(cur_model, tokenizer, prompt, text, cfg.eval_temperature))
+    prompt_texts, sampled = [chat_text(tokenizer, m) for m in prompts], [t for t, _ in replies["new"]]
+    lp_new = reply_logprobs_batch(new_model, tokenizer, prompt_texts, sampled, cfg.eval_temperature)
+    lp_cur = reply_logprobs_batch(cur_model, tokenizer, prompt_texts, sampled, cfg.eval_temperature)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     texts_of = {name: [t for t, _ in replies[name]] for name in replies}
     ev = {"eval_prompts": len(prompts), "kl_to_current": kl_per_token(lp_new, lp_cur),

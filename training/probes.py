@@ -29,6 +29,36 @@ def reply_logprobs(model, tokenizer, prompt_text: str, reply: str, temperature: 
     return torch.log_softmax(logits, -1).gather(1, r_ids[0].to(model.device)[:, None])[:, 0].cpu()
 
 
+def reply_logprobs_batch(model, tokenizer, prompt_texts: list[str], replies: list[str], temperature: float = 1.0,
+                         batch_size: int = 8) -> list:
+    """``reply_logprobs`` for many (prompt, reply) pairs, several to a forward pass: the same
+    token ids, right-padded and masked, so each row gets the values it gets alone (to float
+    rounding). Rows are grouped by length (little padding); results come back in input order."""
+    import torch
+
+    p_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompt_texts]
+    r_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in replies]
+    out: list = [torch.zeros(0)] * len(replies)
+    order = sorted((i for i in range(len(replies)) if r_ids[i]), key=lambda i: len(p_ids[i]) + len(r_ids[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(p_ids[i]) + len(r_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, i in enumerate(rows):
+            seq = p_ids[i] + r_ids[i]
+            ids[k, :len(seq)], mask[k, :len(seq)] = torch.tensor(seq), 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        for k, i in enumerate(rows):
+            first, n = len(p_ids[i]), len(r_ids[i])
+            rows_logits = logits[k, first - 1:first - 1 + n] / max(temperature, 1e-6)
+            target = torch.tensor(r_ids[i], device=logits.device)[:, None]
+            out[i] = torch.log_softmax(rows_logits, -1).gather(1, target)[:, 0].cpu()
+    return out
+
+
 def kl_per_token(new_logprobs: list, current_logprobs: list) -> float:
     """Monte-Carlo KL(new || current) per token, from replies sampled from ``new``.
 
