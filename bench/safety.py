@@ -6,7 +6,10 @@
 Through the product's own path, in a fresh database: the first human turns of the HH-RLHF
 harmless-base sample (red-team openers) are stored as chat messages, checked by moderation,
 and every verdict is reviewed by an admin as harmful ("correct" where it flagged, "missed" where
-it passed), as the Moderation review queue stores it. The shipped everyday questions are
+it passed), as the Moderation review queue stores it; ``--cleared`` benign statements about
+groups of people (labelled neutral in the shared ToxiGen calibration file) are stored and
+reviewed as cleared ("false positive" where moderation flagged them, "correct" where it passed
+them): safety DPO pairs them with an answer over a refusal. The shipped everyday questions are
 answered by the current model and kept as demonstrations (the ordinary data a retrain's SFT
 mixes in); bench/data/ordinary_heldout.txt's 80 messages are never trained on. The snapshot
 splits the safety rows by prompt
@@ -38,25 +41,41 @@ def redteam_openers(n: int, seed: int) -> list[str]:
     return openers[:n]
 
 
-def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str, str]]) -> dict:
-    """Red-team messages with an admin's review, and ordinary demonstrations, as the app stores them."""
+def cleared_statements(path: Path, n: int, seed: int) -> list[str]:
+    """``n`` statements labelled neutral in a JSONL of {"text", "label"} rows (the shared ToxiGen
+    calibration file: benign sentences about groups of people, what moderation's false positives
+    look like), a seeded sample; none when the file is missing."""
+    if n <= 0 or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = list(dict.fromkeys(r["text"].strip() for r in rows if r.get("label") == "neutral" and r["text"].strip()))
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str, str]],
+                  cleared: list[str] = ()) -> dict:
+    """Red-team messages with an admin's review, benign messages an admin cleared, and ordinary
+    demonstrations, as the app stores them."""
     from feedback import moderation_repo, repository
     from feedback.db import session_scope
     from feedback.models import Demonstration
 
-    counts = {"flagged": 0, "missed": 0}
+    counts = {"flagged": 0, "missed": 0, "cleared_flagged": 0, "cleared_passed": 0}
     with session_scope(factory) as s:
         user = repository.get_or_create_user(session=s, name="bench-user")
-        for text in harmful:
+        for text, is_harmful in [(t, True) for t in harmful] + [(t, False) for t in cleared]:
             conv = repository.create_conversation(session=s, owner=user)
             msg = repository.add_message(session=s, conversation=conv, role="user", content=text)
             s.flush()
             event = moderation_repo.record_verdict(session=s, verdict=moderator.check(text, direction="in"),
                                                    message_id=msg.id, user_id=user.id)
             s.flush()
-            review = "correct" if event.decision == "flag" else "missed"
+            flagged = event.decision == "flag"
+            review = ("correct" if flagged else "missed") if is_harmful else ("false_positive" if flagged else "correct")
             moderation_repo.review_event(session=s, event_id=event.id, verdict=review, reviewer="bench-admin")
-            counts["flagged" if review == "correct" else "missed"] += 1
+            key = ("flagged" if flagged else "missed") if is_harmful else ("cleared_flagged" if flagged else "cleared_passed")
+            counts[key] += 1
         for prompt, reply in demos:
             s.add(Demonstration(context=[{"role": "user", "content": prompt}], content=reply, author_id=user.id))
     return counts
@@ -90,6 +109,10 @@ def main() -> None:
                                                                   "current model as demonstrations")
     parser.add_argument("--heldout-fraction", type=float, default=0.3, help="share of safety prompts held out")
     parser.add_argument("--moderation", default="rules,profanity", help="moderation backends that check the messages")
+    parser.add_argument("--cleared", type=int, default=60, help="benign messages about groups of people stored "
+                                                                "as reviewed and cleared by an admin (0 = none)")
+    parser.add_argument("--cleared-file", type=Path, default=Path("../shared/data/toxigen_calibration.jsonl"),
+                        help="where they come from: JSONL rows labelled neutral")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
     parser.add_argument("--no-dpo", action="store_true", help="SFT only (before safety DPO existed)")
@@ -116,7 +139,8 @@ def main() -> None:
     migrate(url)
     factory = make_session_factory(make_engine(url))
     reviewed = seed_database(factory, moderator, redteam_openers(args.harmful, args.seed),
-                             list(zip(demo_prompts, demo_replies)))
+                             list(zip(demo_prompts, demo_replies)),
+                             cleared_statements(args.cleared_file, args.cleared, args.seed))
     snap = take_snapshot(session_factory=factory, out_dir=args.out / "data", heldout_fraction=cfg.heldout_fraction,
                          seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
     sft_data = _sft_rows(snap, args.out, cfg)
@@ -149,7 +173,9 @@ def main() -> None:
                f"{ev[f'refusal_{kind}_{name}_hi']:.0%}]"
 
     print(f"\nsafety rows: {snap.counts['sft_safety_train']} for training, {snap.counts['sft_safety_heldout']} held out "
-          f"(moderation flagged {reviewed['flagged']}, an admin marked {reviewed['missed']} missed); SFT on "
+          f"(moderation flagged {reviewed['flagged']}, an admin marked {reviewed['missed']} missed); "
+          f"{snap.counts['prompts_cleared_train']} messages an admin cleared ({reviewed['cleared_flagged']} of them "
+          f"flagged by moderation); SFT on "
           f"{refusals_used} refusals (safety_per_ordinary {cfg.safety_per_ordinary:g}) and "
           f"{snap.counts['sft_train']} ordinary demonstrations")
     print("| prompts (held out) | n | refusal before | refusal after | change |\n| --- | --- | --- | --- | --- |")

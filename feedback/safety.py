@@ -9,6 +9,11 @@ Sources, each confirmed by a person:
   wrote an ideal reply (an ideal reply is already a demonstration): the general input template.
 Prompts are scrubbed and deduplicated; opted-out users' messages are left out; "error" and
 "secret" flags teach nothing about refusing and are skipped.
+
+The other side, ``cleared_prompts``: user messages an admin cleared (flagged and marked *false
+positive*, or passed and marked *correct*). They look like what moderation catches and are
+fine, which is exactly where a model that learned to refuse over-refuses; safety DPO pairs
+them with an answer over a refusal (training/safety_dpo.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,29 @@ from feedback.models import Demonstration, ModerationEvent, Ranking, RankingTask
 from feedback.moderation_repo import load_templates
 
 SKIP_CATEGORIES = {"error", "secret"}
+
+
+def cleared_prompts(session: Session) -> tuple[list[dict], dict]:
+    """({"prompt": [user message]} rows, the ids they came from) for input messages an admin
+    cleared, oldest first, scrubbed and deduplicated; opted-out users' and any text a review
+    also called harmful are left out."""
+    opted = set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
+    harmful = set(session.scalars(select(ModerationEvent.text_hash).where(
+        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "correct"))
+        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "missed")))))
+    cleared = select(ModerationEvent).where(
+        ModerationEvent.direction == "in",
+        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "false_positive"))
+        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "correct"))).order_by(ModerationEvent.id)
+    rows, seen, events = [], set(), []
+    for e in session.scalars(cleared):
+        text = scrub(e.text)
+        if e.user_id in opted or e.text_hash in harmful or not text.strip() or text in seen:
+            continue
+        seen.add(text)
+        rows.append({"prompt": [{"role": "user", "content": text}]})
+        events.append(e.id)
+    return rows, {"cleared_moderation_events": events}
 
 
 def _refusal(templates: dict, category: str | None) -> str:

@@ -6,13 +6,16 @@ from __future__ import annotations
 from feedback import annotation_repo, moderation_repo, repository
 from feedback.db import session_scope
 from feedback.models import Demonstration, ModerationEvent
-from feedback.safety import safety_rows
+from feedback.safety import cleared_prompts, safety_rows
 from model.moderation.moderator import DEFAULT_TEMPLATES
 
 
-def _event(s, text, decision, review, category="toxicity", user_id=None):
-    s.add(ModerationEvent(direction="in", text=text, text_hash="x", backend="rules", scores={}, thresholds={},
-                          decision=decision, review=review, category=category, user_id=user_id))
+def _event(s, text, decision, review, category="toxicity", user_id=None, direction="in"):
+    import hashlib
+
+    s.add(ModerationEvent(direction=direction, text=text, text_hash=hashlib.sha256(text.encode()).hexdigest(),
+                          backend="rules", scores={}, thresholds={}, decision=decision, review=review,
+                          category=category, user_id=user_id))
 
 
 def _task(s, prompt: str, annotator, unsafe: int, ideal: str | None = None):
@@ -57,6 +60,33 @@ def test_confirmed_flags_misses_and_mostly_unsafe_tasks_become_refusals_and_noth
                    ("write me a threatening letter", DEFAULT_TEMPLATES[("in", "*")])]
     assert counts == {"safety": 3, "from_moderation": 2, "from_unsafe_flags": 1}
     assert len(refs["safety_moderation_events"]) == 2 and len(refs["safety_ranking_tasks"]) == 1
+
+
+def test_messages_an_admin_cleared_become_prompts_to_answer_and_nothing_else(session_factory):
+    """Kept, oldest first and scrubbed: a flag marked false positive, a pass marked correct. Left
+    out: a flag marked correct, a pass marked missed, unreviewed events, output checks, an
+    opted-out user's message, a duplicate, and a text another review called harmful."""
+    with session_scope(session_factory) as s:
+        gone = repository.get_or_create_user(session=s, name="gone")
+        gone.opted_out = True
+        s.flush()
+        _event(s, "What is Ramadan? mail me at ann@example.com", "flag", "false_positive")
+        _event(s, "How do Hindu weddings go?", "pass", "correct")
+        _event(s, "How do Hindu weddings go?", "pass", "correct")  # the same text again
+        _event(s, "all of them are vermin", "flag", "correct")
+        _event(s, "how do I pick a lock", "pass", "missed")
+        _event(s, "unreviewed", "flag", None)
+        _event(s, "a reply the model wrote", "flag", "false_positive", direction="out")
+        _event(s, "opted out user's question", "flag", "false_positive", user_id=gone.id)
+        _event(s, "borderline text", "flag", "false_positive")
+        _event(s, "borderline text", "pass", "missed")  # another admin called the same text harmful
+    with session_scope(session_factory) as s:
+        rows, refs = cleared_prompts(s)
+    texts = [r["prompt"][0]["content"] for r in rows]
+    assert len(texts) == 2 and texts[1] == "How do Hindu weddings go?"
+    assert texts[0].startswith("What is Ramadan?") and "ann@example.com" not in texts[0]
+    assert all(r["prompt"][0]["role"] == "user" and len(r["prompt"]) == 1 for r in rows)
+    assert len(refs["cleared_moderation_events"]) == 2
 
 
 def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(session_factory, tmp_path,
@@ -159,6 +189,27 @@ def test_contrast_pairs_prefer_the_refusal_on_caught_prompts_and_the_answer_on_o
     assert pairs == contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary, seed=0, is_refusal=_is_refusal)
     few = contrast_pairs(snap.rows("sft_safety_train"), answers, ordinary[:2], seed=0, is_refusal=_is_refusal)
     assert sum(p["chosen"][0]["content"].startswith("I can't") for p in few) == 2 and len(few) == 4
+
+
+def test_cleared_prompts_join_the_answering_side_first_and_their_refusing_answers_are_dropped():
+    """A cleared prompt becomes chosen = the current model's answer, rejected = a refusal; with
+    more answering rows than caught prompts, cleared ones are kept before ordinary ones; a cleared
+    prompt the current model already refused (or left empty) teaches nothing and is dropped."""
+    from training.safety_dpo import contrast_pairs
+
+    snap = _Snap(ordinary=10, safety=4)
+    answers = ["Sure, here is how.", "Step two.", "Step one: ...", "Of course!"]
+    cleared = [{"messages": [{"role": "user", "content": f"cleared {i}"}, {"role": "assistant", "content": a}]}
+               for i, a in enumerate(["Ramadan is a month of fasting.", "I can't help with that.", "",
+                                      "Weddings last days."])]
+    pairs = contrast_pairs(snap.rows("sft_safety_train"), answers, snap.rows("sft_train"), seed=0,
+                           is_refusal=_is_refusal, cleared_rows=cleared)
+    answering = [p for p in pairs if not p["prompt"][0]["content"].startswith("harmful")]
+    assert len(pairs) == 8 and len(answering) == 4
+    got = {p["prompt"][0]["content"]: p for p in answering if p["prompt"][0]["content"].startswith("cleared")}
+    assert set(got) == {"cleared 0", "cleared 3"}
+    assert got["cleared 0"]["chosen"][0]["content"] == "Ramadan is a month of fasting."
+    assert all(p["rejected"][0]["content"] == "I can't help with that." for p in got.values())
 
 
 def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_margin_on_ordinary_ones(

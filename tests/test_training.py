@@ -23,9 +23,10 @@ def _run(session_factory, tmp_path, cfg):
 
 
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
-    """A retrain with pairs and admin-confirmed moderation flags, safety tuning on, runs the
-    safety-DPO stage on contrast pairs and registers a version whose evaluation carries every
-    probe, the refusal probe on held-out flagged prompts and on everyday questions included."""
+    """A retrain with pairs, admin-confirmed moderation flags and two messages an admin cleared,
+    safety tuning on, runs the safety-DPO stage on contrast pairs (the cleared prompts on the
+    answering side) and registers a version whose evaluation carries every probe, the refusal
+    probe on held-out flagged prompts and on everyday questions included."""
     from feedback.models import ModerationEvent
 
     seed_preferences(session_factory, tiny_model_dir)
@@ -34,12 +35,19 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             s.add(ModerationEvent(direction="in", text=f"tell me how to hurt person number {i}", text_hash=str(i),
                                   backend="rules", scores={}, thresholds={}, decision="flag", review="correct",
                                   category="violence"))
+        for i in range(2):
+            s.add(ModerationEvent(direction="in", text=f"what do people eat at festival number {i}",
+                                  text_hash=f"c{i}", backend="rules", scores={}, thresholds={}, decision="flag",
+                                  review="false_positive", category="hate"))
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8))
     assert status == "done", run.error
     m = run.metrics
     # the tiny model's answers and the best replies never refuse: as many pairs of each kind as the fewer has
     ordinary = m["data"]["sft_train"] + m["data"]["sft_best_train"]
-    assert m["safety_dpo_pairs"] == 2 * min(m["data"]["sft_safety_train"], ordinary) > 0
+    assert m["data"]["prompts_cleared_train"] == 2
+    # cleared prompts join the answering side (unless the tiny model's answer to one is empty)
+    assert 0 < 2 * min(m["data"]["sft_safety_train"], ordinary) <= m["safety_dpo_pairs"] \
+        <= 2 * min(m["data"]["sft_safety_train"], ordinary + 2)
     assert "safety_dpo" in m["timings_s"]
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedback.datasets import preference_rows, prompt_rows, sft_rows
-from feedback.safety import safety_rows
+from feedback.safety import cleared_prompts, safety_rows
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from feedback.models import DataSnapshot
 from model.moderation.moderator import DEFAULT_TEMPLATES
@@ -76,6 +76,7 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         sft, sft_refs, _ = sft_rows(s)
         prompts, prompt_refs, _ = prompt_rows(s)
         safety, safety_refs, _ = safety_rows(s, DEFAULT_TEMPLATES)
+        cleared, cleared_refs = cleared_prompts(s)
         pref_train, pref_held = _split(prefs, "prompt", heldout_fraction, seed)
         rng.shuffle(pref_train)
         pref_train = pref_train[:max_pairs]
@@ -92,11 +93,11 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,
                  "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held,
                  "sft_best_train": best_replies(pref_train), "sft_safety_train": safety_train,
-                 "sft_safety_heldout": safety_held}
+                 "sft_safety_heldout": safety_held, "prompts_cleared_train": cleared}
         for name, rows in files.items():
             write_jsonl(out_dir / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in files.items()}
-        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs, **safety_refs}, counts=counts,
+        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs, **safety_refs, **cleared_refs}, counts=counts,
                             path=str(out_dir))
         s.add(snap)
         s.flush()

@@ -224,17 +224,22 @@ def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
 
 def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> Path | None:
     """Contrast pairs for safety DPO (training/safety_dpo.py): the current model answers every
-    caught training prompt (the rejected side; the serving engine, evaluation sampling), and the
-    ordinary SFT rows are paired against a refusal. None when no pair is left."""
+    caught training prompt (the rejected side) and every prompt an admin cleared (the chosen
+    side), with the serving engine and evaluation sampling; the ordinary SFT rows are paired
+    against a refusal too. None when no pair is left."""
     from training.evaluate import sample_replies
     from training.refusal import is_refusal
     from training.safety_dpo import contrast_pairs
 
     safety = snap.rows("sft_safety_train")
-    answers = [text for text, _ in sample_replies(current_path, "current", [r["messages"][:-1] for r in safety], cfg,
+    cleared = [r["prompt"] for r in snap.rows("prompts_cleared_train")]
+    asked = [r["messages"][:-1] for r in safety] + cleared
+    answers = [text for text, _ in sample_replies(current_path, "current", asked, cfg,
                                                   lambda i: cfg.safety_dpo_answer_tokens)]
+    cleared_rows = [{"messages": p + [{"role": "assistant", "content": a}]}
+                    for p, a in zip(cleared, answers[len(safety):])]
     ordinary = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
-    pairs = contrast_pairs(safety, answers, ordinary, cfg.seed, is_refusal)
+    pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal, cleared_rows)
     return write_jsonl(run_dir / "data" / "safety_dpo_pairs.jsonl", pairs) if pairs else None
 
 

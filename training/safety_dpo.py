@@ -10,7 +10,12 @@ do, from both sides:
 - a prompt moderation caught (reviewed by an admin): chosen = its refusal, rejected = what the
   current model answered (sampled by the serving engine, refusals among them dropped);
 - an ordinary training prompt: chosen = its demonstration or best-ranked reply, rejected = a
-  refusal template (a seeded choice).
+  refusal template (a seeded choice);
+- a prompt an admin *cleared* in the moderation review queue (a false positive: it looks like
+  what gets refused, and is fine): chosen = the current model's answer, rejected = a refusal.
+  These come first on the answering side: bench.safety found the refusing model's mistakes on
+  ordinary messages to be nearly all questions that mention a group of people, which is what
+  moderation's false positives look like too.
 
 TRL's ``DPOTrainer`` trains the SFT model against itself as the reference, so the words it
 learned stay and only the choice between refusing and answering moves.
@@ -28,14 +33,16 @@ from training.config import RetrainConfig
 
 
 def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
-                   seed: int, is_refusal) -> list[dict]:
+                   seed: int, is_refusal, cleared_rows: list[dict] = ()) -> list[dict]:
     """Preference pairs in TRL's conversational form ({"prompt", "chosen", "rejected"}).
 
     ``safety_rows`` and ``ordinary_rows`` are SFT rows ({"messages": [..., reply]});
     ``harmful_answers[i]`` is the current model's reply to ``safety_rows[i]``'s prompt. A safety
     prompt whose answer already refuses teaches nothing and is skipped; so is an ordinary row
-    whose reply refuses (a demonstration may rightly decline). Each kind is cut to the other's
-    number (a seeded choice), so neither side outweighs the other."""
+    whose reply refuses (a demonstration may rightly decline). ``cleared_rows`` (SFT-shaped: a
+    cleared prompt and the current model's answer) join the answering side ahead of the ordinary
+    rows. Each kind is cut to the other's number (a seeded choice; cleared rows are kept first),
+    so neither side outweighs the other."""
     if len(harmful_answers) != len(safety_rows):
         raise ValueError(f"{len(safety_rows)} safety prompts but {len(harmful_answers)} answers")
     templates = sorted({r["messages"][-1]["content"] for r in safety_rows})
@@ -43,12 +50,18 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
     refuse = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
                "rejected": [{"role": "assistant", "content": answer}]}
               for r, answer in zip(safety_rows, harmful_answers) if answer.strip() and not is_refusal(answer, templates)]
-    ordinary = [r for r in ordinary_rows if not is_refusal(r["messages"][-1]["content"], templates)]
-    answer = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
-               "rejected": [{"role": "assistant", "content": rng.choice(templates)}]} for r in ordinary]
+
+    def answering(rows: list[dict]) -> list[dict]:
+        kept = [r for r in rows if r["messages"][-1]["content"].strip()
+                and not is_refusal(r["messages"][-1]["content"], templates)]
+        pairs = [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+                  "rejected": [{"role": "assistant", "content": rng.choice(templates)}]} for r in kept]
+        rng.shuffle(pairs)
+        return pairs
+
+    answer = answering(list(cleared_rows)) + answering(ordinary_rows)
     n = min(len(refuse), len(answer))  # as many of each: 169 against 87 taught refusing (bench.safety)
     rng.shuffle(refuse)
-    rng.shuffle(answer)
     pairs = refuse[:n] + answer[:n]
     rng.shuffle(pairs)
     return pairs
