@@ -19,8 +19,8 @@ def _margin(model, tok, prompt_text: str, good: str, bad: str) -> float:
 
 def test_batched_reply_logprobs_equal_one_at_a_time_in_input_order(tiny_model_dir):
     """The evaluation scores many replies per forward pass (right-padded, masked, grouped by
-    length): each row equals reply_logprobs of that pair alone, in input order, and an empty
-    reply gets no values."""
+    length, capped by a token budget): each row equals reply_logprobs of that pair alone, in
+    input order, whatever the grouping, and an empty reply gets no values."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -32,6 +32,9 @@ def test_batched_reply_logprobs_equal_one_at_a_time_in_input_order(tiny_model_di
     assert len(got[3]) == 0 and len(got[2]) > len(got[1]) > 0
     for p, r, g in zip(prompts, replies, got):
         assert g.tolist() == pytest.approx(reply_logprobs(model, tok, p, r, temperature=0.7).tolist(), abs=1e-4)
+    one_a_pass = reply_logprobs_batch(model, tok, prompts, replies, temperature=0.7, max_batch_tokens=1)
+    for a, b in zip(one_a_pass, got):  # a token budget below two rows: one row a forward pass, same values
+        assert a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
 
 
 def test_reply_logprobs_match_a_hand_computed_softmax_at_temperature(tiny_model_dir):

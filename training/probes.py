@@ -30,10 +30,13 @@ def reply_logprobs(model, tokenizer, prompt_text: str, reply: str, temperature: 
 
 
 def reply_logprobs_batch(model, tokenizer, prompt_texts: list[str], replies: list[str], temperature: float = 1.0,
-                         batch_size: int = 8) -> list:
+                         batch_size: int = 8, max_batch_tokens: int = 2048) -> list:
     """``reply_logprobs`` for many (prompt, reply) pairs, several to a forward pass: the same
     token ids, right-padded and masked, so each row gets the values it gets alone (to float
-    rounding). Rows are grouped by length (little padding); results come back in input order."""
+    rounding). Rows are grouped by length (little padding), at most ``batch_size`` rows and,
+    beyond one row, ``max_batch_tokens`` padded tokens a pass (the logits of a pass hold a
+    vocabulary-sized row per token: long dialogues go a few at a time). Results come back in
+    input order."""
     import torch
 
     p_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompt_texts]
@@ -41,8 +44,13 @@ def reply_logprobs_batch(model, tokenizer, prompt_texts: list[str], replies: lis
     out: list = [torch.zeros(0)] * len(replies)
     order = sorted((i for i in range(len(replies)) if r_ids[i]), key=lambda i: len(p_ids[i]) + len(r_ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    groups, size = [], lambda i: len(p_ids[i]) + len(r_ids[i])  # noqa: E731
+    for i in order:  # ascending length, so the newest row sets the group's width
+        if groups and len(groups[-1]) < batch_size and (len(groups[-1]) + 1) * size(i) <= max_batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for rows in groups:
         width = max(len(p_ids[i]) + len(r_ids[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
