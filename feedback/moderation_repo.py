@@ -16,6 +16,14 @@ _HARMFUL = {("flag", "correct"), ("pass", "missed")}
 _ACCEPTABLE = {("flag", "false_positive"), ("pass", "correct")}
 
 
+def reviewed_as(harmful: bool):
+    """SQL condition: events an admin's review called harmful (or acceptable), from the sets above."""
+    from sqlalchemy import and_, or_
+
+    return or_(*(and_(ModerationEvent.decision == d, ModerationEvent.review == r)
+                 for d, r in sorted(_HARMFUL if harmful else _ACCEPTABLE)))
+
+
 def record_verdict(*, session: Session, verdict, message_id: int | None, user_id: int | None = None) -> ModerationEvent:
     """Store a moderation verdict (``model.moderation.Verdict``) as one moderation_events row."""
     event = ModerationEvent(

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from feedback.datasets import scrub
 from feedback.models import Demonstration, ModerationEvent, Ranking, RankingTask, User
-from feedback.moderation_repo import load_templates
+from feedback.moderation_repo import load_templates, reviewed_as
 
 SKIP_CATEGORIES = {"error", "secret"}
 
@@ -35,13 +35,9 @@ def cleared_prompts(session: Session) -> tuple[list[dict], dict]:
     cleared, oldest first, scrubbed and deduplicated; opted-out users' and any text a review
     also called harmful are left out."""
     opted = set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
-    harmful = set(session.scalars(select(ModerationEvent.text_hash).where(
-        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "correct"))
-        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "missed")))))
-    cleared = select(ModerationEvent).where(
-        ModerationEvent.direction == "in",
-        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "false_positive"))
-        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "correct"))).order_by(ModerationEvent.id)
+    harmful = set(session.scalars(select(ModerationEvent.text_hash).where(reviewed_as(harmful=True))))
+    cleared = select(ModerationEvent).where(ModerationEvent.direction == "in",
+                                            reviewed_as(harmful=False)).order_by(ModerationEvent.id)
     rows, seen, events = [], set(), []
     for e in session.scalars(cleared):
         text = scrub(e.text)
@@ -72,10 +68,8 @@ def safety_rows(session: Session, default_templates: dict) -> tuple[list[dict], 
         rows.append({"messages": prompt + [{"role": "assistant", "content": refusal}]})
         return True
 
-    confirmed = select(ModerationEvent).where(
-        ModerationEvent.direction == "in",
-        ((ModerationEvent.decision == "flag") & (ModerationEvent.review == "correct"))
-        | ((ModerationEvent.decision == "pass") & (ModerationEvent.review == "missed"))).order_by(ModerationEvent.id)
+    confirmed = select(ModerationEvent).where(ModerationEvent.direction == "in",
+                                              reviewed_as(harmful=True)).order_by(ModerationEvent.id)
     for e in session.scalars(confirmed):
         if e.user_id in opted or (e.category or "") in SKIP_CATEGORIES or not e.text.strip():
             continue

@@ -17,16 +17,7 @@ def reply_logprobs(model, tokenizer, prompt_text: str, reply: str, temperature: 
     ``temperature`` divides the logits first: replies sampled at temperature T come from that
     tempered distribution, so a KL measured on them must use it too.
     """
-    import torch
-
-    p_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt").input_ids
-    r_ids = tokenizer(reply, add_special_tokens=False, return_tensors="pt").input_ids
-    if r_ids.shape[1] == 0:
-        return torch.zeros(0)
-    ids = torch.cat([p_ids, r_ids], dim=1).to(model.device)
-    with torch.inference_mode():
-        logits = model(ids).logits[0, p_ids.shape[1] - 1:-1].float() / max(temperature, 1e-6)
-    return torch.log_softmax(logits, -1).gather(1, r_ids[0].to(model.device)[:, None])[:, 0].cpu()
+    return reply_logprobs_batch(model, tokenizer, [prompt_text], [reply], temperature)[0]
 
 
 def reply_logprobs_batch(model, tokenizer, prompt_texts: list[str], replies: list[str], temperature: float = 1.0,
