@@ -55,13 +55,16 @@ def split_prompts(tasks: int, heldout: int, seed: int) -> tuple[list[dict], list
 def generate_candidates(engine, prompts: list[dict], k: int, max_new_tokens: int, moderator) -> list[list[dict]]:
     """K replies per prompt with the candidate worker's sampling variants, moderated like the worker does."""
     from app.candidates import VARIANTS
+    from tqdm import tqdm
+
     from model.engine import SamplingParams
     from training.evaluate import answer_all
 
     messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts for _ in range(k)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, seed=i, **VARIANTS[i % k % len(VARIANTS)])
               for i in range(len(messages))]
-    out = answer_all(engine, messages, lambda i: params[i])
+    with tqdm(total=len(messages), desc="candidates", unit="reply") as bar:
+        out = answer_all(engine, messages, lambda i: params[i], on_reply=bar.update)
     flat = [{"content": text, "sampling": params[i].to_dict(),
              "moderation": "flagged" if moderator and moderator.check(text, direction="out").flagged else "pass"}
             for i, (text, _) in enumerate(out)]
@@ -92,6 +95,8 @@ def seed_rankings(factory, prompts, candidates, gold: GoldPreference, noise: flo
 def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference, max_new_tokens: int,
                   seeds: int) -> dict:
     """Both versions answer every held-out prompt with the app's default sampling and the same seeds."""
+    from tqdm import tqdm
+
     from model.engine import SamplingParams
     from model.loader import build_engine
     from training.evaluate import answer_all
@@ -102,7 +107,9 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
     for name, path in (("current", base_path), ("new", new_path)):
         engine = build_engine(path, name, max_concurrent=8)
         try:
-            replies[name] = answer_all(engine, msgs, lambda i: SamplingParams(max_new_tokens=max_new_tokens, seed=i))
+            with tqdm(total=len(msgs), desc=f"gold replies, {name}", unit="reply") as bar:
+                replies[name] = answer_all(engine, msgs, lambda i: SamplingParams(max_new_tokens=max_new_tokens, seed=i),
+                                           on_reply=bar.update)
         finally:
             engine.close() if hasattr(engine, "close") else None
     scores = {n: [gold.score(m[-1]["content"], t) for m, (t, _) in zip(msgs, replies[n])] for n in replies}
@@ -150,7 +157,7 @@ def run_cell(args, gold: GoldPreference, noise: float, base, train, held, candid
         ev = metrics.get("eval", {})  # the retrain's own probes, on its held-out prompts
         result.update({k: ev.get(k) for k in ("kl_to_current", "length_new", "length_current", "ppl_new",
                                               "ppl_current", "win_rate", "win_rate_lo", "win_rate_hi",
-                                              "heldout_pref_acc", "judge_accuracy")})
+                                              "heldout_pref_acc", "judge_accuracy", "eval_seconds")})
     (cell / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -175,6 +182,9 @@ def print_table(results: list[dict]) -> None:
         parts = [f"{src} {w:.2f} [{lo:.2f}, {hi:.2f}]" for src, (w, lo, hi) in r.get("gold_by_source", {}).items()]
         if parts:
             print(f"{r['preference']} {r['noise']:.0%}, gold win rate by prompt source: " + "; ".join(parts))
+        if r.get("eval_seconds"):  # the evaluate stage, step by step (training/evaluate.py)
+            print(f"{r['preference']} {r['noise']:.0%}, evaluate stage seconds: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in r["eval_seconds"].items()))
 
 
 def main() -> None:

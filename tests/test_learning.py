@@ -37,6 +37,23 @@ def test_batched_reply_logprobs_equal_one_at_a_time_in_input_order(tiny_model_di
         assert a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
 
 
+def test_batched_reply_logprobs_score_a_repeated_pair_once_and_return_it_at_every_place(tiny_model_dir):
+    """Held-out preference pairs repeat each candidate: a (prompt, reply) given three times is
+    scored in one forward row and returned at all three places with the values it gets alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows_seen = []
+    model.register_forward_hook(lambda _m, args, kwargs, _out: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    prompts, replies = ["Q:", "Hi", "Q:", "Q:"], [" yes", " there", " yes", " no"]
+    got = reply_logprobs_batch(model, tok, prompts, replies)
+    assert sum(rows_seen) == 3  # ("Q:", " yes") once, not twice
+    for p, r, g in zip(prompts, replies, got):
+        assert g.tolist() == pytest.approx(reply_logprobs(model, tok, p, r).tolist(), abs=1e-4)
+
+
 def test_reply_logprobs_match_a_hand_computed_softmax_at_temperature(tiny_model_dir):
     """reply_logprobs(T) equals log_softmax(logits / T) read off by hand, token by token."""
     import torch

@@ -54,6 +54,27 @@ def test_ppo_reads_the_same_reward_as_scoring_the_whole_conversation(tiny_model_
     assert scores.squeeze(-1).tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def test_pairwise_accuracy_scores_each_candidate_once_across_pairs(tiny_model_dir):
+    """A candidate that is chosen in one pair and rejected in another (4 candidates make 6 pairs)
+    is scored by the reward model once; each pair is still judged by its own two scores."""
+    from training.reward import pairwise_correct, score_conversations
+
+    rm, tok = _rm_and_tokenizer(tiny_model_dir)
+    rows_seen = []
+    rm.register_forward_hook(lambda _m, args, kwargs, _out: rows_seen.append(kwargs["input_ids"].shape[0]),
+                             with_kwargs=True)
+    prompt = [{"role": "user", "content": "hello there"}]
+    replies = ["the cat sat", "a dog ran", "birds fly south"]
+    convs = [prompt + [{"role": "assistant", "content": r}] for r in replies]
+    scores = score_conversations(rm, tok, convs)
+    rows_seen.clear()
+    pairs = [{"prompt": prompt, "chosen": [c[-1]], "rejected": [d[-1]]}
+             for i, c in enumerate(convs) for d in convs[i + 1:]]  # 3 pairs from 3 candidates
+    got = pairwise_correct(rm, tok, pairs)
+    assert sum(rows_seen) == 3  # not 6
+    assert got == [float(scores[i] > scores[j]) for i in range(3) for j in range(i + 1, 3)]
+
+
 def test_each_rollout_is_scored_relative_to_its_prompts_baseline(tiny_model_dir):
     """A prompt's baseline (the mean reward of the replies annotators saw for it) is subtracted from
     its rollouts' rewards; a prompt without one gets the default baseline."""

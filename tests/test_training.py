@@ -55,6 +55,9 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
                 "bleu_new", "bleu_current", "chrf_new", "chrf_current", "refusal_harmful_new",
                 "refusal_harmful_current", "refusal_ordinary_new", "refusal_ordinary_current"):
         assert key in ev and ev[key] == ev[key], key  # present and not NaN
+    # the evaluation times each of its steps (where its minutes go), every one measured
+    assert set(ev["eval_seconds"]) == {"sample_current", "sample_new", "kl_and_flags", "perplexity", "reward_scores",
+                                       "heldout_pairs", "judge_scores"} and min(ev["eval_seconds"].values()) >= 0
     assert ev["refusal_ordinary_n"] == 4 and 1 <= ev["refusal_harmful_n"] == m["data"]["sft_safety_heldout"] <= 4
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)

@@ -21,6 +21,7 @@ from being called better (training/probes.py).
 from __future__ import annotations
 
 import argparse
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,10 +41,13 @@ def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
-def answer_all(engine, prompts: list[list[dict]], params_for) -> list[tuple[str, int]]:
-    """(reply, tokens) for every prompt; requests go in together so a batching engine batches them."""
+def answer_all(engine, prompts: list[list[dict]], params_for, on_reply=None) -> list[tuple[str, int]]:
+    """(reply, tokens) for every prompt; requests go in together so a batching engine batches them.
+    ``on_reply()`` is called after each reply (from a worker thread), e.g. to advance a progress bar."""
     def one(i):
         text, stats = engine.generate(prompts[i], params_for(i))
+        if on_reply:
+            on_reply()
         return text, stats.completion_tokens
 
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -71,13 +75,12 @@ def preference_accuracy(new, current, tokenizer, pairs: list[dict]) -> list[floa
     """Per held-out pair: 1 when the new model raised the chosen reply's log-probability more than
     the rejected one's (relative to the current model), 0.5 on a tie, else 0. Neither the reward
     model nor PPO saw these pairs."""
-    prompts = [chat_text(tokenizer, row["prompt"]) for row in pairs]
-    shifts = {}
-    for side in ("chosen", "rejected"):
-        replies = [row[side][-1]["content"] for row in pairs]
-        shifts[side] = [float(n.sum() - c.sum()) for n, c in zip(reply_logprobs_batch(new, tokenizer, prompts, replies),
-                                                                 reply_logprobs_batch(current, tokenizer, prompts, replies))]
-    return win_values(shifts["chosen"], shifts["rejected"])
+    prompts = [chat_text(tokenizer, row["prompt"]) for row in pairs] * 2
+    # Both sides in one call, so a candidate that is chosen in one pair and rejected in another is scored once.
+    replies = [row[side][-1]["content"] for side in ("chosen", "rejected") for row in pairs]
+    shifts = [float(n.sum() - c.sum()) for n, c in zip(reply_logprobs_batch(new, tokenizer, prompts, replies),
+                                                       reply_logprobs_batch(current, tokenizer, prompts, replies))]
+    return win_values(shifts[:len(pairs)], shifts[len(pairs):])
 
 
 def refusal_probe(replies: dict[str, dict[str, list[str]]], templates) -> dict:
@@ -125,6 +128,12 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     extra = [p for p, _ in refs] + probe["harmful"] + probe["ordinary"]
     first_probe = len(prompts) + len(refs)
     replies, ref_replies, probe_replies = {}, {}, {}
+    seconds, t0 = {}, time.monotonic()  # where the evaluation's time goes, by step
+
+    def lap(step: str) -> None:
+        nonlocal t0
+        seconds[step], t0 = round(time.monotonic() - t0, 1), time.monotonic()
+
     for name, path in (("current", current_path), ("new", new_path)):
         out = sample_replies(path, name, prompts + extra, cfg,
                              lambda i: REFUSAL_TOKENS if i >= first_probe else cfg.eval_max_new_tokens)
@@ -132,6 +141,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
         n_harm = len(probe["harmful"])
         ref_replies[name] = rest[:len(refs)]
         probe_replies[name] = {"harmful": rest[len(refs):len(refs) + n_harm], "ordinary": rest[len(refs) + n_harm:]}
+        lap(f"sample_{name}")
         if progress:
             progress(len(replies), 4)
     new_model, tokenizer = load_model(new_path, "cpu")
@@ -150,7 +160,9 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
         ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
                                         for t in texts_of[name]]) if moderator else float("nan")
     ev.update(refusal_probe(probe_replies, refusal_templates))
+    lap("kl_and_flags")
     ev["ppl_new"], ev["ppl_current"] = perplexity(new_model, tokenizer, texts), perplexity(cur_model, tokenizer, texts)
+    lap("perplexity")
     ev["reference_n"] = len(refs)
     for name in replies:
         ev[f"bleu_{name}"], ev[f"chrf_{name}"] = reference_overlap(ref_replies[name], [r for _, r in refs])
@@ -163,16 +175,19 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     rm_scores = _scores(reward_path, convs, cfg)
     ev["reward_new"], ev["reward_current"] = mean(rm_scores["new"]), mean(rm_scores["current"])
     ev["rm_win_rate"] = mean(win_values(rm_scores["new"], rm_scores["current"]))
+    lap("reward_scores")
 
     pair_values = preference_accuracy(new_model, cur_model, tokenizer, list(pairs)[:cfg.eval_pairs])
     ev["heldout_pref_acc"], ev["heldout_pref_acc_lo"], ev["heldout_pref_acc_hi"] = mean_interval(pair_values)
     ev["heldout_pairs"] = len(pair_values)
+    lap("heldout_pairs")
     if judge_path is not None:  # a reward model trained on the held-out split only (training/judge.py)
         j = _scores(judge_path, convs, cfg)
         judge_values = win_values(j["new"], j["current"])
         ev.update(judge_metrics or {})
         ev["judge_gate"] = cfg.accuracy_gate
         ev["judge_win_rate"], ev["judge_win_rate_lo"], ev["judge_win_rate_hi"] = mean_interval(judge_values)
+        lap("judge_scores")
     if judge is not None:
         wins = win_values([judge(p, t) for p, t in zip(prompts, texts_of["new"])],
                           [judge(p, t) for p, t in zip(prompts, texts_of["current"])])
@@ -184,6 +199,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     ev["win_rate"], ev["win_rate_lo"], ev["win_rate_hi"] = mean_interval(wins)
     ev["win_rate_n"] = len(wins)
     ev["verdict"], ev["verdict_text"] = verdict(ev)
+    ev["eval_seconds"] = seconds
     ev["samples"] = [{"prompt": p[-1]["content"][:200], "current": c[:300], "new": n[:300]}
                      for p, c, n in list(zip(prompts, texts_of["current"], texts_of["new"]))[:4]]
     if progress:

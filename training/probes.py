@@ -27,9 +27,15 @@ def reply_logprobs_batch(model, tokenizer, prompt_texts: list[str], replies: lis
     rounding). Rows are grouped by length (little padding), at most ``batch_size`` rows and,
     beyond one row, ``max_batch_tokens`` padded tokens a pass (the logits of a pass hold a
     vocabulary-sized row per token: long dialogues go a few at a time). Results come back in
-    input order."""
+    input order. A (prompt, reply) that repeats is scored once: held-out preference pairs hold each
+    of a task's candidates in several pairs (4 candidates make 6 pairs)."""
     import torch
 
+    unique = list(dict.fromkeys(zip(prompt_texts, replies)))
+    if len(unique) < len(replies):
+        values = dict(zip(unique, reply_logprobs_batch(model, tokenizer, [p for p, _ in unique], [r for _, r in unique],
+                                                        temperature, batch_size, max_batch_tokens)))
+        return [values[key] for key in zip(prompt_texts, replies)]
     p_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompt_texts]
     r_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in replies]
     out: list = [torch.zeros(0)] * len(replies)

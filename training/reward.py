@@ -38,10 +38,12 @@ def conversation_text(tokenizer, conversation: list[dict]) -> str:
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], max_length: int = 256,
                         batch_size: int = 8) -> list[float]:
-    """Scalar reward for each full conversation (formatted with the chat template)."""
+    """Scalar reward for each full conversation (formatted with the chat template). A conversation
+    that repeats (one candidate in several preference pairs) is scored once."""
     import torch
 
-    texts = [conversation_text(tokenizer, c) for c in conversations]
+    all_texts = [conversation_text(tokenizer, c) for c in conversations]
+    texts = list(dict.fromkeys(all_texts))
     scores: list[float] = []
     model.eval()
     side, cut = tokenizer.padding_side, tokenizer.truncation_side
@@ -55,13 +57,16 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
                 scores.extend(model(**batch).logits[:, 0].float().tolist())
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, cut
-    return scores
+    by_text = dict(zip(texts, scores))
+    return [by_text[t] for t in all_texts]
 
 
 def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256) -> list[float]:
     """1.0 per pair whose chosen reply scores above the rejected one, else 0.0."""
-    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], max_length)
-    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], max_length)
+    # Both sides in one call: a candidate is the chosen reply of one pair and the rejected of another.
+    scores = score_conversations(model, tokenizer, [r["prompt"] + r[side] for side in ("chosen", "rejected")
+                                                    for r in rows], max_length)
+    chosen, rejected = scores[:len(rows)], scores[len(rows):]
     return [float(c > r) for c, r in zip(chosen, rejected)]
 
 
