@@ -81,28 +81,6 @@ def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str,
     return counts
 
 
-def snapshot_callback(out: Path, parts: int, tokenizer_dir: Path):
-    """A TrainerCallback that saves the model after every 1/``parts`` of its steps (the last part is
-    the trained model itself) as ``out/step-N``: DPO runs at a constant learning rate, so each is the
-    model a run of that many epochs gives. Returns (callback, list of (step, epochs, path) filled in
-    as it saves)."""
-    from transformers import AutoTokenizer, TrainerCallback
-
-    from training.common import save_model_dir
-
-    saved: list[tuple[int, float, Path]] = []
-
-    class Snapshots(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            due = {round(state.max_steps * j / parts) for j in range(1, parts)}
-            if state.global_step in due:
-                path = save_model_dir(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)),
-                                      out / f"step-{state.global_step}")
-                saved.append((state.global_step, args.num_train_epochs * state.global_step / state.max_steps, path))
-
-    return Snapshots(), saved
-
-
 def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg) -> list[str]:
     """Replies of the model at ``path``, sampled as the evaluation samples (same seeds per prompt)."""
     from training.evaluate import sample_replies
@@ -139,8 +117,6 @@ def main() -> None:
     parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
     parser.add_argument("--no-dpo", action="store_true", help="SFT only (before safety DPO existed)")
     parser.add_argument("--retrain-json", default="{}", help="RetrainConfig overrides, e.g. '{\"safety_dpo_beta\": 0.2}'")
-    parser.add_argument("--trajectory", type=int, default=0, help="also probe the DPO model after every 1/N of its "
-                        "training (N - 1 snapshots): the refusal rates every shorter run would reach")
     parser.add_argument("--out", type=Path, default=Path("data/bench-safety"))
     args = parser.parse_args()
     cfg = RetrainConfig(**{"seed": args.seed, "heldout_fraction": args.heldout_fraction, "safety_tuning": True,
@@ -175,12 +151,9 @@ def main() -> None:
     dpo = {}
     if cfg.safety_dpo:  # as the retrain does after SFT (training/retrain.py)
         pairs = _safety_dpo_pairs(snap, args.out, cfg, base)
-        callbacks, snapshots = [ReporterCallback(Reporter(), "safety_dpo")], []
-        if args.trajectory > 1:
-            snap_cb, snapshots = snapshot_callback(args.out / "dpo-snapshots", args.trajectory, tuned)
-            callbacks.append(snap_cb)
         if pairs:
-            tuned, dpo = run_safety_dpo(tuned, pairs, args.out / "safety_dpo", cfg, callbacks=callbacks)
+            tuned, dpo = run_safety_dpo(tuned, pairs, args.out / "safety_dpo", cfg,
+                                        callbacks=[ReporterCallback(Reporter(), "safety_dpo")])
     t2b = time.monotonic()
 
     held = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
@@ -191,11 +164,6 @@ def main() -> None:
         out = answer(path, name, probe_prompts, REFUSAL_TOKENS, cfg)
         replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
     ev = refusal_probe(replies, templates)
-    trajectory = []
-    for step, epochs, path in snapshots:
-        out = answer(path, f"step-{step}", probe_prompts, REFUSAL_TOKENS, cfg)
-        trajectory.append((step, epochs, refusal_probe({"new": {"harmful": out[:len(held)],
-                                                               "ordinary": out[len(held):]}}, templates)))
     t3 = time.monotonic()
     print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "
           f"{dpo or 'off'}")
@@ -215,20 +183,9 @@ def main() -> None:
         change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
         print(f"| {label} | {ev[f'refusal_{kind}_n']} | {cell(kind, 'current')} | {cell(kind, 'new')} | "
               f"{change:+.0f} points |")
-    if trajectory:
-        print(f"\nalong the safety DPO (constant learning rate {cfg.safety_dpo_learning_rate:g}): the model after "
-              f"each share of its {cfg.safety_dpo_epochs:g} epochs")
-        print("| DPO epochs (step) | red-team openers refused | ordinary messages refused |\n| --- | --- | --- |")
-        for step, epochs, tev in trajectory:
-            print(f"| {epochs:.2f} ({step}) | {tev['refusal_harmful_new']:.0%} [{tev['refusal_harmful_new_lo']:.0%}, "
-                  f"{tev['refusal_harmful_new_hi']:.0%}] | {tev['refusal_ordinary_new']:.0%} "
-                  f"[{tev['refusal_ordinary_new_lo']:.0%}, {tev['refusal_ordinary_new_hi']:.0%}] |")
-        print(f"| {cfg.safety_dpo_epochs:.2f} (the end) | {cell('harmful', 'new')} | {cell('ordinary', 'new')} |")
     print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, safety DPO {t2b - t2:.0f} s, "
           f"probe {t3 - t2b:.0f} s")
-    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "reviewed": reviewed,
-                                                      "trajectory": [{"step": st, "epochs": e, "eval": tev}
-                                                                     for st, e, tev in trajectory], "counts": snap.counts,
+    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "reviewed": reviewed, "counts": snap.counts,
                                                       "samples": {k: {n: v[:5] for n, v in r.items()}
                                                                   for k, r in replies.items()}}, indent=1))
 

@@ -228,7 +228,7 @@ def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_m
     pairs = contrast_pairs(snap.rows("sft_safety_train"), ["Sure, here is how."] * 8, snap.rows("sft_train"),
                            seed=0, is_refusal=_is_refusal)
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=3, safety_dpo_learning_rate=2e-3).validate()
+    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=3, safety_dpo_learning_rate=5e-3).validate()
     new_path, metrics = run_safety_dpo(tiny_model_dir, path, tmp_path / "dpo", cfg)
     assert metrics["safety_dpo_pairs"] == 16
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -242,33 +242,4 @@ def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_m
                             ("everyday", lambda i: f"answer {i}", lambda i: "I can't help with that.")):
         gains = [margin(after, f"{kind} {i}", good(i), bad(i)) - margin(before, f"{kind} {i}", good(i), bad(i))
                  for i in range(8)]
-        assert min(gains) > 0.05, (kind, gains)  # measured: caught +6.9 to +7.1, ordinary +2.1 to +2.4 (a no-op: 0)
-
-
-def test_a_safety_dpo_snapshot_after_half_the_steps_has_the_weights_of_a_run_half_as_long(tmp_path, tiny_model_dir):
-    """Safety DPO runs at a constant learning rate, so bench.safety --trajectory's snapshot after
-    half of a 2-epoch run holds the same weights as a whole 1-epoch run (same seed, same pairs):
-    one run measures every shorter one. A decaying schedule would make them differ."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from bench.safety import snapshot_callback
-    from training.common import write_jsonl
-    from training.config import RetrainConfig
-    from training.safety_dpo import contrast_pairs, run_safety_dpo
-
-    snap = _Snap(ordinary=8, safety=8)
-    pairs = contrast_pairs(snap.rows("sft_safety_train"), ["Sure, here is how."] * 8, snap.rows("sft_train"),
-                           seed=0, is_refusal=_is_refusal)
-    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    config = lambda epochs: RetrainConfig(max_length=64, safety_dpo_epochs=epochs,  # noqa: E731
-                                          safety_dpo_learning_rate=5e-3).validate()
-    callback, saved = snapshot_callback(tmp_path / "snapshots", 2, tiny_model_dir)
-    long_path, _ = run_safety_dpo(tiny_model_dir, path, tmp_path / "two", config(2), callbacks=[callback])
-    short_path, _ = run_safety_dpo(tiny_model_dir, path, tmp_path / "one", config(1))
-    assert [(step, epochs) for step, epochs, _ in saved] == [(4, 1.0)]  # 16 pairs, 4 a step
-    half, short, long = (AutoModelForCausalLM.from_pretrained(str(p)).state_dict()
-                         for p in (saved[0][2], short_path, long_path))
-    moved = [k for k in short if not torch.equal(short[k], long[k])]
-    assert moved, "the second epoch changed nothing: the comparison below would prove nothing"
-    assert all(torch.allclose(half[k], short[k], atol=1e-6) for k in short)
+        assert min(gains) > 0.05, (kind, gains)  # measured: caught +8.8, ordinary +0.27 to +0.77 (a no-op: 0)

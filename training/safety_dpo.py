@@ -87,11 +87,9 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
                                "rejected": reply(r["rejected"])} for r in rows])
     # keep_end, as SFT: a long dialogue loses its start, never the reply. TRL's default keep_start
     # silently drops every pair whose prompt alone fills max_length.
-    # A constant learning rate: the model after k of n steps is then what a shorter run (fewer
-    # epochs) would give, so bench.safety --trajectory measures every epoch count in one run.
     args = DPOConfig(num_train_epochs=cfg.safety_dpo_epochs, learning_rate=cfg.safety_dpo_learning_rate,
-                     lr_scheduler_type="constant", beta=cfg.safety_dpo_beta, per_device_train_batch_size=4,
-                     max_length=cfg.max_length, truncation_mode="keep_end",
+                     beta=cfg.safety_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
+                     truncation_mode="keep_end",
                      precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=list(callbacks))
