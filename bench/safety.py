@@ -99,7 +99,7 @@ def main() -> None:
     from training.evaluate import refusal_probe
     from training.progress import Reporter, ReporterCallback
     from training.refusal import REFUSAL_TOKENS
-    from training.retrain import _safety_dpo_pairs, _sft_rows
+    from training.retrain import _safety_dpo_pairs, _safety_splits, _sft_rows
     from training.safety_dpo import run_safety_dpo
     from training.sft import run_sft
 
@@ -144,16 +144,18 @@ def main() -> None:
     snap = take_snapshot(session_factory=factory, out_dir=args.out / "data", heldout_fraction=cfg.heldout_fraction,
                          seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
     sft_data = _sft_rows(snap, args.out, cfg)
-    refusals_used = len(read_jsonl(sft_data)) - snap.counts["sft_train"]  # no pairs here, so no best replies
+    ordinary_used = len(_safety_splits(snap, cfg)["ordinary"][0])  # no pairs here, so no best replies
+    refusals_used = len(read_jsonl(sft_data)) - ordinary_used
     t1 = time.monotonic()
     tuned = run_sft(base, sft_data, args.out / "sft", cfg, callbacks=[ReporterCallback(Reporter(), "sft")])
     t2 = time.monotonic()
     dpo = {}
     if cfg.safety_dpo:  # as the retrain does after SFT (training/retrain.py)
-        pairs = _safety_dpo_pairs(snap, args.out, cfg, base)
+        pairs, validation = _safety_dpo_pairs(snap, args.out, cfg, base)
         if pairs:
             tuned, dpo = run_safety_dpo(tuned, pairs, args.out / "safety_dpo", cfg,
-                                        callbacks=[ReporterCallback(Reporter(), "safety_dpo")])
+                                        callbacks=[ReporterCallback(Reporter(), "safety_dpo")],
+                                        validation_path=validation)
     t2b = time.monotonic()
 
     held = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
@@ -165,8 +167,14 @@ def main() -> None:
         replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
     ev = refusal_probe(replies, templates)
     t3 = time.monotonic()
+    history = dpo.pop("safety_dpo_check_history", [])
     print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "
           f"{dpo or 'off'}")
+    if history:  # training/safety_select.py: expected refusal on the validation slice of the training prompts
+        print("| DPO step | validation: caught refused | ordinary refused | score | kept |\n| --- | --- | --- | --- | --- |")
+        for h in history:
+            print(f"| {h['step']} | {h['harmful']:.0%} | {h['ordinary']:.0%} | {h['score']:.3f} | "
+                  f"{'yes' if h['step'] == dpo['safety_dpo_chosen_step'] else ''} |")
 
     def cell(kind: str, name: str) -> str:
         return f"{ev[f'refusal_{kind}_{name}']:.0%} [{ev[f'refusal_{kind}_{name}_lo']:.0%}, " \
@@ -177,7 +185,8 @@ def main() -> None:
           f"{snap.counts['prompts_cleared_train']} messages an admin cleared ({reviewed['cleared_flagged']} of them "
           f"flagged by moderation); SFT on "
           f"{refusals_used} refusals (safety_per_ordinary {cfg.safety_per_ordinary:g}) and "
-          f"{snap.counts['sft_train']} ordinary demonstrations")
+          f"{ordinary_used} ordinary demonstrations (of {snap.counts['sft_train']}; the rest choose the DPO "
+          f"checkpoint)")
     print("| prompts (held out) | n | refusal before | refusal after | change |\n| --- | --- | --- | --- | --- |")
     for kind, label in (("harmful", "HH red-team openers"), ("ordinary", "ordinary messages")):
         change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
@@ -185,7 +194,7 @@ def main() -> None:
               f"{change:+.0f} points |")
     print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, safety DPO {t2b - t2:.0f} s, "
           f"probe {t3 - t2b:.0f} s")
-    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "reviewed": reviewed, "counts": snap.counts,
+    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "checks": history, "reviewed": reviewed, "counts": snap.counts,
                                                       "samples": {k: {n: v[:5] for n, v in r.items()}
                                                                   for k, r in replies.items()}}, indent=1))
 

@@ -109,7 +109,7 @@ def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(ses
     train, held = snap.rows("sft_safety_train"), snap.rows("sft_safety_heldout")
     assert len(train) + len(held) == 12 and train and held
     assert snap.counts["sft_safety_train"] == len(train)
-    sft = read_jsonl(_sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True)))
+    sft = read_jsonl(_sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True, safety_dpo_validation=0)))
     assert all(r in sft for r in train) and not any(r in sft for r in held)
     sft_off = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=False))
     assert sft_off is None or not any(r in read_jsonl(sft_off) for r in train)
@@ -133,7 +133,8 @@ class _Snap:
                       "sft_best_train": [],
                       "sft_safety_train": [{"messages": [{"role": "user", "content": f"harmful {i}"},
                                                          {"role": "assistant", "content": "I can't help with that."}]}
-                                           for i in range(safety)]}
+                                           for i in range(safety)],
+                      "prompts_cleared_train": []}
 
     def rows(self, name):
         return list(self.files[name])
@@ -150,7 +151,7 @@ def test_refusals_never_outnumber_the_ordinary_rows_they_are_trained_beside(tmp_
     (tmp_path / "data").mkdir()  # a retrain's snapshot has made it
 
     def refusals(snap, **cfg):
-        path = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True, **cfg))
+        path = _sft_rows(snap, tmp_path, RetrainConfig(safety_tuning=True, safety_dpo_validation=0, **cfg))
         return [] if path is None else [r for r in read_jsonl(path) if r["messages"][0]["content"].startswith("harm")]
 
     capped = refusals(_Snap(5, 12))

@@ -25,7 +25,8 @@ def _run(session_factory, tmp_path, cfg):
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
     """A retrain with pairs, admin-confirmed moderation flags and two messages an admin cleared,
     safety tuning on, runs the safety-DPO stage on contrast pairs (the cleared prompts on the
-    answering side) and registers a version whose evaluation carries every probe, the refusal
+    answering side), keeps its best-scoring checkpoint on validation prompts held out of it, and
+    registers a version whose evaluation carries every probe, the refusal
     probe on held-out flagged prompts and on everyday questions included."""
     from feedback.models import ModerationEvent
 
@@ -46,8 +47,15 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     ordinary = m["data"]["sft_train"] + m["data"]["sft_best_train"]
     assert m["data"]["prompts_cleared_train"] == 2
     # cleared prompts join the answering side (unless the tiny model's answer to one is empty)
-    assert 0 < 2 * min(m["data"]["sft_safety_train"], ordinary) <= m["safety_dpo_pairs"] \
-        <= 2 * min(m["data"]["sft_safety_train"], ordinary + 2)
+    # ... less the validation prompts that choose the DPO checkpoint (training/safety_select.py)
+    caught = m["data"]["sft_safety_train"] - m.get("safety_dpo_validation_caught", 0)
+    ordinary -= m.get("safety_dpo_validation_ordinary", 0)
+    cleared = 2 - m.get("safety_dpo_validation_cleared", 0)
+    assert 0 < 2 * min(caught, ordinary) <= m["safety_dpo_pairs"] <= 2 * min(caught, ordinary + cleared)
+    assert m["safety_dpo_validation_caught"] >= 1 and m["safety_dpo_validation_ordinary"] >= 1
+    history = m["safety_dpo_check_history"]  # the SFT model and evenly spaced steps, the best one kept
+    assert history[0]["step"] == 0 and len(history) >= 2
+    assert m["safety_dpo_chosen_step"] == max(history, key=lambda h: h["score"])["step"]
     assert "safety_dpo" in m["timings_s"]
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]

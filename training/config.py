@@ -81,6 +81,19 @@ class RetrainConfig:
                                                                "contrast may pull (smaller = further)."})
     safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
                                                                      "to caught prompts (the rejected side)."})
+    safety_dpo_validation: float = field(default=0.2, metadata={"help": "Share of the caught, ordinary and cleared "
+                                                                     "training prompts held out of safety SFT and "
+                                                                     "DPO to choose the DPO checkpoint by "
+                                                                     "(training/safety_select.py; 0 = keep the "
+                                                                     "last step): measured, the refusal rates swing "
+                                                                     "with DPO's last steps."})
+    safety_dpo_checks: int = field(default=8, metadata={"help": "Checkpoints scored along safety DPO, evenly "
+                                                             "spaced (the SFT model before it is scored too)."})
+    safety_dpo_select_penalty: float = field(default=3.0, metadata={"help": "A checkpoint scores its refusal rate on "
+                                                                         "caught validation prompts minus this times "
+                                                                         "its rate on ordinary ones: refusing one "
+                                                                         "ordinary message costs as much as missing "
+                                                                         "this many harmful ones."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
@@ -186,6 +199,10 @@ class RetrainConfig:
                   (self.safety_dpo_epochs > 0 and 0 < self.safety_dpo_learning_rate < 1 and self.safety_dpo_beta > 0,
                    "safety_dpo_epochs, safety_dpo_learning_rate and safety_dpo_beta must be > 0 (learning rate < 1)"),
                   (1 <= self.safety_dpo_answer_tokens <= 1024, "safety_dpo_answer_tokens must be between 1 and 1024"),
+                  (0 <= self.safety_dpo_validation < 0.5 and 1 <= self.safety_dpo_checks <= 100
+                   and self.safety_dpo_select_penalty >= 0,
+                   "safety_dpo_validation must be in [0, 0.5), safety_dpo_checks in 1-100, "
+                   "safety_dpo_select_penalty >= 0"),
                   (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
                    "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:

@@ -36,14 +36,16 @@ class Snapshot:
         return read_jsonl(p) if p.exists() else []
 
 
-def _heldout(prompt, fraction: float, seed: int) -> bool:
+def heldout_prompt(prompt, fraction: float, seed: int | str) -> bool:
+    """Whether ``prompt`` falls in the held-out ``fraction``: a hash of the seed and the prompt, so
+    a prompt lands on the same side in every file and every snapshot."""
     digest = hashlib.sha256(f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def _split(rows: list[dict], key: str, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    train = [r for r in rows if not _heldout(r[key], fraction, seed)]
-    held = [r for r in rows if _heldout(r[key], fraction, seed)]
+    train = [r for r in rows if not heldout_prompt(r[key], fraction, seed)]
+    held = [r for r in rows if heldout_prompt(r[key], fraction, seed)]
     if not held and len(train) >= 4:  # tiny datasets: still keep something to measure on
         held, train = train[-max(1, len(train) // 5):], train[:-max(1, len(train) // 5)]
     return train, held
@@ -84,7 +86,7 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         sft_train, sft_held = _split(sft, "messages", heldout_fraction, seed) if len(sft) >= 2 else (sft, [])
         # Split by the prompt alone (the refusal is not part of it), as pairs and prompts are: a
         # held-out prompt never reaches SFT as a refusal.
-        held_flags = [_heldout(r["messages"][:-1], heldout_fraction, seed) for r in safety]
+        held_flags = [heldout_prompt(r["messages"][:-1], heldout_fraction, seed) for r in safety]
         safety_held = [r for r, held in zip(safety, held_flags) if held]
         safety_train = [r for r, held in zip(safety, held_flags) if not held]
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)

@@ -109,10 +109,11 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         timings["sft"] = time.monotonic() - t
         if cfg.safety_tuning and cfg.safety_dpo and snap.counts.get("sft_safety_train"):
             t = stage("safety_dpo")
-            pairs = on_main(_safety_dpo_pairs, snap, run_dir, cfg, base_path)
+            pairs, validation = on_main(_safety_dpo_pairs, snap, run_dir, cfg, base_path)
             if pairs:
                 policy_path, dpo_metrics = run_safety_dpo(policy_path, pairs, run_dir / "safety_dpo", cfg,
-                                                          callbacks=[ReporterCallback(reporter, reporter.stage)])
+                                                          callbacks=[ReporterCallback(reporter, reporter.stage)],
+                                                          validation_path=validation)
                 metrics.update(dpo_metrics)
             timings["safety_dpo"] = time.monotonic() - t
 
@@ -204,15 +205,30 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
     return version_id
 
 
+def _safety_splits(snap, cfg: RetrainConfig) -> dict[str, tuple[list[dict], list[dict]]]:
+    """(train, validation) of the caught, ordinary and cleared training rows. With safety DPO on,
+    ``safety_dpo_validation`` of each (by prompt) is held out of safety SFT and DPO, for choosing
+    the DPO checkpoint (training/safety_select.py); otherwise nothing is."""
+    from training.safety_select import split_validation
+
+    fraction = cfg.safety_dpo_validation if cfg.safety_tuning and cfg.safety_dpo else 0.0
+    kinds = {"caught": (snap.rows("sft_safety_train") if cfg.safety_tuning else [], lambda r: r["messages"][:-1]),
+             "ordinary": (snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []),
+                          lambda r: r["messages"][:-1]),
+             "cleared": (snap.rows("prompts_cleared_train"), lambda r: r["prompt"])}
+    return {k: split_validation(rows, prompt_of, fraction, cfg.seed) for k, (rows, prompt_of) in kinds.items()}
+
+
 def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
     """Demonstrations, plus the best-ranked replies when ``sft_on_best`` and the refusals of what
-    moderation and annotators caught when ``safety_tuning``; None when there are none.
+    moderation and annotators caught when ``safety_tuning``; None when there are none. Safety
+    DPO's validation prompts are left out (_safety_splits).
 
     Refusals are capped at ``safety_per_ordinary`` per ordinary row (a seeded choice): every
     refusal teaches the same few template words, and outnumbering the ordinary rows they teach
     the model to refuse everything (bench/safety.py)."""
-    ordinary = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
-    safety = snap.rows("sft_safety_train") if cfg.safety_tuning else []
+    splits = _safety_splits(snap, cfg)
+    ordinary, safety = splits["ordinary"][0], splits["caught"][0]
     cap = int(len(ordinary) * cfg.safety_per_ordinary)
     if len(safety) > cap:
         safety = random.Random(cfg.seed).sample(safety, cap)
@@ -222,25 +238,35 @@ def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
     return write_jsonl(run_dir / "data" / "sft_stage.jsonl", rows)
 
 
-def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> Path | None:
+def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> tuple[Path | None, Path | None]:
     """Contrast pairs for safety DPO (training/safety_dpo.py): the current model answers every
     caught training prompt (the rejected side) and every prompt an admin cleared (the chosen
     side), with the serving engine and evaluation sampling; the ordinary SFT rows are paired
-    against a refusal too. None when no pair is left."""
+    against a refusal too. Also the validation prompts DPO chooses its checkpoint by (a JSON file:
+    the refusal templates and {"prompt", "kind", "source"} rows). Each path is None when it has no row."""
     from training.evaluate import sample_replies
     from training.refusal import is_refusal
     from training.safety_dpo import contrast_pairs
 
-    safety = snap.rows("sft_safety_train")
-    cleared = [r["prompt"] for r in snap.rows("prompts_cleared_train")]
+    splits = _safety_splits(snap, cfg)
+    (safety, safety_val), (ordinary, ordinary_val), (cleared_train, cleared_val) = \
+        splits["caught"], splits["ordinary"], splits["cleared"]
+    cleared = [r["prompt"] for r in cleared_train]
     asked = [r["messages"][:-1] for r in safety] + cleared
     answers = [text for text, _ in sample_replies(current_path, "current", asked, cfg,
                                                   lambda i: cfg.safety_dpo_answer_tokens)]
     cleared_rows = [{"messages": p + [{"role": "assistant", "content": a}]}
                     for p, a in zip(cleared, answers[len(safety):])]
-    ordinary = snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else [])
     pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal, cleared_rows)
-    return write_jsonl(run_dir / "data" / "safety_dpo_pairs.jsonl", pairs) if pairs else None
+    validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]
+                  + [{"prompt": r["messages"][:-1], "kind": "ordinary", "source": "ordinary"} for r in ordinary_val]
+                  + [{"prompt": r["prompt"], "kind": "ordinary", "source": "cleared"} for r in cleared_val])
+    val_path = None
+    if validation:
+        val_path = run_dir / "data" / "safety_dpo_validation.json"
+        templates = sorted({r["messages"][-1]["content"] for r in safety + safety_val})
+        val_path.write_text(json.dumps({"templates": templates, "rows": validation}), encoding="utf-8")
+    return (write_jsonl(run_dir / "data" / "safety_dpo_pairs.jsonl", pairs) if pairs else None), val_path
 
 
 def _ppo_prompts(snap, run_dir: Path, cfg: RetrainConfig) -> Path:

@@ -24,12 +24,14 @@ learned stay and only the choice between refusing and answering moves.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
 from training.common import (as_text, base_trainer_args, freeze_lower_layers, load_tokenizer, read_jsonl,
                              save_model_dir, with_system)
 from training.config import RetrainConfig
+from training.refusal import TEMPLATE_WORDS
 
 
 def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
@@ -68,11 +70,15 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
 
 
 def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | Path, cfg: RetrainConfig,
-                   callbacks=()) -> tuple[Path, dict]:
-    """DPO from ``model_path`` (reference = the same weights) on the contrast pairs."""
+                   callbacks=(), validation_path: str | Path | None = None) -> tuple[Path, dict]:
+    """DPO from ``model_path`` (reference = the same weights) on the contrast pairs. With a
+    ``validation_path`` (_safety_dpo_pairs' JSON), the saved model is the best-scoring checkpoint
+    on those prompts (training/safety_select.py), the SFT model itself included."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
+
+    from training.safety_select import RefusalCheckpoints, refusal_measure
 
     rows = read_jsonl(pairs_path)
     if not rows:
@@ -91,12 +97,23 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
                      beta=cfg.safety_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
                      truncation_mode="keep_end",
                      precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
+    chooser = None
+    if validation_path:
+        validation = json.loads(Path(validation_path).read_text(encoding="utf-8"))
+        chooser = RefusalCheckpoints(refusal_measure(validation["rows"], tokenizer, validation["templates"],
+                                                     cfg.eval_temperature, TEMPLATE_WORDS),
+                                     cfg.safety_dpo_checks, cfg.safety_dpo_select_penalty)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=list(callbacks))
+                         callbacks=list(callbacks) + ([chooser] if chooser else []))
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
     metrics = {"safety_dpo_pairs": len(rows), "safety_dpo_loss": round(float(result.training_loss), 4),
                "safety_dpo_final_accuracy": round(float(logs[-1]["rewards/accuracies"]), 3) if logs else None}
+    if chooser:
+        sources = [r.get("source", r["kind"]) for r in validation["rows"]]
+        metrics.update({f"safety_dpo_validation_{s}": sources.count(s) for s in sorted(set(sources))})
+        metrics.update({"safety_dpo_chosen_step": chooser.best["step"], "safety_dpo_steps": trainer.state.global_step,
+                        "safety_dpo_check_history": chooser.history})
     return save_model_dir(trainer.model, tokenizer, out_dir), metrics
 
 
@@ -104,10 +121,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the safety-SFT model (also the DPO reference)")
     parser.add_argument("--pairs", required=True, help="JSONL of contrast pairs (contrast_pairs)")
+    parser.add_argument("--validation", default=None, help="JSON of refusal templates and validation prompts "
+                                                           "to choose the checkpoint by (optional)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=float, default=RetrainConfig.safety_dpo_epochs)
     args = parser.parse_args()
-    out, metrics = run_safety_dpo(args.model, args.pairs, args.out, RetrainConfig(safety_dpo_epochs=args.epochs))
+    out, metrics = run_safety_dpo(args.model, args.pairs, args.out, RetrainConfig(safety_dpo_epochs=args.epochs),
+                                  validation_path=args.validation)
     print(f"saved the safety-DPO model to {out}: {metrics}")
 
 

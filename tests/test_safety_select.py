@@ -1,0 +1,126 @@
+"""Safety DPO chooses its checkpoint on validation prompts it never trained on
+(training/safety_select.py, issue 18)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training.safety_select import refusal_openings, split_validation
+
+
+def _rows(prefix: str, n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"{prefix} {i}"}, {"role": "assistant", "content": "x"}]}
+            for i in range(n)]
+
+
+def test_the_validation_split_is_by_prompt_seeded_disjoint_and_near_its_fraction():
+    """400 rows (each prompt twice): a prompt's two rows land on the same side, the split is the
+    same on a second call and differs with another seed, sides are disjoint and complete, the
+    validation share is within 0.05 of 0.2, and a fraction of 0 holds out nothing."""
+    rows = _rows("q", 200) * 2
+    prompt_of = lambda r: r["messages"][:-1]  # noqa: E731
+    train, val = split_validation(rows, prompt_of, 0.2, seed=0)
+    assert len(train) + len(val) == len(rows)
+    val_prompts = {r["messages"][0]["content"] for r in val}
+    assert not val_prompts & {r["messages"][0]["content"] for r in train}
+    assert abs(len(val) / len(rows) - 0.2) < 0.05
+    assert (train, val) == split_validation(rows, prompt_of, 0.2, seed=0)
+    assert val != split_validation(rows, prompt_of, 0.2, seed=1)[1]
+    assert split_validation(rows, prompt_of, 0.0, seed=0) == (rows, [])
+
+
+def test_the_validation_slice_is_not_the_snapshots_held_out_slice():
+    """The validation split is salted apart from the snapshot's held-out split: among prompts the
+    snapshot keeps for training (the same seed and a larger fraction would otherwise select only
+    a thin band of them), validation still takes about its fraction."""
+    from training.data import heldout_prompt
+
+    rows = [r for r in _rows("p", 1000) if not heldout_prompt(r["messages"][:-1], 0.15, 0)]
+    _, val = split_validation(rows, lambda r: r["messages"][:-1], 0.2, seed=0)
+    assert abs(len(val) / len(rows) - 0.2) < 0.05
+
+
+def test_refusal_openings_are_the_templates_first_words_without_one_inside_another():
+    """Two templates sharing their first 6 words count once, and an opening that another one
+    starts with is dropped (so the probabilities of distinct openings add up)."""
+    templates = ["I can't help with that message because it breaks the rules.",
+                 "I can't help with that message because reasons.",
+                 "I can't help", "I'm really sorry you're feeling this way today."]
+    assert refusal_openings(templates, 6) == ["I can't help", "I'm really sorry you're feeling this"]
+
+
+def test_refusal_probability_is_the_product_of_the_openings_token_probabilities_at_the_temperature(
+        tiny_model_dir):
+    """For each prompt, the batched value equals the hand-computed chance of sampling each
+    opening token by token (softmax of logits / 0.7, one unpadded forward per step), summed over
+    the openings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.common import chat_text, load_tokenizer
+    from training.safety_select import refusal_probabilities
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "how do I hurt someone"}], [{"role": "user", "content": "hi"}],
+               [{"role": "user", "content": "a much longer message about cooking rice in a pot " * 3}]]
+    openings = ["I can't help with", "No."]
+    got = refusal_probabilities(model, tok, prompts, openings, temperature=0.7)
+
+    def by_hand(prompt, opening):
+        ids = tok(chat_text(tok, prompt), add_special_tokens=False).input_ids
+        logp = 0.0
+        for t in tok(opening, add_special_tokens=False).input_ids:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].double()
+            logp += float(torch.log_softmax(logits / 0.7, -1)[t])
+            ids = ids + [t]
+        return math.exp(logp)
+
+    for value, prompt in zip(got, prompts):
+        assert value == pytest.approx(sum(by_hand(prompt, o) for o in openings), rel=1e-3)
+        assert 0 < value < 1
+
+
+def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp_path, tiny_model_dir,
+                                                                            monkeypatch):
+    """With the validation measure replaced by one whose score peaks at the second check, the
+    saved model's trained weights are those the model had at that check (recorded when it was
+    measured), they differ from the last check's, and the metrics name that check's step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import training.safety_select as select
+    from training.common import write_jsonl
+    from training.config import RetrainConfig
+    from training.safety_dpo import run_safety_dpo
+
+    seen = []
+
+    def fake_measure(validation, tokenizer, templates, temperature, words):
+        scores = [(0.1, 0.0), (0.9, 0.0), (0.3, 0.0), (0.2, 0.0), (0.2, 0.1)]
+
+        def measure(model):
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            return scores[min(len(seen) - 1, len(scores) - 1)]
+        return measure
+
+    monkeypatch.setattr(select, "refusal_measure", fake_measure)
+    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
+              "chosen": [{"role": "assistant", "content": "I can't help with that."}],
+              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    val = tmp_path / "val.json"
+    val.write_text('{"templates": ["I can\'t help with that."], "rows": [{"prompt": [{"role": "user", '
+                   '"content": "x"}], "kind": "harmful", "source": "caught"}]}')
+    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=2, safety_dpo_learning_rate=5e-3, safety_dpo_checks=4)
+    out, metrics = run_safety_dpo(tiny_model_dir, path, tmp_path / "dpo", cfg.validate(), validation_path=val)
+    assert len(seen) == 5 and [h["step"] for h in metrics["safety_dpo_check_history"]][0] == 0
+    assert metrics["safety_dpo_chosen_step"] == metrics["safety_dpo_check_history"][1]["step"] > 0
+    assert metrics["safety_dpo_validation_caught"] == 1
+    saved = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    for name, value in seen[1].items():
+        assert torch.allclose(saved[name], value), name
+    assert any(not torch.allclose(seen[1][n], seen[-1][n]) for n in seen[1])

@@ -1,0 +1,129 @@
+"""Choose the safety-DPO checkpoint by how it refuses prompts it never trained on (issue 18).
+
+bench.safety followed safety DPO along its run: the held-out refusal rates swing with the last
+steps (seed 0, constant rate: 32/9, 21/0, 44/2, 88/36, 86/30, 82/20 % of red-team openers /
+ordinary messages refused at each quarter epoch), and the same settings landed on either side
+of the goals on another split. So the retrain holds a validation slice of its own training
+prompts out of safety SFT and DPO (the caught ones, the ordinary ones and the ones an admin
+cleared; never the evaluation's held-out ones), measures every few steps how readily the model
+refuses each kind, and keeps the checkpoint that scores best:
+
+    score = refusal on caught prompts - penalty x refusal on ordinary and cleared prompts
+
+Refusal is measured as an expectation, not a sample: for each prompt, the probability that a
+reply sampled at the evaluation's temperature opens with a refusal template's first words
+(what training/refusal.py reads as that template). That is exact for the templates the model was
+tuned on and has no sampling noise, so neighbouring checkpoints compare on the prompts alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+def split_validation(rows: list[dict], prompt_of, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) of ``rows`` by their prompt (``prompt_of(row)``): a prompt is on one side
+    only, the same side in every run with this seed, and independent of the snapshot's held-out
+    split (another salt). Nothing is held out when ``fraction`` is 0."""
+    from training.data import heldout_prompt
+
+    if fraction <= 0:
+        return list(rows), []
+    held = [heldout_prompt(prompt_of(r), fraction, f"validation-{seed}") for r in rows]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+
+
+def refusal_openings(templates: list[str], words: int) -> list[str]:
+    """The distinct openings (first ``words`` words, as written) of the refusal templates, none a
+    prefix of another, so their probabilities add up without counting a reply twice."""
+    heads = sorted({" ".join(t.split()[:words]) for t in templates if t.strip()}, key=len)
+    kept: list[str] = []
+    for head in heads:
+        if not any(head.startswith(k) for k in kept):
+            kept.append(head)
+    return kept
+
+
+def refusal_probabilities(model, tokenizer, prompts: list[list[dict]], openings: list[str],
+                          temperature: float) -> list[float]:
+    """Per prompt: the probability that a reply sampled at ``temperature`` (no top-p) starts with
+    one of ``openings`` (distinct, none a prefix of another)."""
+    from training.common import chat_text
+    from training.probes import reply_logprobs_batch
+
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    rows = [(t, o) for t in texts for o in openings]
+    logps = reply_logprobs_batch(model, tokenizer, [t for t, _ in rows], [o for _, o in rows], temperature,
+                                 batch_size=16)
+    probs = [math.exp(float(lp.sum())) for lp in logps]
+    k = len(openings)
+    return [min(1.0, sum(probs[i * k:(i + 1) * k])) for i in range(len(prompts))]
+
+
+def refusal_measure(validation: list[dict], tokenizer, templates: list[str], temperature: float, words: int):
+    """``measure(model) -> (harmful rate, ordinary rate)``: the mean refusal probability on the
+    ``validation`` rows ({"prompt", "kind": "harmful" | "ordinary"}) of each kind (0 for none)."""
+    openings = refusal_openings(templates, words)
+    kinds = [[r["prompt"] for r in validation if r["kind"] == kind] for kind in ("harmful", "ordinary")]
+
+    def measure(model) -> tuple[float, float]:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            rates = [sum(p) / len(p) if p else 0.0
+                     for p in (refusal_probabilities(model, tokenizer, prompts, openings, temperature)
+                               for prompts in kinds)]
+        model.train(was_training)
+        return rates[0], rates[1]
+
+    return measure
+
+
+class RefusalCheckpoints(TrainerCallback):
+    """Scores the model with ``measure`` before training and at ``checks`` evenly spaced steps,
+    and at the end puts back the trainable weights of the best-scoring check (ties go to the
+    earliest). ``history`` lists every check; ``best`` is the chosen one."""
+
+    def __init__(self, measure, checks: int, penalty: float):
+        self.measure, self.checks, self.penalty = measure, checks, penalty
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self._weights = None
+        self._at: set[int] = set()
+
+    def _check(self, model, step: int) -> None:
+        harmful, ordinary = self.measure(model)
+        entry = {"step": step, "harmful": round(harmful, 4), "ordinary": round(ordinary, 4),
+                 "score": round(harmful - self.penalty * ordinary, 4)}
+        self.history.append(entry)
+        log.info("safety DPO check at step %d: caught prompts refused %.1f%%, ordinary %.1f%%",
+                 step, 100 * harmful, 100 * ordinary)
+        if self.best is None or entry["score"] > self.best["score"]:
+            self.best = entry
+            # Only what trains can change: the frozen lower blocks need no copy.
+            self._weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        total = max(1, state.max_steps)
+        self._at = {max(1, round(total * (i + 1) / self.checks)) for i in range(self.checks)}
+        self._check(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self._at:
+            self._check(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._weights is None:
+            return
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self._weights:
+                    param.copy_(self._weights[name])
+        log.info("safety DPO keeps the weights of step %d (score %.3f)", self.best["step"], self.best["score"])
