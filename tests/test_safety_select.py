@@ -124,3 +124,30 @@ def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp
     for name, value in seen[1].items():
         assert torch.allclose(saved[name], value), name
     assert any(not torch.allclose(seen[1][n], seen[-1][n]) for n in seen[1])
+
+
+def test_an_sft_weight_keeps_the_chosen_refusals_likelier_than_dpo_alone_does(tmp_path, tiny_model_dir):
+    """The same pairs, seed and steps, with and without an NLL loss on the chosen replies (RPO,
+    safety_dpo_sft_weight 1): with it, the chosen refusal's own log-probability on every caught
+    prompt ends higher than with DPO alone (DPO alone only widens the margin, and may lower both)."""
+    from transformers import AutoModelForCausalLM
+
+    from training.common import chat_text, load_tokenizer, write_jsonl
+    from training.config import RetrainConfig
+    from training.probes import reply_logprobs
+    from training.safety_dpo import run_safety_dpo
+
+    refusal = "I can't help with that."
+    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
+              "chosen": [{"role": "assistant", "content": refusal}],
+              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    tok = load_tokenizer(tiny_model_dir)
+    logps = {}
+    for weight in (0.0, 1.0):
+        cfg = RetrainConfig(max_length=64, safety_dpo_epochs=2, safety_dpo_learning_rate=5e-3,
+                            safety_dpo_sft_weight=weight).validate()
+        out, _ = run_safety_dpo(tiny_model_dir, path, tmp_path / f"dpo-{weight}", cfg)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        logps[weight] = [float(reply_logprobs(model, tok, chat_text(tok, p["prompt"]), refusal).sum()) for p in pairs]
+    assert all(with_sft > alone for with_sft, alone in zip(logps[1.0], logps[0.0])), logps

@@ -79,6 +79,11 @@ class RetrainConfig:
                                                                          "as 1e-4 for 2)."})
     safety_dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta: how far from the SFT model the "
                                                                "contrast may pull (smaller = further)."})
+    safety_dpo_sft_weight: float = field(default=0.0, metadata={"help": "Weight of an SFT (NLL) loss on the chosen "
+                                                                     "replies beside the DPO loss (RPO; TRL "
+                                                                     "loss_type sigmoid + sft). DPO alone can lower "
+                                                                     "the chosen refusal's likelihood along with the "
+                                                                     "rejected answer's. 0 = DPO alone."})
     safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
                                                                      "to caught prompts (the rejected side)."})
     safety_dpo_validation: float = field(default=0.2, metadata={"help": "Share of the caught, ordinary and cleared "
@@ -199,6 +204,7 @@ class RetrainConfig:
                   (self.safety_dpo_epochs > 0 and 0 < self.safety_dpo_learning_rate < 1 and self.safety_dpo_beta > 0,
                    "safety_dpo_epochs, safety_dpo_learning_rate and safety_dpo_beta must be > 0 (learning rate < 1)"),
                   (1 <= self.safety_dpo_answer_tokens <= 1024, "safety_dpo_answer_tokens must be between 1 and 1024"),
+                  (self.safety_dpo_sft_weight >= 0, "safety_dpo_sft_weight must be >= 0"),
                   (0 <= self.safety_dpo_validation < 0.5 and 1 <= self.safety_dpo_checks <= 100
                    and self.safety_dpo_select_penalty >= 0,
                    "safety_dpo_validation must be in [0, 0.5), safety_dpo_checks in 1-100, "

@@ -69,6 +69,12 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
     return pairs
 
 
+def _loss(sft_weight: float) -> dict:
+    """DPOConfig's loss settings: DPO's sigmoid loss, plus an NLL loss on the chosen reply at
+    ``sft_weight`` (RPO) when it is above 0."""
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
+
+
 def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | Path, cfg: RetrainConfig,
                    callbacks=(), validation_path: str | Path | None = None) -> tuple[Path, dict]:
     """DPO from ``model_path`` (reference = the same weights) on the contrast pairs. With a
@@ -95,7 +101,7 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
     # silently drops every pair whose prompt alone fills max_length.
     args = DPOConfig(num_train_epochs=cfg.safety_dpo_epochs, learning_rate=cfg.safety_dpo_learning_rate,
                      beta=cfg.safety_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
-                     truncation_mode="keep_end",
+                     truncation_mode="keep_end", **_loss(cfg.safety_dpo_sft_weight),
                      precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     chooser = None
     if validation_path:
