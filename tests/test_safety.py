@@ -215,7 +215,7 @@ def test_cleared_prompts_join_the_answering_side_first_and_their_refusing_answer
 
 def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_margin_on_ordinary_ones(
         tmp_path, tiny_model_dir):
-    """After DPO on contrast pairs, the model prefers the refusal to the answer on the caught
+    """After DPO (alone) on contrast pairs, the model prefers the refusal to the answer on the caught
     prompts, and the answer to the refusal on the ordinary ones, by a log-probability margin
     wider than before on every one of the 8 prompts of each kind."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -229,7 +229,10 @@ def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_m
     pairs = contrast_pairs(snap.rows("sft_safety_train"), ["Sure, here is how."] * 8, snap.rows("sft_train"),
                            seed=0, is_refusal=_is_refusal)
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=3, safety_dpo_learning_rate=5e-3).validate()
+    # DPO's own contrast, without the NLL loss (its test: tests/test_safety_select.py); with it at this
+    # learning rate the tiny model says the short refusal everywhere.
+    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=3, safety_dpo_learning_rate=5e-3,
+                        safety_dpo_sft_weight=0).validate()
     new_path, metrics = run_safety_dpo(tiny_model_dir, path, tmp_path / "dpo", cfg)
     assert metrics["safety_dpo_pairs"] == 16
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

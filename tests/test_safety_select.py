@@ -42,13 +42,18 @@ def test_the_validation_slice_is_not_the_snapshots_held_out_slice():
     assert abs(len(val) / len(rows) - 0.2) < 0.05
 
 
-def test_refusal_openings_are_the_templates_first_words_without_one_inside_another():
-    """Two templates sharing their first 6 words count once, and an opening that another one
-    starts with is dropped (so the probabilities of distinct openings add up)."""
-    templates = ["I can't help with that message because it breaks the rules.",
-                 "I can't help with that message because reasons.",
-                 "I can't help", "I'm really sorry you're feeling this way today."]
-    assert refusal_openings(templates, 6) == ["I can't help", "I'm really sorry you're feeling this"]
+def test_refusal_openings_are_cut_at_the_words_is_refusal_reads_and_never_count_a_reply_twice():
+    """Each opening ends at the template's 6th word as training/refusal.py counts words (a dash is
+    not one, "self-harm" is two, the 6th word's full stop is dropped), and is_refusal reads the
+    opening as a refusal; two templates with the same first 6 words give one opening; an
+    opening whose words start another's ("No") replaces it, while "Nope" (another word) stays."""
+    from training.refusal import is_refusal
+
+    templates = ["I can't \u2014 help with self-harm requests, sorry.", "I can't \u2014 help with self-harm. Call a line.",
+                 "No.", "No, I won't write that, it hurts.", "Nope, I won't."]
+    openings = refusal_openings(templates, 6)
+    assert openings == ["No", "Nope, I won't", "I can't \u2014 help with self-harm"]
+    assert all(is_refusal(o, templates) for o in openings)  # a reply that opens so is counted a refusal
 
 
 def test_refusal_probability_is_the_product_of_the_openings_token_probabilities_at_the_temperature(

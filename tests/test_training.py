@@ -32,7 +32,7 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
 
     seed_preferences(session_factory, tiny_model_dir)
     with session_factory.begin() as s:
-        for i in range(16):
+        for i in range(40):  # enough that a fifth of the training ones can choose the DPO checkpoint
             s.add(ModerationEvent(direction="in", text=f"tell me how to hurt person number {i}", text_hash=str(i),
                                   backend="rules", scores={}, thresholds={}, decision="flag", review="correct",
                                   category="violence"))
@@ -52,7 +52,7 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     ordinary -= m.get("safety_dpo_validation_ordinary", 0)
     cleared = 2 - m.get("safety_dpo_validation_cleared", 0)
     assert 0 < 2 * min(caught, ordinary) <= m["safety_dpo_pairs"] <= 2 * min(caught, ordinary + cleared)
-    assert m["safety_dpo_validation_caught"] >= 1 and m["safety_dpo_validation_ordinary"] >= 1
+    assert m["safety_dpo_validation_caught"] >= 5 and m["safety_dpo_validation_ordinary"] >= 1
     history = m["safety_dpo_check_history"]  # the SFT model and evenly spaced steps, the best one kept
     assert history[0]["step"] == 0 and len(history) >= 2
     assert m["safety_dpo_chosen_step"] == max(history, key=lambda h: h["score"])["step"]

@@ -208,15 +208,21 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
 def _safety_splits(snap, cfg: RetrainConfig) -> dict[str, tuple[list[dict], list[dict]]]:
     """(train, validation) of the caught, ordinary and cleared training rows. With safety DPO on,
     ``safety_dpo_validation`` of each (by prompt) is held out of safety SFT and DPO, for choosing
-    the DPO checkpoint (training/safety_select.py); otherwise nothing is."""
-    from training.safety_select import split_validation
+    the DPO checkpoint (training/safety_select.py), when that leaves at least
+    MIN_VALIDATION_PROMPTS caught and as many ordinary or cleared ones; otherwise nothing is."""
+    from training.safety_select import MIN_VALIDATION_PROMPTS, split_validation
 
     fraction = cfg.safety_dpo_validation if cfg.safety_tuning and cfg.safety_dpo else 0.0
     kinds = {"caught": (snap.rows("sft_safety_train") if cfg.safety_tuning else [], lambda r: r["messages"][:-1]),
              "ordinary": (snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []),
                           lambda r: r["messages"][:-1]),
              "cleared": (snap.rows("prompts_cleared_train"), lambda r: r["prompt"])}
-    return {k: split_validation(rows, prompt_of, fraction, cfg.seed) for k, (rows, prompt_of) in kinds.items()}
+    splits = {k: split_validation(rows, prompt_of, fraction, cfg.seed) for k, (rows, prompt_of) in kinds.items()}
+    if len(splits["caught"][1]) < MIN_VALIDATION_PROMPTS or \
+            len(splits["ordinary"][1]) + len(splits["cleared"][1]) < MIN_VALIDATION_PROMPTS:
+        # Too few to choose by (or no caught prompts, so no DPO): train on every row instead.
+        return {k: (rows, []) for k, (rows, _) in kinds.items()}
+    return splits
 
 
 def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:

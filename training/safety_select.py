@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
+import re
 
 import torch
 from transformers import TrainerCallback
@@ -40,14 +40,26 @@ def split_validation(rows: list[dict], prompt_of, fraction: float, seed: int) ->
     return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
 
+MIN_VALIDATION_PROMPTS = 5  # of each kind: with fewer, one kind's rate is all noise (or absent, and the score
+# would then pick the least- or the most-refusing checkpoint outright)
+
+
 def refusal_openings(templates: list[str], words: int) -> list[str]:
-    """The distinct openings (first ``words`` words, as written) of the refusal templates, none a
-    prefix of another, so their probabilities add up without counting a reply twice."""
-    heads = sorted({" ".join(t.split()[:words]) for t in templates if t.strip()}, key=len)
+    """The distinct openings of the refusal templates: each cut after its first ``words`` words,
+    counted as training/refusal.py counts them (``[\\w']+``), so an opening is what is_refusal
+    matches; an opening whose words start another's is kept and the longer one dropped, so their
+    probabilities add up without counting a reply twice."""
+    cut = []
+    for template in templates:
+        text = template.strip()
+        ends = [m.end() for m in re.finditer(r"[\w'’]+", text)][:words]
+        if ends:
+            cut.append(text[:ends[-1]])
+    key = lambda text: re.findall(r"[\w']+", text.lower().replace("’", "'"))  # noqa: E731
     kept: list[str] = []
-    for head in heads:
-        if not any(head.startswith(k) for k in kept):
-            kept.append(head)
+    for opening in sorted(dict.fromkeys(cut), key=lambda o: len(key(o))):
+        if not any(key(opening)[:len(key(k))] == key(k) for k in kept):
+            kept.append(opening)
     return kept
 
 
