@@ -1,6 +1,7 @@
 """Stage 2b, teach *when* to refuse: DPO on contrast pairs after safety SFT (issue 18).
 
-    python -m training.safety_dpo --model run/sft --pairs safety_pairs.jsonl --out run/safety_dpo
+    python -m training.safety_dpo --model run/sft --pairs safety_pairs.jsonl [--validation val.json] \
+        --out run/safety_dpo
 
 SFT on refusals teaches a 135M model the refusal words, and it then says them to everything:
 bench.safety measured ordinary messages refused 1% -> 48% after SFT with one refusal per
@@ -18,7 +19,10 @@ do, from both sides:
   moderation's false positives look like too.
 
 TRL's ``DPOTrainer`` trains the SFT model against itself as the reference, so the words it
-learned stay and only the choice between refusing and answering moves.
+learned stay and only the choice between refusing and answering moves. An NLL loss on the
+chosen replies rides along (``safety_dpo_sft_weight``): DPO alone widened the margin by
+lowering the refusal's likelihood too, on every prompt at first. With validation prompts the
+saved model is the best-scoring checkpoint (training/safety_select.py).
 """
 
 from __future__ import annotations
