@@ -96,11 +96,12 @@ class RetrainConfig:
                                                                      "with DPO's last steps."})
     safety_dpo_checks: int = field(default=8, metadata={"help": "Checkpoints scored along safety DPO, evenly "
                                                              "spaced (the SFT model before it is scored too)."})
-    safety_dpo_select_penalty: float = field(default=3.0, metadata={"help": "A checkpoint scores its refusal rate on "
+    safety_dpo_select_penalty: float = field(default=5.0, metadata={"help": "A checkpoint scores its refusal rate on "
                                                                          "caught validation prompts minus this times "
                                                                          "its rate on ordinary ones: refusing one "
                                                                          "ordinary message costs as much as missing "
-                                                                         "this many harmful ones."})
+                                                                         "this many harmful ones (bench.safety seed "
+                                                                         "0: 3 kept +64 / +8 points, 5 +47 / +1)."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
