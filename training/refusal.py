@@ -30,7 +30,8 @@ _DECLINE = re.compile(
     re.IGNORECASE)
 
 
-def _words(text: str) -> list[str]:
+def refusal_words(text: str) -> list[str]:
+    """The words is_refusal compares (lower-case, apostrophes unified, punctuation dropped)."""
     return re.findall(r"[\w']+", text.lower().replace("’", "'"))
 
 
@@ -39,9 +40,9 @@ def is_refusal(reply: str, templates: tuple[str, ...] | list[str] = ()) -> bool:
     opening = reply.strip()[:OPENING_CHARS]
     if not opening:
         return False
-    head = _words(opening)
+    head = refusal_words(opening)
     for template in templates:
-        words = _words(template)[:TEMPLATE_WORDS]
+        words = refusal_words(template)[:TEMPLATE_WORDS]
         if words and head[:len(words)] == words:
             return True
     return bool(_DECLINE.search(opening))

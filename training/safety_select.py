@@ -25,6 +25,8 @@ import re
 import torch
 from transformers import TrainerCallback
 
+from training.refusal import refusal_words
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ def refusal_openings(templates: list[str], words: int) -> list[str]:
         ends = [m.end() for m in re.finditer(r"[\w'’]+", text)][:words]
         if ends:
             cut.append(text[:ends[-1]])
-    key = lambda text: re.findall(r"[\w']+", text.lower().replace("’", "'"))  # noqa: E731
+    key = refusal_words
     kept: list[str] = []
     for opening in sorted(dict.fromkeys(cut), key=lambda o: len(key(o))):
         if not any(key(opening)[:len(key(k))] == key(k) for k in kept):
