@@ -110,7 +110,11 @@ class RetrainConfig:
     # reward model
     rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs over the training pairs."})
     rm_learning_rate: float = field(default=1e-4, metadata={"help": "Reward-model learning rate (1e-4: 0.64 held-out accuracy on HH; 3e-5: 0.58)."})
-    rm_batch_size: int = field(default=4, metadata={"help": "Pairs per reward-model step."})
+    rm_batch_size: int = field(default=4, metadata={"help": "Pairs per reward-model step (about: a step takes "
+                                                            "whole prompts, each with all its pairs)."})
+    rm_group_by_prompt: bool = field(default=True, metadata={"help": "Train a prompt's pairs as one example, each "
+                                                                     "candidate scored once (False: pair by pair, "
+                                                                     "as TRL's RewardTrainer does)."})
     rm_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks of the reward "
                                                                "model (0 = all): about half the step time on CPU."})
     accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "

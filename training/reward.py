@@ -6,7 +6,8 @@
 Reports held-out pairwise accuracy (how often chosen scores above rejected) with its 95%
 interval; the orchestrator stops the run when it is not above the accuracy gate. Pairs longer
 than ``max_length`` tokens lose the start of their dialogue (never the reply being judged):
-TRL's trainer would otherwise drop them, and long dialogues are a quarter of real data.
+TRL's trainer would otherwise drop them, and long dialogues are a quarter of real data. A
+prompt's pairs train as one example, each candidate scored once (training/reward_groups.py).
 """
 
 from __future__ import annotations
@@ -70,26 +71,11 @@ def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256) 
     return [float(c > r) for c, r in zip(chosen, rejected)]
 
 
-def pair_dataset(tokenizer, rows: list[dict], max_length: int):
-    """Token ids TRL's RewardTrainer takes as they are, each side cut to its last ``max_length``
-    tokens. Returns the dataset and how many pairs were cut."""
-    from datasets import Dataset
-
-    def ids(conversation):
-        return tokenizer(conversation_text(tokenizer, conversation), add_special_tokens=False).input_ids
-
-    out, cut = [], 0
-    for r in rows:
-        chosen, rejected = ids(r["prompt"] + r["chosen"]), ids(r["prompt"] + r["rejected"])
-        cut += len(chosen) > max_length or len(rejected) > max_length
-        out.append({"chosen_ids": chosen[-max_length:], "rejected_ids": rejected[-max_length:]})
-    return Dataset.from_list(out), cut
-
-
 def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig, callbacks=()) -> tuple[Path, dict]:
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     from training.probes import mean_interval
+    from training.reward_groups import group_dataset, grouped_reward_trainer, groups_per_step
 
     from transformers import set_seed
 
@@ -100,19 +86,22 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
     if not cfg.use_lora:
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
-    train, cut = pair_dataset(tokenizer, read_jsonl(train_path), cfg.max_length)
+    # A prompt's pairs train together, each candidate scored once (training/reward_groups.py).
+    train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, conversation_text,
+                                          cfg.rm_group_by_prompt)
     args = RewardConfig(num_train_epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate,
-                        per_device_train_batch_size=cfg.rm_batch_size, max_length=None,
-                        lr_scheduler_type="cosine", warmup_steps=0.1,
+                        per_device_train_batch_size=groups_per_step(n_pairs, len(train), cfg.rm_batch_size),
+                        max_length=None, lr_scheduler_type="cosine", warmup_steps=0.1,
                         **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                            callbacks=list(callbacks), peft_config=lora_config("SEQ_CLS") if cfg.use_lora else None)
+    trainer = grouped_reward_trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                                     callbacks=list(callbacks),
+                                     peft_config=lora_config("SEQ_CLS") if cfg.use_lora else None)
     result = trainer.train()
     trained = trainer.model
     acc, lo, hi = mean_interval(pairwise_correct(trained, tokenizer, heldout, cfg.max_length))
     path = save_model_dir(trained, tokenizer, out_dir)
     metrics = {"rm_heldout_accuracy": acc, "rm_heldout_accuracy_lo": lo, "rm_heldout_accuracy_hi": hi,
-               "rm_heldout_pairs": len(heldout), "rm_train_pairs": len(train), "rm_pairs_truncated": cut,
+               "rm_heldout_pairs": len(heldout), "rm_train_pairs": n_pairs, "rm_pairs_truncated": cut,
                "rm_train_loss": float(result.training_loss)}
     return path, metrics
 
