@@ -6,8 +6,9 @@
 Reports held-out pairwise accuracy (how often chosen scores above rejected) with its 95%
 interval; the orchestrator stops the run when it is not above the accuracy gate. Pairs longer
 than ``max_length`` tokens lose the start of their dialogue (never the reply being judged):
-TRL's trainer would otherwise drop them, and long dialogues are a quarter of real data. A
-prompt's pairs train as one example, each candidate scored once (training/reward_groups.py).
+TRL's trainer would otherwise drop them, and long dialogues are a quarter of real data. With
+``rm_group_by_prompt`` a prompt's pairs train as one example, each candidate scored once
+(training/reward_groups.py); by default each pair is its own example, as in TRL.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
     if not cfg.use_lora:
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
-    # A prompt's pairs train together, each candidate scored once (training/reward_groups.py).
+    # One example per pair (TRL's way), or per prompt with rm_group_by_prompt (training/reward_groups.py).
     train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, conversation_text,
                                           cfg.rm_group_by_prompt)
     args = RewardConfig(num_train_epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate,
