@@ -1,4 +1,4 @@
-"""The reward model's training data grouped by prompt: each candidate is scored once per step.
+"""The reward model's training examples: one per pair (TRL's way, the default) or one per prompt.
 
 An annotator who ranks K candidates of one prompt gives up to K(K-1)/2 pairs (6 for the Rank
 tab's 4), and TRL's RewardTrainer runs both replies of every pair through the model: each
@@ -21,25 +21,25 @@ from dataclasses import dataclass
 
 
 def group_dataset(tokenizer, rows: list[dict], max_length: int, text_of, by_prompt: bool = True):
-    """One row per prompt (per pair when ``by_prompt`` is off, as TRL trains): ``reply_ids`` (each distinct conversation's token ids, cut to its last
-    ``max_length`` tokens so a long dialogue loses its start, never the reply) and ``wins`` (index
-    pairs, chosen first). ``text_of(tokenizer, conversation)`` renders a conversation. Returns the
+    """One row per prompt (per pair when ``by_prompt`` is off, as TRL trains): ``reply_ids`` (each
+    distinct conversation's token ids, cut to its last ``max_length`` tokens so a long dialogue
+    loses its start, never the reply) and ``wins`` (index pairs, chosen first). ``text_of(tokenizer, conversation)`` renders a conversation. Returns the
     dataset, how many pairs had a side cut, and how many pairs it holds."""
     from datasets import Dataset
 
     groups: dict[str, dict] = {}
     cut = 0
     for n, r in enumerate(rows):
-        key = json.dumps(r["prompt"], sort_keys=True) if by_prompt else str(n)
-        group = groups.setdefault(key, {"reply_ids": [], "wins": [], "index": {}})
+        group_key = json.dumps(r["prompt"], sort_keys=True) if by_prompt else str(n)
+        group = groups.setdefault(group_key, {"reply_ids": [], "wins": [], "index": {}})
         pair, long = [], False
         for side in ("chosen", "rejected"):
-            key = json.dumps(r[side], sort_keys=True)
-            if key not in group["index"]:
+            reply_key = json.dumps(r[side], sort_keys=True)
+            if reply_key not in group["index"]:
                 ids = tokenizer(text_of(tokenizer, r["prompt"] + r[side]), add_special_tokens=False).input_ids
-                group["index"][key] = (len(group["reply_ids"]), len(ids) > max_length)
+                group["index"][reply_key] = (len(group["reply_ids"]), len(ids) > max_length)
                 group["reply_ids"].append(ids[-max_length:])
-            index, too_long = group["index"][key]
+            index, too_long = group["index"][reply_key]
             pair.append(index)
             long = long or too_long
         group["wins"].append(pair)
