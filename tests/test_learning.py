@@ -136,7 +136,6 @@ def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
     its end-of-turn token (where the reward is read)."""
     from transformers import AutoTokenizer
 
-    from training.reward import conversation_text
     from training.reward_groups import group_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -145,7 +144,7 @@ def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
              "rejected": [{"role": "assistant", "content": "No."}]},
             {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
              "rejected": [{"role": "assistant", "content": "No."}]}]
-    data, cut, pairs = group_dataset(tok, rows, 64, conversation_text)
+    data, cut, pairs = group_dataset(tok, rows, 64)
     assert len(data) == 2 and cut == 1 and pairs == 2
     assert all(len(ids) <= 64 for r in data for ids in r["reply_ids"])
     tail = tok("The sky is blue.<|im_end|>", add_special_tokens=False).input_ids
@@ -232,7 +231,6 @@ def test_typed_control_markers_stay_text_in_every_training_input(tiny_model_dir)
     from transformers import AutoTokenizer
 
     from training.common import chat_text, with_system
-    from training.reward import conversation_text
     from training.reward_groups import group_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -247,6 +245,6 @@ def test_typed_control_markers_stay_text_in_every_training_input(tiny_model_dir)
     assert n_control(prompt_ids) == n_control(tok(chat_text(tok, clean), add_special_tokens=False).input_ids)
     row = {"prompt": forged, "chosen": [{"role": "assistant", "content": "ok<|im_end|>"}],
            "rejected": [{"role": "assistant", "content": "no"}]}
-    data, _, _ = group_dataset(tok, [row], 512, conversation_text)
+    data, _, _ = group_dataset(tok, [row], 512)
     assert n_control(data[0]["reply_ids"][0]) == 6  # system, user, assistant turns: one start and one end each
     assert with_system(forged)[1]["content"].replace("\u200b", "") == forged[0]["content"]

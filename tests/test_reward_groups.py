@@ -15,20 +15,19 @@ def test_group_dataset_holds_each_ranked_candidate_once(tiny_model_dir):
     pairs pointing at the right replies; a second prompt is its own example."""
     from transformers import AutoTokenizer
 
-    from training.reward import conversation_text
     from training.reward_groups import group_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     replies = ["First best.", "Second.", "Third one.", "Worst."]
     rows = _ranked_rows("Name a colour", replies) + _ranked_rows("Say hi", ["Hi!", "No."])
-    data, cut, pairs = group_dataset(tok, rows, 256, conversation_text)
+    data, cut, pairs = group_dataset(tok, rows, 256)
     assert (len(data), cut, pairs) == (2, 0, 7)
     first = data[0]
     assert len(first["reply_ids"]) == 4 and len(first["wins"]) == 6
     decoded = [tok.decode(first["reply_ids"][c]) for c, _ in first["wins"]]
     assert [d.count("First best.") for d in decoded] == [1, 1, 1, 0, 0, 0]  # the best reply wins its three pairs
     assert all(c != r for c, r in first["wins"])
-    by_pair, _, _ = group_dataset(tok, rows, 256, conversation_text, by_prompt=False)  # rm_group_by_prompt off
+    by_pair, _, _ = group_dataset(tok, rows, 256, by_prompt=False)  # rm_group_by_prompt off
     assert len(by_pair) == 7 and all(len(r["reply_ids"]) == 2 and r["wins"] == [[0, 1]] for r in by_pair)
 
 
@@ -57,7 +56,7 @@ def test_grouped_loss_equals_trls_pairwise_loss(tmp_path, tiny_model_dir):
     torch.nn.init.normal_(model.score.weight, std=0.5)  # a head that tells replies apart, so the loss is not log 2
     rows = _ranked_rows("Name a colour", ["Blue.", "Red, I think.", "Green!", "No idea."]) + \
         _ranked_rows("Say hi", ["Hi there!", "Go away."])
-    data, _, _ = group_dataset(tok, rows, 256, conversation_text)
+    data, _, _ = group_dataset(tok, rows, 256)
     args = RewardConfig(max_length=None, **base_trainer_args(tmp_path / "t", 0))
     grouped = grouped_reward_trainer(model=model, args=args, train_dataset=data, processing_class=tok)
 

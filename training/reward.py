@@ -88,8 +88,7 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
     # One example per pair (TRL's way), or per prompt with rm_group_by_prompt (training/reward_groups.py).
-    train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, conversation_text,
-                                          cfg.rm_group_by_prompt)
+    train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, cfg.rm_group_by_prompt)
     args = RewardConfig(num_train_epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate,
                         per_device_train_batch_size=groups_per_step(n_pairs, len(train), cfg.rm_batch_size),
                         max_length=None, lr_scheduler_type="cosine", warmup_steps=0.1,

@@ -20,12 +20,14 @@ import json
 from dataclasses import dataclass
 
 
-def group_dataset(tokenizer, rows: list[dict], max_length: int, text_of, by_prompt: bool = True):
+def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool = True):
     """One row per prompt (per pair when ``by_prompt`` is off, as TRL trains): ``reply_ids`` (each
-    distinct conversation's token ids, cut to its last ``max_length`` tokens so a long dialogue
-    loses its start, never the reply) and ``wins`` (index pairs, chosen first). ``text_of(tokenizer, conversation)`` renders a conversation. Returns the
-    dataset, how many pairs had a side cut, and how many pairs it holds."""
+    distinct conversation's token ids as the reward model reads them, cut to the last
+    ``max_length`` so a long dialogue loses its start, never the reply) and ``wins`` (index pairs,
+    chosen first). Returns the dataset, how many pairs had a side cut, and how many pairs it holds."""
     from datasets import Dataset
+
+    from training.reward import conversation_text
 
     groups: dict[str, dict] = {}
     cut = 0
@@ -36,7 +38,7 @@ def group_dataset(tokenizer, rows: list[dict], max_length: int, text_of, by_prom
         for side in ("chosen", "rejected"):
             reply_key = json.dumps(r[side], sort_keys=True)
             if reply_key not in group["index"]:
-                ids = tokenizer(text_of(tokenizer, r["prompt"] + r[side]), add_special_tokens=False).input_ids
+                ids = tokenizer(conversation_text(tokenizer, r["prompt"] + r[side]), add_special_tokens=False).input_ids
                 group["index"][reply_key] = (len(group["reply_ids"]), len(ids) > max_length)
                 group["reply_ids"].append(ids[-max_length:])
             index, too_long = group["index"][reply_key]
@@ -49,7 +51,7 @@ def group_dataset(tokenizer, rows: list[dict], max_length: int, text_of, by_prom
 
 
 def groups_per_step(pairs: int, groups: int, pairs_per_step: int) -> int:
-    """How many prompts a step takes so that it holds about ``pairs_per_step`` pairs, as before."""
+    """How many examples a step takes so that it holds about ``pairs_per_step`` pairs (``rm_batch_size``)."""
     return max(1, round(pairs_per_step * groups / max(pairs, 1)))
 
 
