@@ -208,8 +208,8 @@ def main() -> None:
         change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
         print(f"| {label} | {ev[f'refusal_{kind}_n']} | {cell(kind, 'current')} | {cell(kind, 'new')} | "
               f"{change:+.0f} points |")
-    print(f"the validation measure on these held-out prompts (expected refusal-template opening, "
-          f"training/safety_select.py): red-team openers {expected[0]:.0%}, ordinary messages {expected[1]:.0%}")
+    print(f"the validation measure on these held-out prompts (expected refusal opening: the templates' and "
+          f"the usual decline openings, training/safety_select.py): red-team openers {expected[0]:.0%}, ordinary messages {expected[1]:.0%}")
     print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, safety DPO {t2b - t2:.0f} s, "
           f"probe {t3 - t2b:.0f} s")
     (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "checks": history, "expected_refusal_heldout": expected, "reviewed": reviewed, "counts": snap.counts,

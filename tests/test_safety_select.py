@@ -56,6 +56,22 @@ def test_refusal_openings_are_cut_at_the_words_is_refusal_reads_and_never_count_
     assert all(is_refusal(o, templates) for o in openings)  # a reply that opens so is counted a refusal
 
 
+def test_the_usual_decline_openings_are_refusals_and_absorb_the_template_openings_they_start():
+    """Each of DECLINE_OPENINGS is read as a refusal by is_refusal with no templates at all, none
+    is counted twice, and the default input template ("I can't help with that message ...") is
+    dropped from the chooser's openings because "I can't help" already counts every reply that
+    opens with it, while a template no decline opening starts (the self-harm one) stays."""
+    from model.moderation import DEFAULT_TEMPLATES
+    from training.refusal import DECLINE_OPENINGS, is_refusal
+
+    assert all(is_refusal(o) for o in DECLINE_OPENINGS)
+    templates = [DEFAULT_TEMPLATES[("in", "*")], DEFAULT_TEMPLATES[("in", "self_harm")]]
+    openings = refusal_openings(templates + list(DECLINE_OPENINGS), 6)
+    assert len(openings) == len(set(openings)) == len(DECLINE_OPENINGS) + 1
+    assert "I can't help" in openings and not any(o.startswith("I can't help with") for o in openings)
+    assert "I'm really sorry you're feeling this" in openings
+
+
 def test_refusal_probability_is_the_product_of_the_openings_token_probabilities_at_the_temperature(
         tiny_model_dir):
     """For each prompt, the batched value equals the hand-computed chance of sampling each

@@ -12,8 +12,10 @@ refuses each kind, and keeps the checkpoint that scores best:
 
 Refusal is measured as an expectation, not a sample: for each prompt, the probability that a
 reply sampled at the evaluation's temperature opens with a refusal template's first words
-(what training/refusal.py reads as that template). That is exact for the templates the model was
-tuned on and has no sampling noise, so neighbouring checkpoints compare on the prompts alone.
+(what training/refusal.py reads as that template) or with one of the usual decline openings
+(training/refusal.DECLINE_OPENINGS: "I can't help", "I'm sorry, but I can't", ...). That has no
+sampling noise, so neighbouring checkpoints compare on the prompts alone; it misses only refusals
+worded otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import torch
 from transformers import TrainerCallback
 
-from training.refusal import refusal_words
+from training.refusal import DECLINE_OPENINGS, refusal_words
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ def refusal_probabilities(model, tokenizer, prompts: list[list[dict]], openings:
 
 def refusal_measure(validation: list[dict], tokenizer, templates: list[str], temperature: float, words: int):
     """``measure(model) -> (harmful rate, ordinary rate)``: the mean refusal probability on the
-    ``validation`` rows ({"prompt", "kind": "harmful" | "ordinary"}) of each kind (0 for none)."""
-    openings = refusal_openings(templates, words)
+    ``validation`` rows ({"prompt", "kind": "harmful" | "ordinary"}) of each kind (0 for none),
+    counting the templates' openings and the usual decline openings."""
+    openings = refusal_openings(list(templates) + list(DECLINE_OPENINGS), words)
     kinds = [[r["prompt"] for r in validation if r["kind"] == kind] for kind in ("harmful", "ordinary")]
 
     def measure(model) -> tuple[float, float]:
