@@ -21,7 +21,6 @@ worded otherwise.
 from __future__ import annotations
 
 import logging
-import math
 import re
 
 import torch
@@ -70,17 +69,31 @@ def refusal_openings(templates: list[str], words: int) -> list[str]:
 def refusal_probabilities(model, tokenizer, prompts: list[list[dict]], openings: list[str],
                           temperature: float) -> list[float]:
     """Per prompt: the probability that a reply sampled at ``temperature`` (no top-p) starts with
-    one of ``openings`` (distinct, none a prefix of another)."""
+    one of ``openings`` (distinct, none a prefix of another). The prompt is run once and every
+    opening continues from its cache (a dozen openings of a few tokens each after a ~100-token
+    prompt: about a tenth of the work of scoring each (prompt, opening) whole)."""
     from training.common import chat_text
-    from training.probes import reply_logprobs_batch
 
-    texts = [chat_text(tokenizer, p) for p in prompts]
-    rows = [(t, o) for t in texts for o in openings]
-    logps = reply_logprobs_batch(model, tokenizer, [t for t, _ in rows], [o for _, o in rows], temperature,
-                                 batch_size=16)
-    probs = [math.exp(float(lp.sum())) for lp in logps]
-    k = len(openings)
-    return [min(1.0, sum(probs[i * k:(i + 1) * k])) for i in range(len(prompts))]
+    opening_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in openings]
+    width, k = max(len(ids) for ids in opening_ids), len(openings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((k, width), pad, dtype=torch.long)
+    mask = torch.zeros((k, width), dtype=torch.long)
+    for j, row in enumerate(opening_ids):  # right-padded: the padding comes after every real token
+        ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+    out = []
+    for prompt in prompts:
+        prompt_ids = tokenizer(chat_text(tokenizer, prompt), add_special_tokens=False).input_ids
+        first = model(torch.tensor([prompt_ids]), use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)
+        later = model(ids, attention_mask=torch.cat([torch.ones((k, len(prompt_ids)), dtype=torch.long), mask], 1),
+                      past_key_values=cache, use_cache=True)
+        # Token t of an opening is predicted by the prompt's last position (t = 0) or by token t - 1.
+        logits = torch.cat([first.logits[:, -1:].expand(k, 1, -1), later.logits[:, :-1]], 1).float()
+        logp = torch.log_softmax(logits / temperature, dim=-1).gather(2, ids.unsqueeze(2)).squeeze(2)
+        out.append(min(1.0, float((logp * mask).sum(1).exp().sum())))
+    return out
 
 
 def refusal_measure(validation: list[dict], tokenizer, templates: list[str], temperature: float, words: int):
