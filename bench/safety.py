@@ -89,9 +89,9 @@ def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg)
 
 
 def expected_refusal(path, harmful: list[list[dict]], ordinary: list[list[dict]], templates: list[str],
-                     cfg) -> tuple[float, float]:
-    """The checkpoint chooser's measure (training/safety_select.py) on the held-out prompts: does
-    it track what the sampled probe counts?"""
+                     cfg, declines: bool) -> tuple[float, float]:
+    """The checkpoint chooser's measure (training/safety_select.py; ``declines``: also counting the
+    usual decline openings) on the held-out prompts: does it track what the sampled probe counts?"""
     from transformers import AutoModelForCausalLM
 
     from training.common import load_tokenizer
@@ -99,7 +99,7 @@ def expected_refusal(path, harmful: list[list[dict]], ordinary: list[list[dict]]
     from training.safety_select import refusal_measure
 
     rows = [{"prompt": p, "kind": "harmful"} for p in harmful] + [{"prompt": p, "kind": "ordinary"} for p in ordinary]
-    measure = refusal_measure(rows, load_tokenizer(path), templates, cfg.eval_temperature, TEMPLATE_WORDS)
+    measure = refusal_measure(rows, load_tokenizer(path), templates, cfg.eval_temperature, TEMPLATE_WORDS, declines)
     return measure(AutoModelForCausalLM.from_pretrained(str(path)))
 
 
@@ -181,7 +181,8 @@ def main() -> None:
         out = answer(path, name, probe_prompts, REFUSAL_TOKENS, cfg)
         replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
     ev = refusal_probe(replies, templates)
-    expected = expected_refusal(tuned, held, [as_prompt(t) for t in ordinary_held], templates, cfg)
+    expected = {declines: expected_refusal(tuned, held, [as_prompt(t) for t in ordinary_held], templates, cfg, declines)
+                for declines in (False, True)}
     t3 = time.monotonic()
     history = dpo.pop("safety_dpo_check_history", [])
     print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "
@@ -208,11 +209,13 @@ def main() -> None:
         change = (ev[f"refusal_{kind}_new"] - ev[f"refusal_{kind}_current"]) * 100
         print(f"| {label} | {ev[f'refusal_{kind}_n']} | {cell(kind, 'current')} | {cell(kind, 'new')} | "
               f"{change:+.0f} points |")
-    print(f"the validation measure on these held-out prompts (expected refusal opening: the templates' and "
-          f"the usual decline openings, training/safety_select.py): red-team openers {expected[0]:.0%}, ordinary messages {expected[1]:.0%}")
+    for declines, label in ((False, "the templates' openings"), (True, "and the usual decline openings")):
+        print(f"the checkpoint chooser's measure on these held-out prompts (expected refusal, {label}; "
+              f"training/safety_select.py): red-team openers {expected[declines][0]:.0%}, ordinary messages "
+              f"{expected[declines][1]:.0%}")
     print(f"times: demonstrations and database {t1 - t0:.0f} s, SFT {t2 - t1:.0f} s, safety DPO {t2b - t2:.0f} s, "
           f"probe {t3 - t2b:.0f} s")
-    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "checks": history, "expected_refusal_heldout": expected, "reviewed": reviewed, "counts": snap.counts,
+    (args.out / "result.json").write_text(json.dumps({"eval": ev, "safety_dpo": dpo, "checks": history, "expected_refusal_heldout": {"templates": expected[False], "with_declines": expected[True]}, "reviewed": reviewed, "counts": snap.counts,
                                                       "samples": {k: {n: v[:5] for n, v in r.items()}
                                                                   for k, r in replies.items()}}, indent=1))
 

@@ -120,7 +120,7 @@ def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp
 
     seen = []
 
-    def fake_measure(validation, tokenizer, templates, temperature, words):
+    def fake_measure(validation, tokenizer, templates, temperature, words, declines=False):
         scores = [(0.1, 0.0), (0.9, 0.0), (0.3, 0.0), (0.2, 0.0), (0.2, 0.1)]
 
         def measure(model):

@@ -96,6 +96,14 @@ class RetrainConfig:
                                                                      "with DPO's last steps."})
     safety_dpo_checks: int = field(default=8, metadata={"help": "Checkpoints scored along safety DPO, evenly "
                                                              "spaced (the SFT model before it is scored too)."})
+    safety_dpo_select_declines: bool = field(default=False, metadata={"help": "Count the usual decline openings "
+                                                                         "(\"I can't help\", ...; training/refusal.py "
+                                                                         "DECLINE_OPENINGS) beside the templates' when "
+                                                                         "scoring checkpoints. It tracks the sampled "
+                                                                         "probe more closely, but measured (bench.safety, "
+                                                                         "2026-12-06) it kept checkpoints that refuse "
+                                                                         "more broadly: seed 0 +59 / +16 points, seed 1 "
+                                                                         "+70 / +9 (templates only: +47 / +1, +66 / +8)."})
     safety_dpo_select_penalty: float = field(default=5.0, metadata={"help": "A checkpoint scores its refusal rate on "
                                                                          "caught validation prompts minus this times "
                                                                          "its rate on ordinary ones: refusing one "

@@ -111,7 +111,8 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
     if validation_path:
         validation = json.loads(Path(validation_path).read_text(encoding="utf-8"))
         chooser = RefusalCheckpoints(refusal_measure(validation["rows"], tokenizer, validation["templates"],
-                                                     cfg.eval_temperature, TEMPLATE_WORDS),
+                                                     cfg.eval_temperature, TEMPLATE_WORDS,
+                                                     declines=cfg.safety_dpo_select_declines),
                                      cfg.safety_dpo_checks, cfg.safety_dpo_select_penalty)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=list(callbacks) + ([chooser] if chooser else []))
