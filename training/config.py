@@ -99,11 +99,11 @@ class RetrainConfig:
     safety_dpo_select_declines: bool = field(default=False, metadata={"help": "Count the usual decline openings "
                                                                          "(\"I can't help\", ...; training/refusal.py "
                                                                          "DECLINE_OPENINGS) beside the templates' when "
-                                                                         "scoring checkpoints. It tracks the sampled "
-                                                                         "probe more closely, but measured (bench.safety, "
-                                                                         "2026-12-06) it kept checkpoints that refuse "
-                                                                         "more broadly: seed 0 +59 / +16 points, seed 1 "
-                                                                         "+70 / +9 (templates only: +47 / +1, +66 / +8)."})
+                                                                         "scoring checkpoints. Measured (bench.safety, "
+                                                                         "2026-12-06), it did not help: ordinary "
+                                                                         "refusals seed 0 +16, seed 1 +9 points "
+                                                                         "(templates only: +1 and +9 on seed 0, +8 on "
+                                                                         "seed 1)."})
     safety_dpo_select_penalty: float = field(default=5.0, metadata={"help": "A checkpoint scores its refusal rate on "
                                                                          "caught validation prompts minus this times "
                                                                          "its rate on ordinary ones: refusing one "

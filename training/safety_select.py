@@ -15,9 +15,8 @@ reply sampled at the evaluation's temperature opens with a refusal template's fi
 (what training/refusal.py reads as that template), and with ``safety_dpo_select_declines`` also
 with one of the usual decline openings (training/refusal.DECLINE_OPENINGS: "I can't help", "I'm
 sorry, but I can't", ...). That has no sampling noise, so neighbouring checkpoints compare on the
-prompts alone; it misses the refusals worded otherwise. Counting the decline openings tracks the
-sampled probe more closely, yet measured it kept broader refusers (see RetrainConfig's help), so
-the default counts the templates' alone.
+prompts alone; it misses the refusals worded otherwise. Counting the decline openings too did
+not help when measured (see RetrainConfig's help), so the default counts the templates' alone.
 """
 
 from __future__ import annotations
