@@ -89,9 +89,9 @@ def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg)
 
 
 def expected_refusal(path, harmful: list[list[dict]], ordinary: list[list[dict]], templates: list[str],
-                     cfg, declines: bool) -> tuple[float, float]:
-    """The checkpoint chooser's measure (training/safety_select.py; ``declines``: also counting the
-    usual decline openings) on the held-out prompts: does it track what the sampled probe counts?"""
+                     cfg) -> dict[bool, tuple[float, float]]:
+    """The checkpoint chooser's measure (training/safety_select.py) on the held-out prompts, keyed by
+    whether it also counts the usual decline openings: does it track what the sampled probe counts?"""
     from transformers import AutoModelForCausalLM
 
     from training.common import load_tokenizer
@@ -99,8 +99,9 @@ def expected_refusal(path, harmful: list[list[dict]], ordinary: list[list[dict]]
     from training.safety_select import refusal_measure
 
     rows = [{"prompt": p, "kind": "harmful"} for p in harmful] + [{"prompt": p, "kind": "ordinary"} for p in ordinary]
-    measure = refusal_measure(rows, load_tokenizer(path), templates, cfg.eval_temperature, TEMPLATE_WORDS, declines)
-    return measure(AutoModelForCausalLM.from_pretrained(str(path)))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)), load_tokenizer(path)  # loaded once for both
+    return {declines: refusal_measure(rows, tokenizer, templates, cfg.eval_temperature, TEMPLATE_WORDS, declines)(model)
+            for declines in (False, True)}
 
 
 def main() -> None:
@@ -181,8 +182,7 @@ def main() -> None:
         out = answer(path, name, probe_prompts, REFUSAL_TOKENS, cfg)
         replies[name] = {"harmful": out[:len(held)], "ordinary": out[len(held):]}
     ev = refusal_probe(replies, templates)
-    expected = {declines: expected_refusal(tuned, held, [as_prompt(t) for t in ordinary_held], templates, cfg, declines)
-                for declines in (False, True)}
+    expected = expected_refusal(tuned, held, [as_prompt(t) for t in ordinary_held], templates, cfg)
     t3 = time.monotonic()
     history = dpo.pop("safety_dpo_check_history", [])
     print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "

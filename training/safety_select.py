@@ -71,8 +71,8 @@ def refusal_probabilities(model, tokenizer, prompts: list[list[dict]], openings:
                           temperature: float) -> list[float]:
     """Per prompt: the probability that a reply sampled at ``temperature`` (no top-p) starts with
     one of ``openings`` (distinct, none a prefix of another). The prompt is run once and every
-    opening continues from its cache (a dozen openings of a few tokens each after a ~100-token
-    prompt: about a tenth of the work of scoring each (prompt, opening) whole)."""
+    opening continues from its cache (measured once, 60 prompts and 15 openings: about 3x faster
+    than scoring each (prompt, opening) whole, with the same values)."""
     from training.common import chat_text
 
     opening_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in openings]
