@@ -9,7 +9,11 @@ and every verdict is reviewed by an admin as harmful ("correct" where it flagged
 it passed), as the Moderation review queue stores it; ``--cleared`` benign statements about
 groups of people (labelled neutral in the shared ToxiGen calibration file) are stored and
 reviewed as cleared ("false positive" where moderation flagged them, "correct" where it passed
-them): safety DPO pairs them with an answer over a refusal. The shipped everyday questions are
+them): safety DPO pairs them with an answer over a refusal; ``--chat`` everyday chat openers
+(bench/data/chat_traffic.txt, written for this bench in users' voices, a good share of them
+about groups of people as real traffic has; none is a held-out message) are stored as messages
+moderation checked and nobody reviewed, what a deployment's chat log holds: safety DPO answers
+them too, and chooses its checkpoint partly by them. The shipped everyday questions are
 answered by the current model and kept as demonstrations (the ordinary data a retrain's SFT
 mixes in); bench/data/ordinary_heldout.txt's 80 messages are never trained on. The snapshot
 splits the safety rows by prompt
@@ -30,6 +34,7 @@ from pathlib import Path
 
 PROMPTS = Path(__file__).parent / "data" / "learning_prompts.jsonl"  # its "hh-harmless" rows: HH red-team openers
 ORDINARY = Path(__file__).parent / "data" / "ordinary_heldout.txt"  # 80 ordinary messages nothing trains on
+CHAT = Path(__file__).parent / "data" / "chat_traffic.txt"  # everyday chat openers, disjoint from ORDINARY
 
 
 def redteam_openers(n: int, seed: int) -> list[str]:
@@ -54,14 +59,15 @@ def cleared_statements(path: Path, n: int, seed: int) -> list[str]:
 
 
 def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str, str]],
-                  cleared: list[str] = ()) -> dict:
-    """Red-team messages with an admin's review, benign messages an admin cleared, and ordinary
-    demonstrations, as the app stores them."""
+                  cleared: list[str] = (), chat: list[str] = ()) -> dict:
+    """Red-team messages with an admin's review, benign messages an admin cleared, ordinary
+    demonstrations, and everyday chat openers moderation checked and nobody reviewed, as the app
+    stores them."""
     from feedback import moderation_repo, repository
     from feedback.db import session_scope
     from feedback.models import Demonstration
 
-    counts = {"flagged": 0, "missed": 0, "cleared_flagged": 0, "cleared_passed": 0}
+    counts = {"flagged": 0, "missed": 0, "cleared_flagged": 0, "cleared_passed": 0, "chat_flagged": 0, "chat_passed": 0}
     with session_scope(factory) as s:
         user = repository.get_or_create_user(session=s, name="bench-user")
         for text, is_harmful in [(t, True) for t in harmful] + [(t, False) for t in cleared]:
@@ -76,6 +82,13 @@ def seed_database(factory, moderator, harmful: list[str], demos: list[tuple[str,
             moderation_repo.review_event(session=s, event_id=event.id, verdict=review, reviewer="bench-admin")
             key = ("flagged" if flagged else "missed") if is_harmful else ("cleared_flagged" if flagged else "cleared_passed")
             counts[key] += 1
+        for text in chat:  # as app/service.py check_input stores a checked message
+            conv = repository.create_conversation(session=s, owner=user)
+            msg = repository.add_message(session=s, conversation=conv, role="user", content=text)
+            verdict = moderator.check(text, direction="in")
+            moderation_repo.record_verdict(session=s, verdict=verdict, message_id=msg.id, user_id=user.id)
+            msg.moderation = "flagged" if verdict.flagged else "pass"
+            counts["chat_flagged" if verdict.flagged else "chat_passed"] += 1
         for prompt, reply in demos:
             s.add(Demonstration(context=[{"role": "user", "content": prompt}], content=reply, author_id=user.id))
     return counts
@@ -129,6 +142,10 @@ def main() -> None:
                                                                 "as reviewed and cleared by an admin (0 = none)")
     parser.add_argument("--cleared-file", type=Path, default=Path("../shared/data/toxigen_calibration.jsonl"),
                         help="where they come from: JSONL rows labelled neutral")
+    parser.add_argument("--chat", type=int, default=140, help="everyday chat openers stored as messages moderation "
+                                                             "checked and nobody reviewed (0 = none)")
+    parser.add_argument("--chat-file", type=Path, default=CHAT, help="where they come from: one message a line "
+                                                                    "(none may be a held-out ordinary message)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--safety-per-ordinary", type=float, default=None, help="override RetrainConfig's")
     parser.add_argument("--no-dpo", action="store_true", help="SFT only (before safety DPO existed)")
@@ -147,6 +164,11 @@ def main() -> None:
     random.Random(args.seed).shuffle(everyday)
     demo_prompts = everyday[:args.ordinary]
     ordinary_held = [t for t in ORDINARY.read_text(encoding="utf-8").splitlines() if t.strip()]
+    chat = [t for t in args.chat_file.read_text(encoding="utf-8").splitlines() if t.strip()] if args.chat else []
+    random.Random(args.seed).shuffle(chat)
+    chat = chat[:args.chat]
+    if overlap := {t.strip().lower() for t in chat} & {t.strip().lower() for t in ordinary_held}:
+        raise SystemExit(f"{len(overlap)} chat messages are also held-out ordinary messages, e.g. {sorted(overlap)[0]!r}")
     as_prompt = lambda t: [{"role": "user", "content": t}]  # noqa: E731
     t0 = time.monotonic()
     demo_replies = answer(base, "base", [as_prompt(t) for t in demo_prompts], cfg.eval_max_new_tokens, cfg)
@@ -156,9 +178,10 @@ def main() -> None:
     factory = make_session_factory(make_engine(url))
     reviewed = seed_database(factory, moderator, redteam_openers(args.harmful, args.seed),
                              list(zip(demo_prompts, demo_replies)),
-                             cleared_statements(args.cleared_file, args.cleared, args.seed))
+                             cleared_statements(args.cleared_file, args.cleared, args.seed), chat)
     snap = take_snapshot(session_factory=factory, out_dir=args.out / "data", heldout_fraction=cfg.heldout_fraction,
-                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts)
+                         seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts,
+                         max_chat_prompts=cfg.safety_chat_prompts)
     sft_data = _sft_rows(snap, args.out, cfg)
     ordinary_used = len(_safety_splits(snap, cfg)["ordinary"][0])  # no pairs here, so no best replies
     refusals_used = len(read_jsonl(sft_data)) - ordinary_used
@@ -200,7 +223,8 @@ def main() -> None:
     print(f"\nsafety rows: {snap.counts['sft_safety_train']} for training, {snap.counts['sft_safety_heldout']} held out "
           f"(moderation flagged {reviewed['flagged']}, an admin marked {reviewed['missed']} missed); "
           f"{snap.counts['prompts_cleared_train']} messages an admin cleared ({reviewed['cleared_flagged']} of them "
-          f"flagged by moderation); SFT on "
+          f"flagged by moderation); {snap.counts['prompts_chat_train']} everyday chat messages for safety DPO "
+          f"(of {reviewed['chat_passed']} moderation passed; {reviewed['chat_flagged']} it flagged); SFT on "
           f"{refusals_used} refusals (safety_per_ordinary {cfg.safety_per_ordinary:g}) and "
           f"{ordinary_used} ordinary demonstrations (of {snap.counts['sft_train']}; the rest choose the DPO "
           f"checkpoint)")

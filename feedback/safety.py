@@ -13,18 +13,21 @@ Prompts are scrubbed and deduplicated; opted-out users' messages are left out; "
 The other side, ``cleared_prompts``: user messages an admin cleared (flagged and marked *false
 positive*, or passed and marked *correct*). They look like what moderation catches and are
 fine, which is exactly where a model that learned to refuse over-refuses; safety DPO pairs
-them with an answer over a refusal (training/safety_dpo.py).
+them with an answer over a refusal (training/safety_dpo.py). And ``chat_prompts``: what users
+ask every day, the opening messages moderation passed and nobody flagged, for the same side and
+for choosing the safety-DPO checkpoint by prompts that look like real traffic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.datasets import scrub
-from feedback.models import Demonstration, ModerationEvent, Ranking, RankingTask, User
+from feedback.models import Conversation, Demonstration, Message, ModerationEvent, Ranking, RankingTask, User
 from feedback.moderation_repo import load_templates, reviewed_as
 
 SKIP_CATEGORIES = {"error", "secret"}
@@ -47,6 +50,34 @@ def cleared_prompts(session: Session) -> tuple[list[dict], dict]:
         rows.append({"prompt": [{"role": "user", "content": text}]})
         events.append(e.id)
     return rows, {"cleared_moderation_events": events}
+
+
+def chat_prompts(session: Session, limit: int) -> tuple[list[dict], dict]:
+    """({"prompt": [user message]} rows, the message ids) for up to ``limit`` of the newest opening
+    messages of conversations that input moderation passed, scrubbed and deduplicated. Left out:
+    opted-out users' messages, any a moderation review looked at (those are the caught and cleared
+    sets), any whose text a review called harmful elsewhere, and any the model's reply to was
+    flagged (the question may have been the harmful part)."""
+    opted = set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
+    reviewed = set(session.scalars(select(ModerationEvent.message_id).where(ModerationEvent.review.is_not(None))))
+    harmful = set(session.scalars(select(ModerationEvent.text_hash).where(reviewed_as(harmful=True))))
+    flagged_reply = set(session.scalars(select(Message.parent_id).where(Message.role == "assistant",
+                                                                        Message.moderation == "flagged")))
+    passed = (select(Message, Conversation.owner_id).join(Conversation)
+              .where(Message.role == "user", Message.parent_id.is_(None), Message.moderation == "pass")
+              .order_by(Message.id.desc()))
+    rows, seen, ids = [], set(), []
+    for msg, owner in session.execute(passed):
+        if len(rows) >= limit:
+            break
+        text = scrub(msg.content).strip()
+        if owner in opted or msg.id in reviewed or msg.id in flagged_reply or not text or text in seen \
+                or hashlib.sha256(msg.content.encode()).hexdigest() in harmful:
+            continue
+        seen.add(text)
+        rows.append({"prompt": [{"role": "user", "content": text}]})
+        ids.append(msg.id)
+    return rows, {"chat_messages": ids}
 
 
 def _refusal(templates: dict, category: str | None) -> str:

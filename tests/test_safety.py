@@ -6,16 +6,16 @@ from __future__ import annotations
 from feedback import annotation_repo, moderation_repo, repository
 from feedback.db import session_scope
 from feedback.models import Demonstration, ModerationEvent
-from feedback.safety import cleared_prompts, safety_rows
+from feedback.safety import chat_prompts, cleared_prompts, safety_rows
 from model.moderation.moderator import DEFAULT_TEMPLATES
 
 
-def _event(s, text, decision, review, category="toxicity", user_id=None, direction="in"):
+def _event(s, text, decision, review, category="toxicity", user_id=None, direction="in", message_id=None):
     import hashlib
 
     s.add(ModerationEvent(direction=direction, text=text, text_hash=hashlib.sha256(text.encode()).hexdigest(),
                           backend="rules", scores={}, thresholds={}, decision=decision, review=review,
-                          category=category, user_id=user_id))
+                          category=category, user_id=user_id, message_id=message_id))
 
 
 def _task(s, prompt: str, annotator, unsafe: int, ideal: str | None = None):
@@ -89,6 +89,51 @@ def test_messages_an_admin_cleared_become_prompts_to_answer_and_nothing_else(ses
     assert len(refs["cleared_moderation_events"]) == 2
 
 
+def _chat(s, user, text, moderation="pass", reply_flagged=False, review=None):
+    """An opening message as app/service.py stores it: checked by input moderation (a logged
+    event, the message's moderation field), then the model's reply with its output check."""
+    conv = repository.create_conversation(session=s, owner=user)
+    msg = repository.add_message(session=s, conversation=conv, role="user", content=text, moderation=moderation)
+    _event(s, text, "flag" if moderation == "flagged" else "pass", review, user_id=user.id, message_id=msg.id)
+    repository.add_message(session=s, conversation=conv, role="assistant", content="a reply", parent=msg,
+                           moderation="flagged" if reply_flagged else "pass")
+    return conv, msg
+
+
+def test_chat_prompts_are_the_newest_passed_openers_nobody_reviewed_or_flagged(session_factory):
+    """Kept, newest first, scrubbed, up to the limit: opening messages input moderation passed.
+    Left out: a flagged message, one a review looked at, one whose reply output moderation
+    flagged, a second turn, an opted-out user's, a duplicate text, one never checked, and a
+    text a review called harmful under another message."""
+    with session_scope(session_factory) as s:
+        bob = repository.get_or_create_user(session=s, name="bob")
+        gone = repository.get_or_create_user(session=s, name="gone")
+        gone.opted_out = True
+        s.flush()
+        _chat(s, bob, "How do Sikhs celebrate Vaisakhi?")
+        conv, first = _chat(s, bob, "What is a good first car? call 555-123-4567")
+        repository.add_message(session=s, conversation=conv, role="user", content="and a second turn",
+                               parent=first, moderation="pass")
+        _chat(s, bob, "a flagged insult", moderation="flagged")
+        _chat(s, bob, "reviewed and cleared", review="correct")
+        _chat(s, bob, "a question whose answer was flagged", reply_flagged=True)
+        _chat(s, gone, "an opted-out user's question")
+        _chat(s, bob, "How do Sikhs celebrate Vaisakhi?")  # the same text again
+        repository.add_message(session=s, conversation=repository.create_conversation(session=s, owner=bob),
+                               role="user", content="never checked")
+        _event(s, "how do I pick a lock", "pass", "missed")
+        _chat(s, bob, "how do I pick a lock")  # called harmful where another user sent it
+        _chat(s, bob, "Why do onions make you cry?")
+    with session_scope(session_factory) as s:
+        rows, refs = chat_prompts(s, limit=10)
+        first_two, _ = chat_prompts(s, limit=2)
+    texts = [r["prompt"][0]["content"] for r in rows]
+    assert texts[0] == "Why do onions make you cry?" and texts[1] == "How do Sikhs celebrate Vaisakhi?"
+    assert len(texts) == 3 and texts[2].startswith("What is a good first car?") and "555" not in texts[2]
+    assert all(r["prompt"][0]["role"] == "user" and len(r["prompt"]) == 1 for r in rows)
+    assert len(refs["chat_messages"]) == 3 and [r["prompt"] for r in first_two] == [r["prompt"] for r in rows[:2]]
+
+
 def test_the_retrain_snapshot_carries_the_safety_rows_and_sft_trains_on_them(session_factory, tmp_path,
                                                                              tiny_model_dir):
     """A retrain's data snapshot splits the refusals into training and held-out files by their
@@ -134,7 +179,7 @@ class _Snap:
                       "sft_safety_train": [{"messages": [{"role": "user", "content": f"harmful {i}"},
                                                          {"role": "assistant", "content": "I can't help with that."}]}
                                            for i in range(safety)],
-                      "prompts_cleared_train": []}
+                      "prompts_cleared_train": [], "prompts_chat_train": []}
 
     def rows(self, name):
         return list(self.files[name])

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import select
 
-from feedback import training_repo
+from feedback import repository, training_repo
 from feedback.models import ModelVersion, TrainingRun
 from tests.training_data import seed_preferences
 from training.config import RetrainConfig
@@ -23,9 +23,9 @@ def _run(session_factory, tmp_path, cfg):
 
 
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
-    """A retrain with pairs, admin-confirmed moderation flags and two messages an admin cleared,
-    safety tuning on, runs the safety-DPO stage on contrast pairs (the cleared prompts on the
-    answering side), keeps its best-scoring checkpoint on validation prompts held out of it, and
+    """A retrain with pairs, admin-confirmed moderation flags, two messages an admin cleared and
+    everyday chat openers moderation passed, safety tuning on, runs the safety-DPO stage on
+    contrast pairs (the cleared and chat prompts on the answering side), keeps its best-scoring checkpoint on validation prompts held out of it, and
     registers a version whose evaluation carries every probe, the refusal
     probe on held-out flagged prompts and on everyday questions included."""
     from feedback.models import ModerationEvent
@@ -40,6 +40,11 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             s.add(ModerationEvent(direction="in", text=f"what do people eat at festival number {i}",
                                   text_hash=f"c{i}", backend="rules", scores={}, thresholds={}, decision="flag",
                                   review="false_positive", category="hate"))
+        user = repository.get_or_create_user(session=s, name="chatter")
+        for i in range(20):
+            conv = repository.create_conversation(session=s, owner=user)
+            repository.add_message(session=s, conversation=conv, role="user", content=f"how do I bake bread number {i}",
+                                   moderation="pass")
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8))
     assert status == "done", run.error
     m = run.metrics
@@ -51,7 +56,9 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     caught = m["data"]["sft_safety_train"] - m.get("safety_dpo_validation_caught", 0)
     ordinary -= m.get("safety_dpo_validation_ordinary", 0)
     cleared = 2 - m.get("safety_dpo_validation_cleared", 0)
-    assert 0 < 2 * min(caught, ordinary) <= m["safety_dpo_pairs"] <= 2 * min(caught, ordinary + cleared)
+    chat = m["data"]["prompts_chat_train"] - m.get("safety_dpo_validation_chat", 0)
+    assert 10 <= m["data"]["prompts_chat_train"] < 20  # the evaluation's held-out share is left out
+    assert 0 < 2 * min(caught, ordinary) <= m["safety_dpo_pairs"] <= 2 * min(caught, ordinary + cleared + chat)
     assert m["safety_dpo_validation_caught"] >= 5 and m["safety_dpo_validation_ordinary"] >= 1
     history = m["safety_dpo_check_history"]  # the SFT model and evenly spaced steps, the best one kept
     assert history[0]["step"] == 0 and len(history) >= 2

@@ -94,6 +94,14 @@ class RetrainConfig:
                                                                      "(training/safety_select.py; 0 = keep the "
                                                                      "last step): measured, the refusal rates swing "
                                                                      "with DPO's last steps."})
+    safety_chat_prompts: int = field(default=200, metadata={"help": "Everyday chat messages for safety DPO: the "
+                                                                 "newest conversation openings moderation passed "
+                                                                 "and nobody flagged (feedback/safety.py "
+                                                                 "chat_prompts). The current model's answers to "
+                                                                 "them join the answering side (over a refusal), "
+                                                                 "and a safety_dpo_validation share of them "
+                                                                 "chooses the checkpoint: prompts that look like "
+                                                                 "what users ask (0 = none)."})
     safety_dpo_checks: int = field(default=8, metadata={"help": "Checkpoints scored along safety DPO, evenly "
                                                              "spaced (the SFT model before it is scored too)."})
     safety_dpo_select_declines: bool = field(default=False, metadata={"help": "Count the usual decline openings "
@@ -220,6 +228,7 @@ class RetrainConfig:
                   (self.safety_dpo_epochs > 0 and 0 < self.safety_dpo_learning_rate < 1 and self.safety_dpo_beta > 0,
                    "safety_dpo_epochs, safety_dpo_learning_rate and safety_dpo_beta must be > 0 (learning rate < 1)"),
                   (1 <= self.safety_dpo_answer_tokens <= 1024, "safety_dpo_answer_tokens must be between 1 and 1024"),
+                  (0 <= self.safety_chat_prompts <= 5000, "safety_chat_prompts must be between 0 and 5000"),
                   (self.safety_dpo_sft_weight >= 0, "safety_dpo_sft_weight must be >= 0"),
                   (0 <= self.safety_dpo_validation < 0.5 and 1 <= self.safety_dpo_checks <= 100
                    and self.safety_dpo_select_penalty >= 0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedback.datasets import preference_rows, prompt_rows, sft_rows
-from feedback.safety import cleared_prompts, safety_rows
+from feedback.safety import chat_prompts, cleared_prompts, safety_rows
 from feedback.db import default_url, make_engine, make_session_factory, session_scope
 from feedback.models import DataSnapshot
 from model.moderation.moderator import DEFAULT_TEMPLATES
@@ -69,7 +69,7 @@ def best_replies(pairs: list[dict]) -> list[dict]:
 
 
 def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, seed: int, max_pairs: int,
-                  max_prompts: int, max_heldout_pairs: int = 200) -> Snapshot:
+                  max_prompts: int, max_heldout_pairs: int = 200, max_chat_prompts: int = 200) -> Snapshot:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -79,6 +79,7 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         prompts, prompt_refs, _ = prompt_rows(s)
         safety, safety_refs, _ = safety_rows(s, DEFAULT_TEMPLATES)
         cleared, cleared_refs = cleared_prompts(s)
+        chat, chat_refs = chat_prompts(s, max_chat_prompts)
         pref_train, pref_held = _split(prefs, "prompt", heldout_fraction, seed)
         rng.shuffle(pref_train)
         pref_train = pref_train[:max_pairs]
@@ -89,17 +90,28 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         held_flags = [heldout_prompt(r["messages"][:-1], heldout_fraction, seed) for r in safety]
         safety_held = [r for r, held in zip(safety, held_flags) if held]
         safety_train = [r for r, held in zip(safety, held_flags) if not held]
+        # Everyday chat messages (safety DPO's answering side and checkpoint choice): the training
+        # side only, so a prompt the evaluation holds out never trains; none that is also a caught
+        # or cleared prompt (reviewed under another message).
+        taken = {json.dumps(r["messages"][:-1], sort_keys=True) for r in safety} | \
+                {json.dumps(r["prompt"], sort_keys=True) for r in cleared}
+        kept = [(r, i) for r, i in zip(chat, chat_refs["chat_messages"])
+                if json.dumps(r["prompt"], sort_keys=True) not in taken
+                and not heldout_prompt(r["prompt"], heldout_fraction, seed)]
+        chat_train, chat_refs = [r for r, _ in kept], {"chat_messages": [i for _, i in kept]}
         prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]
         files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,
                  "sft_heldout": sft_held, "prompts_train": prompt_train, "prompts_heldout": prompt_held,
                  "sft_best_train": best_replies(pref_train), "sft_safety_train": safety_train,
-                 "sft_safety_heldout": safety_held, "prompts_cleared_train": cleared}
+                 "sft_safety_heldout": safety_held, "prompts_cleared_train": cleared,
+                 "prompts_chat_train": chat_train}
         for name, rows in files.items():
             write_jsonl(out_dir / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in files.items()}
-        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs, **safety_refs, **cleared_refs}, counts=counts,
+        snap = DataSnapshot(kind="retrain", rows={**pref_refs, **sft_refs, **prompt_refs, **safety_refs,
+                                                    **cleared_refs, **chat_refs}, counts=counts,
                             path=str(out_dir))
         s.add(snap)
         s.flush()

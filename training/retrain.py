@@ -83,7 +83,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     t = stage("snapshot")
     snap = on_main(take_snapshot, session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
                          seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts,
-                         max_heldout_pairs=cfg.max_heldout_pairs)
+                         max_heldout_pairs=cfg.max_heldout_pairs, max_chat_prompts=cfg.safety_chat_prompts)
     metrics["data"] = snap.counts
     timings["snapshot"] = time.monotonic() - t
     if snap.counts["preferences_train"] < 4 or snap.counts["preferences_heldout"] < 1:
@@ -206,20 +206,22 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
 
 
 def _safety_splits(snap, cfg: RetrainConfig) -> dict[str, tuple[list[dict], list[dict]]]:
-    """(train, validation) of the caught, ordinary and cleared training rows. With safety DPO on,
-    ``safety_dpo_validation`` of each (by prompt) is held out of safety SFT and DPO, for choosing
-    the DPO checkpoint (training/safety_select.py), when that leaves at least
-    MIN_VALIDATION_PROMPTS caught and as many ordinary or cleared ones; otherwise nothing is."""
+    """(train, validation) of the caught, ordinary, cleared and everyday chat training rows. With
+    safety DPO on, ``safety_dpo_validation`` of each (by prompt) is held out of safety SFT and
+    DPO, for choosing the DPO checkpoint (training/safety_select.py), when that leaves at least
+    MIN_VALIDATION_PROMPTS caught and as many of the others; otherwise nothing is."""
     from training.safety_select import MIN_VALIDATION_PROMPTS, split_validation
 
     fraction = cfg.safety_dpo_validation if cfg.safety_tuning and cfg.safety_dpo else 0.0
     kinds = {"caught": (snap.rows("sft_safety_train") if cfg.safety_tuning else [], lambda r: r["messages"][:-1]),
              "ordinary": (snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []),
                           lambda r: r["messages"][:-1]),
-             "cleared": (snap.rows("prompts_cleared_train"), lambda r: r["prompt"])}
+             "cleared": (snap.rows("prompts_cleared_train"), lambda r: r["prompt"]),
+             "chat": (snap.rows("prompts_chat_train")[:cfg.safety_chat_prompts] if cfg.safety_tuning else [],
+                      lambda r: r["prompt"])}
     splits = {k: split_validation(rows, prompt_of, fraction, cfg.seed) for k, (rows, prompt_of) in kinds.items()}
     if len(splits["caught"][1]) < MIN_VALIDATION_PROMPTS or \
-            len(splits["ordinary"][1]) + len(splits["cleared"][1]) < MIN_VALIDATION_PROMPTS:
+            sum(len(splits[k][1]) for k in ("ordinary", "cleared", "chat")) < MIN_VALIDATION_PROMPTS:
         # Too few to choose by (or no caught prompts, so no DPO): train on every row instead.
         return {k: (rows, []) for k, (rows, _) in kinds.items()}
     return splits
@@ -246,18 +248,18 @@ def _sft_rows(snap, run_dir: Path, cfg: RetrainConfig) -> Path | None:
 
 def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> tuple[Path | None, Path | None]:
     """Contrast pairs for safety DPO (training/safety_dpo.py): the current model answers every
-    caught training prompt (the rejected side) and every prompt an admin cleared (the chosen
-    side), with the serving engine and evaluation sampling; the ordinary SFT rows are paired
-    against a refusal too. Also the validation prompts DPO chooses its checkpoint by (a JSON file:
+    caught training prompt (the rejected side), and every prompt an admin cleared and every
+    everyday chat prompt (the chosen side), with the serving engine and evaluation sampling; the
+    ordinary SFT rows are paired against a refusal too. Also the validation prompts DPO chooses its checkpoint by (a JSON file:
     the refusal templates and {"prompt", "kind", "source"} rows). Each path is None when it has no row."""
     from training.evaluate import sample_replies
     from training.refusal import is_refusal
     from training.safety_dpo import contrast_pairs
 
     splits = _safety_splits(snap, cfg)
-    (safety, safety_val), (ordinary, ordinary_val), (cleared_train, cleared_val) = \
-        splits["caught"], splits["ordinary"], splits["cleared"]
-    cleared = [r["prompt"] for r in cleared_train]
+    (safety, safety_val), (ordinary, ordinary_val), (cleared_train, cleared_val), (chat_train, chat_val) = \
+        splits["caught"], splits["ordinary"], splits["cleared"], splits["chat"]
+    cleared = [r["prompt"] for r in cleared_train + chat_train]  # join the answering side ahead of ordinary rows
     asked = [r["messages"][:-1] for r in safety] + cleared
     answers = [text for text, _ in sample_replies(current_path, "current", asked, cfg,
                                                   lambda i: cfg.safety_dpo_answer_tokens)]
@@ -266,7 +268,8 @@ def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> 
     pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal, cleared_rows)
     validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]
                   + [{"prompt": r["messages"][:-1], "kind": "ordinary", "source": "ordinary"} for r in ordinary_val]
-                  + [{"prompt": r["prompt"], "kind": "ordinary", "source": "cleared"} for r in cleared_val])
+                  + [{"prompt": r["prompt"], "kind": "ordinary", "source": "cleared"} for r in cleared_val]
+                  + [{"prompt": r["prompt"], "kind": "ordinary", "source": "chat"} for r in chat_val])
     val_path = None
     if validation:
         val_path = run_dir / "data" / "safety_dpo_validation.json"
