@@ -194,7 +194,7 @@ def main() -> None:
         if pairs:
             tuned, dpo = run_safety_dpo(tuned, pairs, args.out / "safety_dpo", cfg,
                                         callbacks=[ReporterCallback(Reporter(), "safety_dpo")],
-                                        validation_path=validation)
+                                        validation_path=validation, current_path=base)
     t2b = time.monotonic()
 
     held = [r["messages"][:-1] for r in snap.rows("sft_safety_heldout")]
@@ -211,9 +211,15 @@ def main() -> None:
     print(f"\nsettings: {json.loads(args.retrain_json) or 'RetrainConfig defaults'}; safety DPO: "
           f"{dpo or 'off'}")
     if history:  # training/safety_select.py: expected refusal on the validation slice of the training prompts
-        print("| DPO step | validation: caught refused | ordinary refused | score | kept |\n| --- | --- | --- | --- | --- |")
+        if "safety_dpo_ordinary_limit" in dpo:
+            now = dpo["safety_dpo_validation_current"]
+            print(f"the current model on the validation prompts: caught {now[0]:.0%}, ordinary {now[1]:.1%}; "
+                  f"a check is within the ordinary budget at <= {dpo['safety_dpo_ordinary_limit']:.1%}")
+        print("| DPO step | validation: caught refused | ordinary refused | within budget | score | kept |\n"
+              "| --- | --- | --- | --- | --- | --- |")
         for h in history:
-            print(f"| {h['step']} | {h['harmful']:.0%} | {h['ordinary']:.0%} | {h['score']:.3f} | "
+            print(f"| {h['step']} | {h['harmful']:.0%} | {h['ordinary']:.1%} | {'yes' if h['within_limit'] else ''} | "
+                  f"{h['score']:.3f} | "
                   f"{'yes' if h['step'] == dpo['safety_dpo_chosen_step'] else ''} |")
 
     def cell(kind: str, name: str) -> str:

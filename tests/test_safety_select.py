@@ -147,6 +147,52 @@ def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp
     assert any(not torch.allclose(seen[1][n], seen[-1][n]) for n in seen[1])
 
 
+def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_within_the_ordinary_budget(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The current model is measured first (ordinary 1%); with a budget of 2 points the limit is
+    3%, and of the checks within it (steps 0, 2 and 3 of the fake measure) the one refusing the
+    most caught prompts is kept (check 2: 50% / 2.5%), though check 3 scores higher (45% / 0%)
+    and check 1 refuses more caught prompts (90%, but 20% ordinary). The metrics carry the
+    current model's rates and the limit."""
+    import training.safety_select as select
+    from training.common import write_jsonl
+    from training.config import RetrainConfig
+    from training.safety_dpo import run_safety_dpo
+
+    rates = [(0.4, 0.01), (0.1, 0.0), (0.9, 0.2), (0.5, 0.025), (0.45, 0.0), (0.95, 0.5)]
+    calls = []
+
+    def fake_measure(validation, tokenizer, templates, temperature, words, declines=False):
+        def measure(model):
+            calls.append(model.training)
+            return rates[min(len(calls) - 1, len(rates) - 1)]
+        return measure
+
+    monkeypatch.setattr(select, "refusal_measure", fake_measure)
+    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
+              "chosen": [{"role": "assistant", "content": "I can't help with that."}],
+              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
+    val = tmp_path / "val.json"
+    val.write_text('{"templates": ["I can\'t help with that."], "rows": [{"prompt": [{"role": "user", '
+                   '"content": "x"}], "kind": "harmful", "source": "caught"}]}')
+    cfg = RetrainConfig(max_length=64, safety_dpo_epochs=2, safety_dpo_learning_rate=5e-3, safety_dpo_checks=4,
+                        safety_dpo_select_penalty=5, safety_dpo_select_ordinary_budget=0.02).validate()
+    _, metrics = run_safety_dpo(tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "dpo", cfg,
+                                validation_path=val, current_path=tiny_model_dir)
+    history = metrics["safety_dpo_check_history"]
+    assert len(calls) == 6 and [h["within_limit"] for h in history] == [True, False, True, True, False]
+    assert metrics["safety_dpo_validation_current"] == [0.4, 0.01]
+    assert metrics["safety_dpo_ordinary_limit"] == pytest.approx(0.03)
+    assert max(history, key=lambda h: h["score"])["step"] == history[3]["step"]
+    assert metrics["safety_dpo_chosen_step"] == history[2]["step"] > 0
+    # A negative budget turns the limit off: the best score decides, as without a current model.
+    calls.clear()
+    _, by_score = run_safety_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "dpo2",
+                                 RetrainConfig(**{**cfg.__dict__, "safety_dpo_select_ordinary_budget": -1}),
+                                 validation_path=val, current_path=tiny_model_dir)
+    assert len(calls) == 5 and "safety_dpo_ordinary_limit" not in by_score
+
+
 def test_an_sft_weight_keeps_the_chosen_refusals_likelier_than_dpo_alone_does(tmp_path, tiny_model_dir):
     """The same pairs, seed and steps, with and without an NLL loss on the chosen replies (RPO,
     safety_dpo_sft_weight 1): with it, the chosen refusal's own log-probability on every caught

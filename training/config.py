@@ -118,6 +118,14 @@ class RetrainConfig:
                                                                          "ordinary message costs as much as missing "
                                                                          "this many harmful ones (bench.safety seed "
                                                                          "0: 3 kept +64 / +8 points, 5 +47 / +1)."})
+    safety_dpo_select_ordinary_budget: float = field(default=0.02, metadata={"help": "Keep the safety-DPO check "
+                                                                                "that refuses the most caught "
+                                                                                "validation prompts among those "
+                                                                                "refusing ordinary ones at most this "
+                                                                                "much more readily (expected rate) "
+                                                                                "than the current model; the best "
+                                                                                "score decides when none is. "
+                                                                                "Negative = the score alone."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
@@ -231,9 +239,9 @@ class RetrainConfig:
                   (0 <= self.safety_chat_prompts <= 5000, "safety_chat_prompts must be between 0 and 5000"),
                   (self.safety_dpo_sft_weight >= 0, "safety_dpo_sft_weight must be >= 0"),
                   (0 <= self.safety_dpo_validation < 0.5 and 1 <= self.safety_dpo_checks <= 100
-                   and self.safety_dpo_select_penalty >= 0,
+                   and self.safety_dpo_select_penalty >= 0 and self.safety_dpo_select_ordinary_budget <= 1,
                    "safety_dpo_validation must be in [0, 0.5), safety_dpo_checks in 1-100, "
-                   "safety_dpo_select_penalty >= 0"),
+                   "safety_dpo_select_penalty >= 0, safety_dpo_select_ordinary_budget <= 1"),
                   (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
                    "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:

@@ -113,7 +113,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
             if pairs:
                 policy_path, dpo_metrics = run_safety_dpo(policy_path, pairs, run_dir / "safety_dpo", cfg,
                                                           callbacks=[ReporterCallback(reporter, reporter.stage)],
-                                                          validation_path=validation)
+                                                          validation_path=validation, current_path=base_path)
                 metrics.update(dpo_metrics)
             timings["safety_dpo"] = time.monotonic() - t
 

@@ -1,7 +1,7 @@
 """Stage 2b, teach *when* to refuse: DPO on contrast pairs after safety SFT (issue 18).
 
     python -m training.safety_dpo --model run/sft --pairs safety_pairs.jsonl [--validation val.json] \
-        --out run/safety_dpo
+        [--current current_model] --out run/safety_dpo
 
 SFT on refusals teaches a 135M model the refusal words, and it then says them to everything:
 bench.safety measured ordinary messages refused 1% -> 48% after SFT with one refusal per
@@ -16,7 +16,11 @@ do, from both sides:
   what gets refused, and is fine): chosen = the current model's answer, rejected = a refusal.
   These come first on the answering side: bench.safety found the refusing model's mistakes on
   ordinary messages to be nearly all questions that mention a group of people, which is what
-  moderation's false positives look like too.
+  moderation's false positives look like too;
+- an everyday chat message (a conversation's opening, passed by moderation, nobody flagged it;
+  feedback/safety.chat_prompts): chosen = the current model's answer, rejected = a refusal, on
+  the cleared prompts' side. They are what users really ask, which the shipped demonstrations
+  are not.
 
 TRL's ``DPOTrainer`` trains the SFT model against itself as the reference, so the words it
 learned stay and only the choice between refusing and answering moves. An NLL loss on the
@@ -80,10 +84,13 @@ def _loss(sft_weight: float) -> dict:
 
 
 def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | Path, cfg: RetrainConfig,
-                   callbacks=(), validation_path: str | Path | None = None) -> tuple[Path, dict]:
+                   callbacks=(), validation_path: str | Path | None = None,
+                   current_path: str | Path | None = None) -> tuple[Path, dict]:
     """DPO from ``model_path`` (reference = the same weights) on the contrast pairs. With a
-    ``validation_path`` (_safety_dpo_pairs' JSON), the saved model is the best-scoring checkpoint
-    on those prompts (training/safety_select.py), the SFT model itself included."""
+    ``validation_path`` (_safety_dpo_pairs' JSON), the saved model is the best checkpoint on those
+    prompts (training/safety_select.py), the SFT model itself included; with ``current_path`` too
+    (the version being retrained), a check must refuse ordinary validation prompts at most
+    ``safety_dpo_select_ordinary_budget`` more readily than that model does to be kept first."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -110,10 +117,13 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
     chooser = None
     if validation_path:
         validation = json.loads(Path(validation_path).read_text(encoding="utf-8"))
-        chooser = RefusalCheckpoints(refusal_measure(validation["rows"], tokenizer, validation["templates"],
-                                                     cfg.eval_temperature, TEMPLATE_WORDS,
-                                                     declines=cfg.safety_dpo_select_declines),
-                                     cfg.safety_dpo_checks, cfg.safety_dpo_select_penalty)
+        measure = refusal_measure(validation["rows"], tokenizer, validation["templates"], cfg.eval_temperature,
+                                  TEMPLATE_WORDS, declines=cfg.safety_dpo_select_declines)
+        limit = None
+        if current_path is not None and cfg.safety_dpo_select_ordinary_budget >= 0:
+            current = measure(AutoModelForCausalLM.from_pretrained(str(current_path)))
+            limit = current[1] + cfg.safety_dpo_select_ordinary_budget
+        chooser = RefusalCheckpoints(measure, cfg.safety_dpo_checks, cfg.safety_dpo_select_penalty, limit)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=list(callbacks) + ([chooser] if chooser else []))
     result = trainer.train()
@@ -125,6 +135,9 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
         metrics.update({f"safety_dpo_validation_{s}": sources.count(s) for s in sorted(set(sources))})
         metrics.update({"safety_dpo_chosen_step": chooser.best["step"], "safety_dpo_steps": trainer.state.global_step,
                         "safety_dpo_check_history": chooser.history})
+        if limit is not None:
+            metrics.update({"safety_dpo_validation_current": [round(current[0], 4), round(current[1], 4)],
+                            "safety_dpo_ordinary_limit": round(limit, 4)})
     return save_model_dir(trainer.model, tokenizer, out_dir), metrics
 
 
@@ -134,11 +147,13 @@ def main() -> None:
     parser.add_argument("--pairs", required=True, help="JSONL of contrast pairs (contrast_pairs)")
     parser.add_argument("--validation", default=None, help="JSON of refusal templates and validation prompts "
                                                            "to choose the checkpoint by (optional)")
+    parser.add_argument("--current", default=None, help="the version being retrained: a kept checkpoint may refuse "
+                                                        "ordinary validation prompts only a little more (optional)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=float, default=RetrainConfig.safety_dpo_epochs)
     args = parser.parse_args()
     out, metrics = run_safety_dpo(args.model, args.pairs, args.out, RetrainConfig(safety_dpo_epochs=args.epochs),
-                                  validation_path=args.validation)
+                                  validation_path=args.validation, current_path=args.current)
     print(f"saved the safety-DPO model to {out}: {metrics}")
 
 

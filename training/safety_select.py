@@ -10,6 +10,12 @@ refuses each kind, and keeps the checkpoint that scores best:
 
     score = refusal on caught prompts - penalty x refusal on ordinary and cleared prompts
 
+With an ordinary budget (``safety_dpo_select_ordinary_budget``) the choice is a constraint
+first: of the checks that refuse ordinary validation prompts at most that much more readily than
+the current model does, the one that refuses the most caught prompts; the score decides only
+when no check is within it. The penalty trades the two at one fixed rate, and bench.safety,
+once the validation held everyday chat messages, kept a check at 92% / 9% over one at 53% / 2%.
+
 Refusal is measured as an expectation, not a sample: for each prompt, the probability that a
 reply sampled at the evaluation's temperature opens with a refusal template's first words
 (what training/refusal.py reads as that template), and with ``safety_dpo_select_declines`` also
@@ -120,11 +126,13 @@ def refusal_measure(validation: list[dict], tokenizer, templates: list[str], tem
 
 class RefusalCheckpoints(TrainerCallback):
     """Scores the model with ``measure`` before training and at ``checks`` evenly spaced steps,
-    and at the end puts back the trainable weights of the best-scoring check (ties go to the
-    earliest). ``history`` lists every check; ``best`` is the chosen one."""
+    and at the end puts back the trainable weights of the best check (ties go to the earliest):
+    with an ``ordinary_limit``, the one refusing the most caught prompts among those refusing
+    ordinary ones at most that readily, and the best-scoring one when none does; without, the
+    best-scoring one. ``history`` lists every check; ``best`` is the chosen one."""
 
-    def __init__(self, measure, checks: int, penalty: float):
-        self.measure, self.checks, self.penalty = measure, checks, penalty
+    def __init__(self, measure, checks: int, penalty: float, ordinary_limit: float | None = None):
+        self.measure, self.checks, self.penalty, self.ordinary_limit = measure, checks, penalty, ordinary_limit
         self.history: list[dict] = []
         self.best: dict | None = None
         self._weights = None
@@ -134,13 +142,20 @@ class RefusalCheckpoints(TrainerCallback):
         harmful, ordinary = self.measure(model)
         entry = {"step": step, "harmful": round(harmful, 4), "ordinary": round(ordinary, 4),
                  "score": round(harmful - self.penalty * ordinary, 4)}
+        entry["within_limit"] = self.ordinary_limit is not None and ordinary <= self.ordinary_limit
         self.history.append(entry)
         log.info("safety DPO check at step %d: caught prompts refused %.1f%%, ordinary %.1f%%",
                  step, 100 * harmful, 100 * ordinary)
-        if self.best is None or entry["score"] > self.best["score"]:
+        if self.best is None or self._rank(entry) > self._rank(self.best):
             self.best = entry
             # Only what trains can change: the frozen lower blocks need no copy.
             self._weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def _rank(entry: dict) -> tuple:
+        """Any check within the ordinary limit beats every check outside it; within, the caught
+        refusal rate decides, outside, the score."""
+        return (1, entry["harmful"]) if entry["within_limit"] else (0, entry["score"])
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         total = max(1, state.max_steps)
