@@ -212,7 +212,7 @@ def main() -> None:
           f"{dpo or 'off'}")
     if history:  # training/safety_select.py: expected refusal on the validation slice of the training prompts
         if "safety_dpo_ordinary_limit" in dpo:
-            now = dpo["safety_dpo_validation_current"]
+            now = dpo["safety_dpo_current_rates"]
             print(f"the current model on the validation prompts: caught {now[0]:.0%}, ordinary {now[1]:.1%}; "
                   f"a check is within the ordinary budget at <= {dpo['safety_dpo_ordinary_limit']:.1%}")
         print("| DPO step | validation: caught refused | ordinary refused | within budget | score | kept |\n"

@@ -27,7 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.datasets import scrub
-from feedback.models import Conversation, Demonstration, Message, ModerationEvent, Ranking, RankingTask, User
+from feedback.models import (Conversation, Demonstration, Message, ModerationEvent, Ranking, RankingTask, User,
+                             Vote)
 from feedback.moderation_repo import load_templates, reviewed_as
 
 SKIP_CATEGORIES = {"error", "secret"}
@@ -52,26 +53,37 @@ def cleared_prompts(session: Session) -> tuple[list[dict], dict]:
     return rows, {"cleared_moderation_events": events}
 
 
-def chat_prompts(session: Session, limit: int) -> tuple[list[dict], dict]:
+CHAT_PROMPT_MAX_CHARS = 1000  # everyday questions are short; a pasted document would not fit the answering engine
+
+
+def chat_prompts(session: Session, limit: int, max_chars: int = CHAT_PROMPT_MAX_CHARS) -> tuple[list[dict], dict]:
     """({"prompt": [user message]} rows, the message ids) for up to ``limit`` of the newest opening
-    messages of conversations that input moderation passed, scrubbed and deduplicated. Left out:
-    opted-out users' messages, any a moderation review looked at (those are the caught and cleared
-    sets), any whose text a review called harmful elsewhere, and any the model's reply to was
-    flagged (the question may have been the harmful part)."""
+    messages of conversations that input moderation passed, scrubbed,
+    deduplicated, at most ``max_chars`` long. Left out, as possibly harmful: any a moderation
+    review looked at (those are the caught and cleared sets) or whose text a review called
+    harmful elsewhere; any whose reply output moderation flagged, a review looked at, or a user
+    voted unsafe; any asked in a ranking task where an annotator flagged a candidate unsafe.
+    Also opted-out users' messages, and turns that failed."""
     opted = set(session.scalars(select(User.id).where(User.opted_out.is_(True))))
     reviewed = set(session.scalars(select(ModerationEvent.message_id).where(ModerationEvent.review.is_not(None))))
     harmful = set(session.scalars(select(ModerationEvent.text_hash).where(reviewed_as(harmful=True))))
-    flagged_reply = set(session.scalars(select(Message.parent_id).where(Message.role == "assistant",
-                                                                        Message.moderation == "flagged")))
+    doubted_replies = reviewed | set(session.scalars(select(Vote.message_id).where(Vote.reason == "unsafe")))
+    doubted = set(session.scalars(select(Message.parent_id).where(
+        Message.role == "assistant", (Message.moderation == "flagged") | Message.id.in_(doubted_replies))))
+    unsafe_tasks = {r.task_id for r in session.scalars(select(Ranking)) if "unsafe" in (r.flags or {}).values()}
+    unsafe_texts = {task.context[-1]["content"] for task in (session.get(RankingTask, t) for t in unsafe_tasks)
+                    if task is not None and task.context}
     passed = (select(Message, Conversation.owner_id).join(Conversation)
-              .where(Message.role == "user", Message.parent_id.is_(None), Message.moderation == "pass")
-              .order_by(Message.id.desc()))
+              .where(Message.role == "user", Message.parent_id.is_(None), Message.moderation == "pass",
+                     Message.status != "failed")
+              .order_by(Message.id.desc()).execution_options(yield_per=500))
     rows, seen, ids = [], set(), []
     for msg, owner in session.execute(passed):
         if len(rows) >= limit:
             break
         text = scrub(msg.content).strip()
-        if owner in opted or msg.id in reviewed or msg.id in flagged_reply or not text or text in seen \
+        if owner in opted or msg.id in reviewed or msg.id in doubted or not text or len(text) > max_chars \
+                or text in seen or msg.content in unsafe_texts \
                 or hashlib.sha256(msg.content.encode()).hexdigest() in harmful:
             continue
         seen.add(text)

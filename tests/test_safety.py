@@ -95,15 +95,17 @@ def _chat(s, user, text, moderation="pass", reply_flagged=False, review=None):
     conv = repository.create_conversation(session=s, owner=user)
     msg = repository.add_message(session=s, conversation=conv, role="user", content=text, moderation=moderation)
     _event(s, text, "flag" if moderation == "flagged" else "pass", review, user_id=user.id, message_id=msg.id)
-    repository.add_message(session=s, conversation=conv, role="assistant", content="a reply", parent=msg,
-                           moderation="flagged" if reply_flagged else "pass")
-    return conv, msg
+    reply = repository.add_message(session=s, conversation=conv, role="assistant", content="a reply", parent=msg,
+                                   moderation="flagged" if reply_flagged else "pass")
+    return conv, msg, reply
 
 
 def test_chat_prompts_are_the_newest_passed_openers_nobody_reviewed_or_flagged(session_factory):
     """Kept, newest first, scrubbed, up to the limit: opening messages input moderation passed.
     Left out: a flagged message, one a review looked at, one whose reply output moderation
-    flagged, a second turn, an opted-out user's, a duplicate text, one never checked, and a
+    flagged, one whose reply an admin reviewed as harmful, one whose reply a user voted unsafe,
+    one asked in a ranking task with a candidate flagged unsafe, a failed turn, one over the
+    length cap, a second turn, an opted-out user's, a duplicate text, one never checked, and a
     text a review called harmful under another message."""
     with session_scope(session_factory) as s:
         bob = repository.get_or_create_user(session=s, name="bob")
@@ -111,13 +113,23 @@ def test_chat_prompts_are_the_newest_passed_openers_nobody_reviewed_or_flagged(s
         gone.opted_out = True
         s.flush()
         _chat(s, bob, "How do Sikhs celebrate Vaisakhi?")
-        conv, first = _chat(s, bob, "What is a good first car? call 555-123-4567")
+        conv, first, _ = _chat(s, bob, "What is a good first car? call 555-123-4567")
         repository.add_message(session=s, conversation=conv, role="user", content="and a second turn",
                                parent=first, moderation="pass")
         _chat(s, bob, "a flagged insult", moderation="flagged")
         _chat(s, bob, "reviewed and cleared", review="correct")
         _chat(s, bob, "a question whose answer was flagged", reply_flagged=True)
         _chat(s, gone, "an opted-out user's question")
+        _, _, reply = _chat(s, bob, "a question whose answer an admin reviewed")
+        _event(s, "the reply", "pass", "missed", direction="out", message_id=reply.id)
+        _, _, reply = _chat(s, bob, "a question whose answer a user voted unsafe")
+        repository.add_vote(session=s, message_id=reply.id, user=bob, value=-1, reason="unsafe")
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        _task(s, "a question ranked with an unsafe candidate", ann, unsafe=1)
+        _chat(s, bob, "a question ranked with an unsafe candidate")
+        _, failed, _ = _chat(s, bob, "a turn that failed")
+        failed.status = "failed"
+        _chat(s, bob, "a long pasted document " + "word " * 300)
         _chat(s, bob, "How do Sikhs celebrate Vaisakhi?")  # the same text again
         repository.add_message(session=s, conversation=repository.create_conversation(session=s, owner=bob),
                                role="user", content="never checked")

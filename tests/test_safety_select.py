@@ -181,7 +181,7 @@ def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_withi
                                 validation_path=val, current_path=tiny_model_dir)
     history = metrics["safety_dpo_check_history"]
     assert len(calls) == 6 and [h["within_limit"] for h in history] == [True, False, True, True, False]
-    assert metrics["safety_dpo_validation_current"] == [0.4, 0.01]
+    assert metrics["safety_dpo_current_rates"] == [0.4, 0.01]
     assert metrics["safety_dpo_ordinary_limit"] == pytest.approx(0.03)
     assert max(history, key=lambda h: h["score"])["step"] == history[3]["step"]
     assert metrics["safety_dpo_chosen_step"] == history[2]["step"] > 0
@@ -191,6 +191,27 @@ def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_withi
                                  RetrainConfig(**{**cfg.__dict__, "safety_dpo_select_ordinary_budget": -1}),
                                  validation_path=val, current_path=tiny_model_dir)
     assert len(calls) == 5 and "safety_dpo_ordinary_limit" not in by_score
+
+
+def test_with_no_check_within_the_ordinary_limit_the_best_score_is_kept_and_ties_go_to_fewer_ordinary():
+    """RefusalCheckpoints on its own: with a limit of 3% and every check above it, the best score
+    is kept (40% / 5%, not the 90% / 30% that refuses more caught prompts); with two checks
+    within the limit that refuse as many caught prompts, the one refusing fewer ordinary ones."""
+    import torch
+
+    from training.safety_select import RefusalCheckpoints
+
+    def chooser(rates, limit):
+        it = iter(rates)
+        picker = RefusalCheckpoints(lambda model: next(it), checks=len(rates), penalty=5, ordinary_limit=limit)
+        for step in range(len(rates)):
+            picker._check(torch.nn.Linear(2, 2), step)
+        return picker
+
+    over = chooser([(0.9, 0.3), (0.4, 0.05), (0.2, 0.04)], 0.03)
+    assert not any(h["within_limit"] for h in over.history) and over.best["step"] == 1
+    tie = chooser([(0.5, 0.03), (0.5, 0.01), (0.45, 0.0)], 0.03)
+    assert tie.best["step"] == 1
 
 
 def test_an_sft_weight_keeps_the_chosen_refusals_likelier_than_dpo_alone_does(tmp_path, tiny_model_dir):

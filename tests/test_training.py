@@ -7,7 +7,9 @@ from feedback import repository, training_repo
 from feedback.models import ModelVersion, TrainingRun
 from tests.training_data import seed_preferences
 from training.config import RetrainConfig
+from training.common import read_jsonl
 from training.retrain import execute
+from training.safety_select import RefusalCheckpoints
 
 FAST = dict(max_length=64, bon_samples=2, bon_max_new_tokens=8, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
             response_length=8, ppo_epochs=1, eval_prompts=4, eval_max_new_tokens=8, accuracy_gate=0.6,
@@ -25,7 +27,9 @@ def _run(session_factory, tmp_path, cfg):
 def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_model_dir):
     """A retrain with pairs, admin-confirmed moderation flags, two messages an admin cleared and
     everyday chat openers moderation passed, safety tuning on, runs the safety-DPO stage on
-    contrast pairs (the cleared and chat prompts on the answering side), keeps its best-scoring checkpoint on validation prompts held out of it, and
+    contrast pairs (the cleared and chat prompts on the answering side), keeps the checkpoint the
+    chooser ranks first on validation prompts held out of it (within the ordinary-refusal budget
+    over the current model, measured first), and
     registers a version whose evaluation carries every probe, the refusal
     probe on held-out flagged prompts and on everyday questions included."""
     from feedback.models import ModerationEvent
@@ -62,7 +66,10 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     assert m["safety_dpo_validation_caught"] >= 5 and m["safety_dpo_validation_ordinary"] >= 1
     history = m["safety_dpo_check_history"]  # the SFT model and evenly spaced steps, the best one kept
     assert history[0]["step"] == 0 and len(history) >= 2
-    assert m["safety_dpo_chosen_step"] == max(history, key=lambda h: h["score"])["step"]
+    assert m["safety_dpo_chosen_step"] == max(history, key=RefusalCheckpoints._rank)["step"]
+    assert m["safety_dpo_ordinary_limit"] == pytest.approx(m["safety_dpo_current_rates"][1] + 0.03, abs=1e-4)
+    pairs = read_jsonl(tmp_path / "data" / "runs" / f"run-{run.id}" / "data" / "safety_dpo_pairs.jsonl")
+    assert any(p["prompt"][-1]["content"].startswith("how do I bake bread") for p in pairs)
     assert "safety_dpo" in m["timings_s"]
     assert m["rm_heldout_accuracy"] > 0.6  # learned "blue beats red", above chance
     ev = m["eval"]

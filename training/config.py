@@ -69,8 +69,9 @@ class RetrainConfig:
                                                                    "(bench/safety.py). No ordinary rows, no refusals."})
     safety_dpo: bool = field(default=True, metadata={"help": "With safety_tuning, follow the SFT with DPO on contrast "
                                                          "pairs (refusal over the current model's answer on caught "
-                                                         "prompts, the ordinary reply over a refusal on ordinary "
-                                                         "ones; training/safety_dpo.py), so the model learns when "
+                                                         "prompts, an answer over a refusal on cleared, everyday "
+                                                         "chat and ordinary ones; training/safety_dpo.py), so the "
+                                                         "model learns when "
                                                          "to refuse, not only how."})
     safety_dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs over the contrast pairs."})
     safety_dpo_learning_rate: float = field(default=1e-4, metadata={"help": "DPO learning rate (top blocks only; "
@@ -87,9 +88,10 @@ class RetrainConfig:
                                                                      "and +55 / +18 points; with 1: +64 / +8 and "
                                                                      "+51 / +6)."})
     safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
-                                                                     "to caught prompts (the rejected side)."})
-    safety_dpo_validation: float = field(default=0.2, metadata={"help": "Share of the caught, ordinary and cleared "
-                                                                     "training prompts held out of safety SFT and "
+                                                                     "to caught prompts (the rejected side) and to "
+                                                                     "cleared and chat prompts (the chosen side)."})
+    safety_dpo_validation: float = field(default=0.2, metadata={"help": "Share of the caught, ordinary, cleared "
+                                                                     "and chat training prompts held out of safety SFT and "
                                                                      "DPO to choose the DPO checkpoint by "
                                                                      "(training/safety_select.py; 0 = keep the "
                                                                      "last step): measured, the refusal rates swing "
@@ -118,7 +120,7 @@ class RetrainConfig:
                                                                          "ordinary message costs as much as missing "
                                                                          "this many harmful ones (bench.safety seed "
                                                                          "0: 3 kept +64 / +8 points, 5 +47 / +1)."})
-    safety_dpo_select_ordinary_budget: float = field(default=0.02, metadata={"help": "Keep the safety-DPO check "
+    safety_dpo_select_ordinary_budget: float = field(default=0.03, metadata={"help": "Keep the safety-DPO check "
                                                                                 "that refuses the most caught "
                                                                                 "validation prompts among those "
                                                                                 "refusing ordinary ones at most this "

@@ -90,16 +90,16 @@ def take_snapshot(*, session_factory, out_dir: Path, heldout_fraction: float, se
         held_flags = [heldout_prompt(r["messages"][:-1], heldout_fraction, seed) for r in safety]
         safety_held = [r for r, held in zip(safety, held_flags) if held]
         safety_train = [r for r, held in zip(safety, held_flags) if not held]
+        prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         # Everyday chat messages (safety DPO's answering side and checkpoint choice): the training
-        # side only, so a prompt the evaluation holds out never trains; none that is also a caught
-        # or cleared prompt (reviewed under another message).
-        taken = {json.dumps(r["messages"][:-1], sort_keys=True) for r in safety} | \
-                {json.dumps(r["prompt"], sort_keys=True) for r in cleared}
+        # side only, and none that another file holds out (the evaluation's prompts never train)
+        # or that is also a caught or cleared prompt (reviewed under another message).
+        taken = {json.dumps(r["messages"][:-1], sort_keys=True) for r in safety + sft_held} | \
+                {json.dumps(r["prompt"], sort_keys=True) for r in cleared + pref_held + prompt_held}
         kept = [(r, i) for r, i in zip(chat, chat_refs["chat_messages"])
                 if json.dumps(r["prompt"], sort_keys=True) not in taken
                 and not heldout_prompt(r["prompt"], heldout_fraction, seed)]
         chat_train, chat_refs = [r for r, _ in kept], {"chat_messages": [i for _, i in kept]}
-        prompt_train, prompt_held = _split(prompts, "prompt", heldout_fraction, seed)
         rng.shuffle(prompt_train)
         prompt_train = prompt_train[:max_prompts]
         files = {"preferences_train": pref_train, "preferences_heldout": pref_held, "sft_train": sft_train,

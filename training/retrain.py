@@ -83,7 +83,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     t = stage("snapshot")
     snap = on_main(take_snapshot, session_factory=session_factory, out_dir=run_dir / "data", heldout_fraction=cfg.heldout_fraction,
                          seed=cfg.seed, max_pairs=cfg.max_pairs, max_prompts=cfg.max_prompts,
-                         max_heldout_pairs=cfg.max_heldout_pairs, max_chat_prompts=cfg.safety_chat_prompts)
+                         max_heldout_pairs=cfg.max_heldout_pairs, max_chat_prompts=cfg.safety_chat_prompts if cfg.safety_tuning else 0)
     metrics["data"] = snap.counts
     timings["snapshot"] = time.monotonic() - t
     if snap.counts["preferences_train"] < 4 or snap.counts["preferences_heldout"] < 1:
@@ -259,13 +259,14 @@ def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> 
     splits = _safety_splits(snap, cfg)
     (safety, safety_val), (ordinary, ordinary_val), (cleared_train, cleared_val), (chat_train, chat_val) = \
         splits["caught"], splits["ordinary"], splits["cleared"], splits["chat"]
-    cleared = [r["prompt"] for r in cleared_train + chat_train]  # join the answering side ahead of ordinary rows
-    asked = [r["messages"][:-1] for r in safety] + cleared
+    cleared, chat = [r["prompt"] for r in cleared_train], [r["prompt"] for r in chat_train]
+    asked = [r["messages"][:-1] for r in safety] + cleared + chat
     answers = [text for text, _ in sample_replies(current_path, "current", asked, cfg,
                                                   lambda i: cfg.safety_dpo_answer_tokens)]
-    cleared_rows = [{"messages": p + [{"role": "assistant", "content": a}]}
-                    for p, a in zip(cleared, answers[len(safety):])]
-    pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal, cleared_rows)
+    answered = [{"messages": p + [{"role": "assistant", "content": a}]}
+                for p, a in zip(cleared + chat, answers[len(safety):])]
+    pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal,
+                           answered[:len(cleared)], answered[len(cleared):])
     validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]
                   + [{"prompt": r["messages"][:-1], "kind": "ordinary", "source": "ordinary"} for r in ordinary_val]
                   + [{"prompt": r["prompt"], "kind": "ordinary", "source": "cleared"} for r in cleared_val]

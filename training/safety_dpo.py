@@ -43,16 +43,16 @@ from training.refusal import TEMPLATE_WORDS
 
 
 def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
-                   seed: int, is_refusal, cleared_rows: list[dict] = ()) -> list[dict]:
+                   seed: int, is_refusal, cleared_rows: list[dict] = (), chat_rows: list[dict] = ()) -> list[dict]:
     """Preference pairs in TRL's conversational form ({"prompt", "chosen", "rejected"}).
 
     ``safety_rows`` and ``ordinary_rows`` are SFT rows ({"messages": [..., reply]});
     ``harmful_answers[i]`` is the current model's reply to ``safety_rows[i]``'s prompt. A safety
     prompt whose answer already refuses teaches nothing and is skipped; so is an ordinary row
-    whose reply refuses (a demonstration may rightly decline). ``cleared_rows`` (SFT-shaped: a
-    cleared prompt and the current model's answer) join the answering side ahead of the ordinary
-    rows. Each kind is cut to the other's number (a seeded choice; cleared rows are kept first),
-    so neither side outweighs the other."""
+    whose reply refuses (a demonstration may rightly decline). ``cleared_rows`` and ``chat_rows``
+    (SFT-shaped: a cleared or everyday chat prompt and the current model's answer) join the
+    answering side ahead of the ordinary rows, cleared first. Each side is cut to the other's
+    number (a seeded choice; kept in that order), so neither side outweighs the other."""
     if len(harmful_answers) != len(safety_rows):
         raise ValueError(f"{len(safety_rows)} safety prompts but {len(harmful_answers)} answers")
     templates = sorted({r["messages"][-1]["content"] for r in safety_rows})
@@ -69,7 +69,7 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
         rng.shuffle(pairs)
         return pairs
 
-    answer = answering(list(cleared_rows)) + answering(ordinary_rows)
+    answer = answering(list(cleared_rows)) + answering(list(chat_rows)) + answering(ordinary_rows)
     n = min(len(refuse), len(answer))  # as many of each: 169 against 87 taught refusing (bench.safety)
     rng.shuffle(refuse)
     pairs = refuse[:n] + answer[:n]
@@ -136,7 +136,7 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
         metrics.update({"safety_dpo_chosen_step": chooser.best["step"], "safety_dpo_steps": trainer.state.global_step,
                         "safety_dpo_check_history": chooser.history})
         if limit is not None:
-            metrics.update({"safety_dpo_validation_current": [round(current[0], 4), round(current[1], 4)],
+            metrics.update({"safety_dpo_current_rates": [round(current[0], 4), round(current[1], 4)],
                             "safety_dpo_ordinary_limit": round(limit, 4)})
     return save_model_dir(trainer.model, tokenizer, out_dir), metrics
 

@@ -4,17 +4,19 @@ bench.safety followed safety DPO along its run: the held-out refusal rates swing
 steps (seed 0, constant rate: 32/9, 21/0, 44/2, 88/36, 86/30, 82/20 % of red-team openers /
 ordinary messages refused at each quarter epoch), and the same settings landed on either side
 of the goals on another split. So the retrain holds a validation slice of its own training
-prompts out of safety SFT and DPO (the caught ones, the ordinary ones and the ones an admin
-cleared; never the evaluation's held-out ones), measures every few steps how readily the model
-refuses each kind, and keeps the checkpoint that scores best:
+prompts out of safety SFT and DPO (the caught ones; on the ordinary side the demonstrations'
+prompts, the ones an admin cleared and everyday chat messages; never the evaluation's held-out
+ones), measures every few steps how readily the model refuses each kind, and keeps the
+checkpoint that scores best:
 
-    score = refusal on caught prompts - penalty x refusal on ordinary and cleared prompts
+    score = refusal on caught prompts - penalty x refusal on the ordinary side
 
 With an ordinary budget (``safety_dpo_select_ordinary_budget``) the choice is a constraint
 first: of the checks that refuse ordinary validation prompts at most that much more readily than
 the current model does, the one that refuses the most caught prompts; the score decides only
 when no check is within it. The penalty trades the two at one fixed rate, and bench.safety,
-once the validation held everyday chat messages, kept a check at 92% / 9% over one at 53% / 2%.
+once the validation held everyday chat messages, kept a check at 92% / 9% over one at 53% / 2%
+(held-out messages then: +82 / +10 points).
 
 Refusal is measured as an expectation, not a sample: for each prompt, the probability that a
 reply sampled at the evaluation's temperature opens with a refusal template's first words
@@ -154,8 +156,8 @@ class RefusalCheckpoints(TrainerCallback):
     @staticmethod
     def _rank(entry: dict) -> tuple:
         """Any check within the ordinary limit beats every check outside it; within, the caught
-        refusal rate decides, outside, the score."""
-        return (1, entry["harmful"]) if entry["within_limit"] else (0, entry["score"])
+        refusal rate decides (then the lower ordinary one), outside, the score."""
+        return (1, entry["harmful"], -entry["ordinary"]) if entry["within_limit"] else (0, entry["score"], 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         total = max(1, state.max_steps)
