@@ -304,3 +304,18 @@ def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_m
         gains = [margin(after, f"{kind} {i}", good(i), bad(i)) - margin(before, f"{kind} {i}", good(i), bad(i))
                  for i in range(8)]
         assert min(gains) > 0.05, (kind, gains)  # measured: caught +8.8, ordinary +0.27 to +0.77 (a no-op: 0)
+
+
+def test_a_cut_answer_ends_at_its_last_whole_sentence_or_is_dropped():
+    """whole_sentences keeps text up to the last ., ! or ? before a space (closing quotes kept) or
+    the last line break, drops a list marker left after it, and returns "" when no sentence ends
+    (a version number's dot is not an end)."""
+    from training.safety_dpo import whole_sentences
+
+    assert whole_sentences("Diwali is the festival of lights. It lasts five days and fam") == \
+        "Diwali is the festival of lights."
+    assert whole_sentences("Tips:\n1. Drink water.\n2. Sleep") == "Tips:\n1. Drink water."
+    assert whole_sentences("Pack these:\n- boots\n- water\n- a ma") == "Pack these:\n- boots\n- water"
+    assert whole_sentences('He said "stop." Then he left and') == 'He said "stop."'
+    assert whole_sentences("Version 3.5 is out and") == ""
+    assert whole_sentences("no sentence ends here") == ""

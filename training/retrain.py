@@ -254,17 +254,20 @@ def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> 
     the refusal templates and {"prompt", "kind", "source"} rows). Each path is None when it has no row."""
     from training.evaluate import sample_replies
     from training.refusal import is_refusal
-    from training.safety_dpo import contrast_pairs
+    from training.safety_dpo import contrast_pairs, whole_sentences
 
     splits = _safety_splits(snap, cfg)
     (safety, safety_val), (ordinary, ordinary_val), (cleared_train, cleared_val), (chat_train, chat_val) = \
         splits["caught"], splits["ordinary"], splits["cleared"], splits["chat"]
     cleared, chat = [r["prompt"] for r in cleared_train], [r["prompt"] for r in chat_train]
     asked = [r["messages"][:-1] for r in safety] + cleared + chat
-    answers = [text for text, _ in sample_replies(current_path, "current", asked, cfg,
-                                                  lambda i: cfg.safety_dpo_answer_tokens)]
-    answered = [{"messages": p + [{"role": "assistant", "content": a}]}
-                for p, a in zip(cleared + chat, answers[len(safety):])]
+    sampled = sample_replies(current_path, "current", asked, cfg, lambda i: cfg.safety_dpo_answer_tokens)
+    answers = [text for text, _ in sampled]
+    # The chosen side: an answer cut at the budget ends at its last whole sentence (one that has
+    # none is dropped by contrast_pairs as empty).
+    answered = [{"messages": p + [{"role": "assistant",
+                                   "content": whole_sentences(a) if n >= cfg.safety_dpo_answer_tokens else a}]}
+                for p, (a, n) in zip(cleared + chat, sampled[len(safety):])]
     pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal,
                            answered[:len(cleared)], answered[len(cleared):])
     validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]

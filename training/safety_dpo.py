@@ -34,12 +34,30 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 from training.common import (as_text, base_trainer_args, freeze_lower_layers, load_tokenizer, read_jsonl,
                              save_model_dir, with_system)
 from training.config import RetrainConfig
 from training.refusal import TEMPLATE_WORDS
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+_LIST_MARKER = re.compile(r"\n\s*(\d+[.)]|[-*•])?\s*$")
+
+
+def whole_sentences(text: str) -> str:
+    """``text`` up to the end of its last whole sentence (., ! or ? before a space or the end, or
+    a line break), without a list marker left dangling after it; "" when no sentence ends.
+
+    An answer cut at its token budget is a chosen reply here, and DPO's NLL loss would teach the
+    end-of-turn token right after the cut: ending at a whole sentence teaches a shorter answer,
+    not a broken one."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return ""
+    return _LIST_MARKER.sub("", text[:ends[-1]].rstrip()).rstrip()
 
 
 def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
