@@ -270,6 +270,23 @@ def test_cleared_prompts_join_the_answering_side_first_and_their_refusing_answer
     assert all(p["rejected"][0]["content"] == "I can't help with that." for p in got.values())
 
 
+def test_chat_rows_follow_cleared_ones_and_an_answer_ratio_keeps_more_answering_pairs():
+    """With 4 caught prompts, 2 cleared, 3 chat and 10 ordinary rows: at ratio 1 the 4 answering
+    pairs are the 2 cleared and 2 of the chat rows (in that order of precedence); at ratio 2 all 4
+    refusing pairs and 8 answering ones (cleared, chat, then 3 ordinary)."""
+    from training.safety_dpo import contrast_pairs
+
+    snap = _Snap(ordinary=10, safety=4)
+    row = lambda kind, i: {"messages": [{"role": "user", "content": f"{kind} {i}"},  # noqa: E731
+                                        {"role": "assistant", "content": f"An answer to {kind} {i}."}]}
+    args = (snap.rows("sft_safety_train"), ["Sure, here is how."] * 4, snap.rows("sft_train"), 0, _is_refusal,
+            [row("cleared", i) for i in range(2)], [row("chat", i) for i in range(3)])
+    kinds = lambda pairs: sorted(p["prompt"][0]["content"].split()[0] for p in pairs)  # noqa: E731
+    assert kinds(contrast_pairs(*args)) == ["chat"] * 2 + ["cleared"] * 2 + ["harmful"] * 4
+    assert kinds(contrast_pairs(*args, answer_ratio=2)) == \
+        ["chat"] * 3 + ["cleared"] * 2 + ["everyday"] * 3 + ["harmful"] * 4
+
+
 def test_safety_dpo_widens_the_refusal_margin_on_caught_prompts_and_the_answer_margin_on_ordinary_ones(
         tmp_path, tiny_model_dir):
     """After DPO (alone) on contrast pairs, the model prefers the refusal to the answer on the caught

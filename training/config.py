@@ -87,6 +87,10 @@ class RetrainConfig:
                                                                      "every prompt first (bench.safety: +21 / +4 "
                                                                      "and +55 / +18 points; with 1: +64 / +8 and "
                                                                      "+51 / +6)."})
+    safety_dpo_answer_ratio: float = field(default=1.0, metadata={"help": "Answering pairs (an answer over a "
+                                                                       "refusal) per refusing pair in safety DPO, "
+                                                                       "where there are enough: above 1 leans "
+                                                                       "against over-refusal."})
     safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
                                                                      "to caught prompts (the rejected side) and to "
                                                                      "cleared and chat prompts (the chosen side)."})
@@ -239,6 +243,7 @@ class RetrainConfig:
                    "safety_dpo_epochs, safety_dpo_learning_rate and safety_dpo_beta must be > 0 (learning rate < 1)"),
                   (1 <= self.safety_dpo_answer_tokens <= 1024, "safety_dpo_answer_tokens must be between 1 and 1024"),
                   (0 <= self.safety_chat_prompts <= 5000, "safety_chat_prompts must be between 0 and 5000"),
+                  (0.25 <= self.safety_dpo_answer_ratio <= 4, "safety_dpo_answer_ratio must be between 0.25 and 4"),
                   (self.safety_dpo_sft_weight >= 0, "safety_dpo_sft_weight must be >= 0"),
                   (0 <= self.safety_dpo_validation < 0.5 and 1 <= self.safety_dpo_checks <= 100
                    and self.safety_dpo_select_penalty >= 0 and self.safety_dpo_select_ordinary_budget <= 1,

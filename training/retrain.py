@@ -269,7 +269,7 @@ def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> 
                                    "content": whole_sentences(a) if n >= cfg.safety_dpo_answer_tokens else a}]}
                 for p, (a, n) in zip(cleared + chat, sampled[len(safety):])]
     pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal,
-                           answered[:len(cleared)], answered[len(cleared):])
+                           answered[:len(cleared)], answered[len(cleared):], cfg.safety_dpo_answer_ratio)
     validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]
                   + [{"prompt": r["messages"][:-1], "kind": "ordinary", "source": "ordinary"} for r in ordinary_val]
                   + [{"prompt": r["prompt"], "kind": "ordinary", "source": "cleared"} for r in cleared_val]

@@ -61,7 +61,8 @@ def whole_sentences(text: str) -> str:
 
 
 def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary_rows: list[dict],
-                   seed: int, is_refusal, cleared_rows: list[dict] = (), chat_rows: list[dict] = ()) -> list[dict]:
+                   seed: int, is_refusal, cleared_rows: list[dict] = (), chat_rows: list[dict] = (),
+                   answer_ratio: float = 1.0) -> list[dict]:
     """Preference pairs in TRL's conversational form ({"prompt", "chosen", "rejected"}).
 
     ``safety_rows`` and ``ordinary_rows`` are SFT rows ({"messages": [..., reply]});
@@ -70,7 +71,8 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
     whose reply refuses (a demonstration may rightly decline). ``cleared_rows`` and ``chat_rows``
     (SFT-shaped: a cleared or everyday chat prompt and the current model's answer) join the
     answering side ahead of the ordinary rows, cleared first. Each side is cut to the other's
-    number (a seeded choice; kept in that order), so neither side outweighs the other."""
+    number (a seeded choice; kept in that order), so neither side outweighs the other; with an
+    ``answer_ratio`` r, up to r answering pairs per refusing pair instead."""
     if len(harmful_answers) != len(safety_rows):
         raise ValueError(f"{len(safety_rows)} safety prompts but {len(harmful_answers)} answers")
     templates = sorted({r["messages"][-1]["content"] for r in safety_rows})
@@ -88,9 +90,10 @@ def contrast_pairs(safety_rows: list[dict], harmful_answers: list[str], ordinary
         return pairs
 
     answer = answering(list(cleared_rows)) + answering(list(chat_rows)) + answering(ordinary_rows)
-    n = min(len(refuse), len(answer))  # as many of each: 169 against 87 taught refusing (bench.safety)
+    # As many of each by default: 169 against 87 taught refusing (bench.safety).
+    n = min(len(refuse), int(len(answer) / answer_ratio))
     rng.shuffle(refuse)
-    pairs = refuse[:n] + answer[:n]
+    pairs = refuse[:n] + answer[:round(n * answer_ratio)]
     rng.shuffle(pairs)
     return pairs
 
