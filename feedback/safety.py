@@ -70,9 +70,8 @@ def chat_prompts(session: Session, limit: int, max_chars: int = CHAT_PROMPT_MAX_
     doubted_replies = reviewed | set(session.scalars(select(Vote.message_id).where(Vote.reason == "unsafe")))
     doubted = set(session.scalars(select(Message.parent_id).where(
         Message.role == "assistant", (Message.moderation == "flagged") | Message.id.in_(doubted_replies))))
-    unsafe_tasks = {r.task_id for r in session.scalars(select(Ranking)) if "unsafe" in (r.flags or {}).values()}
-    unsafe_texts = {task.context[-1]["content"] for task in (session.get(RankingTask, t) for t in unsafe_tasks)
-                    if task is not None and task.context}
+    unsafe_tasks = (session.get(RankingTask, t) for t in _unsafe_flags(session))
+    unsafe_texts = {task.context[-1]["content"] for task in unsafe_tasks if task is not None and task.context}
     passed = (select(Message, Conversation.owner_id).join(Conversation)
               .where(Message.role == "user", Message.parent_id.is_(None), Message.moderation == "pass",
                      Message.status != "failed")
@@ -90,6 +89,17 @@ def chat_prompts(session: Session, limit: int, max_chars: int = CHAT_PROMPT_MAX_
         rows.append({"prompt": [{"role": "user", "content": text}]})
         ids.append(msg.id)
     return rows, {"chat_messages": ids}
+
+
+def _unsafe_flags(session: Session) -> dict[int, set[int]]:
+    """{ranking task id: ids of the candidates an annotator flagged unsafe} over every ranking
+    that was not skipped."""
+    unsafe: dict[int, set[int]] = {}
+    for r in session.scalars(select(Ranking).where(Ranking.skipped.is_(False))):
+        for cid, kind in (r.flags or {}).items():
+            if kind == "unsafe":
+                unsafe.setdefault(r.task_id, set()).add(int(cid))
+    return unsafe
 
 
 def _refusal(templates: dict, category: str | None) -> str:
@@ -119,12 +129,7 @@ def safety_rows(session: Session, default_templates: dict) -> tuple[list[dict], 
         if add([{"role": "user", "content": scrub(e.text)}], _refusal(templates, e.category)):
             events.append(e.id)
     with_ideal = set(session.scalars(select(Demonstration.task_id).where(Demonstration.task_id.is_not(None))))
-    unsafe: dict[int, set[int]] = {}
-    for r in session.scalars(select(Ranking).where(Ranking.skipped.is_(False))):
-        for cid, kind in (r.flags or {}).items():
-            if kind == "unsafe":
-                unsafe.setdefault(r.task_id, set()).add(int(cid))
-    for task_id, flagged in sorted(unsafe.items()):
+    for task_id, flagged in sorted(_unsafe_flags(session).items()):
         task = session.get(RankingTask, task_id)
         total = len(task.candidates) if task else 0
         if task is None or task_id in with_ideal or task.owner_id in opted or not total or len(flagged) * 2 < total:

@@ -105,6 +105,19 @@ def test_refusal_probability_is_the_product_of_the_openings_token_probabilities_
         assert 0 < value < 1
 
 
+def _caught_pairs_and_validation(tmp_path):
+    """8 contrast pairs (refusal over compliance on caught prompts) and a one-prompt validation file."""
+    from training.common import write_jsonl
+
+    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
+              "chosen": [{"role": "assistant", "content": "I can't help with that."}],
+              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
+    val = tmp_path / "val.json"
+    val.write_text('{"templates": ["I can\'t help with that."], "rows": [{"prompt": [{"role": "user", '
+                   '"content": "x"}], "kind": "harmful", "source": "caught"}]}')
+    return write_jsonl(tmp_path / "pairs.jsonl", pairs), val
+
+
 def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp_path, tiny_model_dir,
                                                                             monkeypatch):
     """With the validation measure replaced by one whose score peaks at the second check, the
@@ -114,7 +127,6 @@ def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp
     from transformers import AutoModelForCausalLM
 
     import training.safety_select as select
-    from training.common import write_jsonl
     from training.config import RetrainConfig
     from training.safety_dpo import run_safety_dpo
 
@@ -129,13 +141,7 @@ def test_safety_dpo_saves_the_weights_of_the_best_scoring_check_not_the_last(tmp
         return measure
 
     monkeypatch.setattr(select, "refusal_measure", fake_measure)
-    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
-              "chosen": [{"role": "assistant", "content": "I can't help with that."}],
-              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
-    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    val = tmp_path / "val.json"
-    val.write_text('{"templates": ["I can\'t help with that."], "rows": [{"prompt": [{"role": "user", '
-                   '"content": "x"}], "kind": "harmful", "source": "caught"}]}')
+    path, val = _caught_pairs_and_validation(tmp_path)
     cfg = RetrainConfig(max_length=64, safety_dpo_epochs=2, safety_dpo_learning_rate=5e-3, safety_dpo_checks=4)
     out, metrics = run_safety_dpo(tiny_model_dir, path, tmp_path / "dpo", cfg.validate(), validation_path=val)
     assert len(seen) == 5 and [h["step"] for h in metrics["safety_dpo_check_history"]][0] == 0
@@ -155,7 +161,6 @@ def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_withi
     and check 1 refuses more caught prompts (90%, but 20% ordinary). The metrics carry the
     current model's rates and the limit."""
     import training.safety_select as select
-    from training.common import write_jsonl
     from training.config import RetrainConfig
     from training.safety_dpo import run_safety_dpo
 
@@ -169,15 +174,10 @@ def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_withi
         return measure
 
     monkeypatch.setattr(select, "refusal_measure", fake_measure)
-    pairs = [{"prompt": [{"role": "user", "content": f"harmful {i}"}],
-              "chosen": [{"role": "assistant", "content": "I can't help with that."}],
-              "rejected": [{"role": "assistant", "content": "Sure, here is how."}]} for i in range(8)]
-    val = tmp_path / "val.json"
-    val.write_text('{"templates": ["I can\'t help with that."], "rows": [{"prompt": [{"role": "user", '
-                   '"content": "x"}], "kind": "harmful", "source": "caught"}]}')
+    pairs_path, val = _caught_pairs_and_validation(tmp_path)
     cfg = RetrainConfig(max_length=64, safety_dpo_epochs=2, safety_dpo_learning_rate=5e-3, safety_dpo_checks=4,
                         safety_dpo_select_penalty=5, safety_dpo_select_ordinary_budget=0.02).validate()
-    _, metrics = run_safety_dpo(tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "dpo", cfg,
+    _, metrics = run_safety_dpo(tiny_model_dir, pairs_path, tmp_path / "dpo", cfg,
                                 validation_path=val, current_path=tiny_model_dir)
     history = metrics["safety_dpo_check_history"]
     assert len(calls) == 6 and [h["within_limit"] for h in history] == [True, False, True, True, False]
@@ -187,7 +187,7 @@ def test_with_the_current_model_the_kept_check_refuses_most_caught_prompts_withi
     assert metrics["safety_dpo_chosen_step"] == history[2]["step"] > 0
     # A negative budget turns the limit off: the best score decides, as without a current model.
     calls.clear()
-    _, by_score = run_safety_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "dpo2",
+    _, by_score = run_safety_dpo(tiny_model_dir, pairs_path, tmp_path / "dpo2",
                                  RetrainConfig(**{**cfg.__dict__, "safety_dpo_select_ordinary_budget": -1}),
                                  validation_path=val, current_path=tiny_model_dir)
     assert len(calls) == 5 and "safety_dpo_ordinary_limit" not in by_score

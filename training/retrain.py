@@ -217,8 +217,7 @@ def _safety_splits(snap, cfg: RetrainConfig) -> dict[str, tuple[list[dict], list
              "ordinary": (snap.rows("sft_train") + (snap.rows("sft_best_train") if cfg.sft_on_best else []),
                           lambda r: r["messages"][:-1]),
              "cleared": (snap.rows("prompts_cleared_train"), lambda r: r["prompt"]),
-             "chat": (snap.rows("prompts_chat_train")[:cfg.safety_chat_prompts] if cfg.safety_tuning else [],
-                      lambda r: r["prompt"])}
+             "chat": (snap.rows("prompts_chat_train"), lambda r: r["prompt"])}  # empty unless safety_tuning
     splits = {k: split_validation(rows, prompt_of, fraction, cfg.seed) for k, (rows, prompt_of) in kinds.items()}
     if len(splits["caught"][1]) < MIN_VALIDATION_PROMPTS or \
             sum(len(splits[k][1]) for k in ("ordinary", "cleared", "chat")) < MIN_VALIDATION_PROMPTS:
