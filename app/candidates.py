@@ -159,7 +159,7 @@ class CandidateWorker:
         engine = serving.unbatched() if hasattr(serving, "unbatched") else serving
         params = SamplingParams(max_new_tokens=self.max_new_tokens, seed=task_id * 100 + i,
                                 **VARIANTS[i % len(VARIANTS)])
-        text, _ = engine.generate(context, params)
+        text, stats = engine.generate(context, params)
         verdict = self.service.moderator.check(text, direction="out") if self.service.moderator else None
         with session_scope(self.service.session_factory) as s:
             from feedback.models import RankingTask
@@ -168,6 +168,6 @@ class CandidateWorker:
             if task is None:
                 return 0
             annotation_repo.add_candidate(session=s, task=task, content=text, model_version=engine.version,
-                                sampling=params.to_dict(),
+                                sampling=params.to_dict(), finish_reason=stats.finish_reason,
                                 moderation=None if verdict is None else ("flagged" if verdict.flagged else "pass"))
         return 1

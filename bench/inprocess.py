@@ -88,7 +88,8 @@ def app_process(data_dir: Path, model: str, timeout: float = 120, **env_override
 
 
 class ScriptedEngine:
-    """An engine that streams a fixed reply word by word and records every call (a spy)."""
+    """An engine that streams a fixed reply word by word (a word is a token: a reply longer than
+    ``max_new_tokens`` words is cut there, finish "length") and records every call (a spy)."""
 
     def __init__(self, reply="Hello there, friend.", version="fake-v1"):
         self.reply = reply
@@ -100,12 +101,16 @@ class ScriptedEngine:
         cancel = cancel or threading.Event()
         stats = GenerationStats(prompt_tokens=sum(len(m["content"].split()) for m in messages))
         reply = self.reply(messages) if callable(self.reply) else self.reply
+        budget = params.max_new_tokens if params is not None and params.max_new_tokens else None
 
         def deltas():
             words = reply.split(" ")
             for i, w in enumerate(words):
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
+                    return
+                if budget is not None and i >= budget:  # a word is a token here
+                    stats.finish_reason = "length"
                     return
                 stats.completion_tokens += 1
                 if stats.ttft_ms is None:

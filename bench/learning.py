@@ -65,9 +65,11 @@ def generate_candidates(engine, prompts: list[dict], k: int, max_new_tokens: int
               for i in range(len(messages))]
     with tqdm(total=len(messages), desc="candidates", unit="reply") as bar:
         out = answer_all(engine, messages, lambda i: params[i], on_reply=bar.update)
+    # A reply that used its whole token budget was cut there (as the worker records it).
     flat = [{"content": text, "sampling": params[i].to_dict(),
+             "finish_reason": "length" if tokens >= max_new_tokens else "stop",
              "moderation": "flagged" if moderator and moderator.check(text, direction="out").flagged else "pass"}
-            for i, (text, _) in enumerate(out)]
+            for i, (text, tokens) in enumerate(out)]
     return [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
 
 
@@ -84,7 +86,8 @@ def seed_rankings(factory, prompts, candidates, gold: GoldPreference, noise: flo
             if task is None:
                 continue
             ids = [annotation_repo.add_candidate(session=s, task=task, content=c["content"], model_version=version,
-                                       sampling=c["sampling"], moderation=c["moderation"]).id for c in cands]
+                                       sampling=c["sampling"], moderation=c["moderation"],
+                                       finish_reason=c.get("finish_reason")).id for c in cands]
             order = [[ids[i] for i in group] for group in rank(gold, p["prompt"], [c["content"] for c in cands])]
             if i in flip:
                 order, reversed_n = order[::-1], reversed_n + 1

@@ -96,9 +96,10 @@ def mark_task_skipped(*, session: Session, task_id: int, reason: str) -> None:
 
 
 def add_candidate(*, session: Session, task: RankingTask, content: str, model_version: str | None,
-                  sampling: dict | None = None, moderation: str | None = None) -> Candidate:
+                  sampling: dict | None = None, moderation: str | None = None,
+                  finish_reason: str | None = None) -> Candidate:
     cand = Candidate(task_id=task.id, content=storable(content), model_version=model_version, sampling=sampling,
-                     moderation=moderation)
+                     moderation=moderation, finish_reason=finish_reason)
     session.add(cand)
     session.flush()
     return cand

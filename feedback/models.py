@@ -121,6 +121,9 @@ class Candidate(Base):
     model_version: Mapped[str | None] = mapped_column(String(120))
     sampling: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     moderation: Mapped[str | None] = mapped_column(String(16))
+    # "stop" (ended by itself) | "length" (cut at the worker's max_new_tokens) | None (not recorded:
+    # older rows). SFT on a cut reply must not teach ending the turn there (training/sft.py).
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

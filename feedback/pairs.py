@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session
 from feedback.models import AbTurn, Candidate, Conversation, ImportedPair, Message, Ranking, RankingTask, User, Vote
 from feedback.repository import thread
 
+CUT_FINISH_REASONS = ("length", "cancelled")  # Candidate.finish_reason values of a reply that did not end
+
 
 @dataclass
 class Pair:
@@ -28,6 +30,7 @@ class Pair:
     source: str
     count: int = 1
     refs: dict[str, list[int]] = field(default_factory=dict)  # which rows produced it
+    chosen_cut: bool = False  # the chosen reply did not end by itself (token budget, or stopped)
 
     @property
     def key(self) -> str:
@@ -61,7 +64,8 @@ def ranking_pairs(session: Session) -> list[Pair]:
         for chosen, rejected in pairs_from_order(ranking.order, bad):
             if chosen in cands and rejected in cands and cands[chosen].content != cands[rejected].content:
                 out.append(Pair(task.context, cands[chosen].content, cands[rejected].content, "ranking",
-                                refs={"rankings": [ranking.id]}))
+                                refs={"rankings": [ranking.id]},
+                                chosen_cut=cands[chosen].finish_reason in CUT_FINISH_REASONS))
     return out
 
 
@@ -85,7 +89,8 @@ def vote_pairs(session: Session) -> list[Pair]:
         for uv, um in ups:
             for dv, dm in downs:
                 if um.content != dm.content:
-                    out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]}))
+                    out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]},
+                                    chosen_cut=um.status == "stopped"))
     return out
 
 
@@ -107,7 +112,8 @@ def ab_pairs(session: Session) -> list[Pair]:
         chosen, rejected = (cand, base) if turn.pick == "candidate" else (base, cand)
         if chosen.content != rejected.content:
             out.append(Pair(_context(session, session.get(Message, turn.user_message_id)), chosen.content,
-                            rejected.content, "ab", refs={"ab_turns": [turn.id]}))
+                            rejected.content, "ab", refs={"ab_turns": [turn.id]},
+                            chosen_cut=chosen.status == "stopped"))
     return out
 
 
@@ -127,7 +133,8 @@ def merge(pairs: list[Pair]) -> list[Pair]:
             if p.source not in m.source.split("+"):
                 m.source += "+" + p.source
         else:
-            merged[p.key] = Pair(p.prompt, p.chosen, p.rejected, p.source, p.count, {k: list(v) for k, v in p.refs.items()})
+            merged[p.key] = Pair(p.prompt, p.chosen, p.rejected, p.source, p.count,
+                                 {k: list(v) for k, v in p.refs.items()}, p.chosen_cut)
     return list(merged.values())
 
 

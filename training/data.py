@@ -53,7 +53,8 @@ def _split(rows: list[dict], key: str, fraction: float, seed: int) -> tuple[list
 
 def best_replies(pairs: list[dict]) -> list[dict]:
     """SFT rows from preference pairs: per prompt, each reply that was chosen and never rejected
-    (the top of a ranking; both replies of a tie at the top). Flagged replies are never chosen."""
+    (the top of a ranking; both replies of a tie at the top). Flagged replies are never chosen.
+    A reply that was cut before it ended is marked ``"cut": True`` (training/sft.py)."""
     chosen: dict[str, dict] = {}
     rejected: set[tuple[str, str]] = set()
     for r in pairs:
@@ -64,7 +65,7 @@ def best_replies(pairs: list[dict]) -> list[dict]:
     for k, r in chosen.items():
         key = k.split("\0", 1)[0]
         if (key, r["chosen"][-1]["content"]) not in rejected:
-            rows.append({"messages": r["prompt"] + r["chosen"]})
+            rows.append({"messages": r["prompt"] + r["chosen"]} | ({"cut": True} if r.get("chosen_cut") else {}))
     return rows
 
 

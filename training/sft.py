@@ -2,7 +2,8 @@
 
     python -m training.sft --model data/models/smollm2-135m-instruct --data sft.jsonl --out data/runs/x/sft
 
-Rows are {"messages": [...]} (from `python -m feedback.export --kind sft`).
+Rows are {"messages": [...]} (from `python -m feedback.export --kind sft`); a row with
+"cut": true holds a reply that did not end by itself, trained without an end-of-turn.
 """
 
 from __future__ import annotations
@@ -13,6 +14,32 @@ from pathlib import Path
 from training.common import (base_trainer_args, freeze_lower_layers, lora_config, read_jsonl, save_model_dir,
                              with_system)
 from training.config import RetrainConfig
+
+
+def sft_examples(rows: list[dict], tokenizer) -> list[dict]:
+    """Token ids and labels for SFTTrainer (which keeps a dataset's own labels): each row rendered
+    in the serving engine's context (its system prompt), the loss on the reply only, as TRL's
+    prompt-completion rows are.
+
+    A row marked ``"cut"`` holds a reply that did not end by itself (a candidate that used its
+    whole token budget, a reply the user stopped): it is rendered without the chat template's
+    end-of-turn tokens after it. Training them would teach the model to end its turn
+    mid-sentence wherever a budget happened to fall."""
+    out = []
+    for row in rows:
+        prompt, reply = with_system(row["messages"][:-1]), row["messages"][-1]
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(prompt + [reply], tokenize=False)
+        if row.get("cut"):
+            content = reply["content"].rstrip()
+            end = text.rfind(content)
+            if content and end >= len(prompt_text):  # not found: a template that rewrote the reply
+                text = text[:end + len(content)]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        shared = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+        out.append({"input_ids": ids, "labels": [-100] * shared + ids[shared:]})
+    return out
 
 
 def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: RetrainConfig,
@@ -31,9 +58,7 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, 
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     from datasets import Dataset
 
-    # Trained in the serving engine's context (its system prompt), and only on the replies.
-    rows = [{"prompt": with_system(r["messages"][:-1]), "completion": with_system(r["messages"][-1:])[1:]}
-            for r in read_jsonl(data_path)]
+    rows = sft_examples(read_jsonl(data_path), tokenizer)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=list(callbacks), peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()

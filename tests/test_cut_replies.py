@@ -1,0 +1,111 @@
+"""A reply cut at its token budget is recorded as cut and never taught as a finished turn.
+
+Candidates record the engine's finish reason (migration 0008); a ranking's chosen candidate that
+was cut reaches the snapshot's best-reply SFT rows marked "cut", and SFT renders such a row
+without the chat template's end-of-turn tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.candidates import CandidateWorker
+from app.service import ChatService
+from feedback import annotation_repo, repository
+from feedback.datasets import preference_rows
+from feedback.models import Candidate
+from model.moderation import Moderator, Rule, RulesBackend
+from tests.fakes import ScriptedEngine
+from training.common import with_system
+from training.data import take_snapshot
+from training.sft import sft_examples
+
+SHORT, LONG = "Blue.", "Blue is the colour of the sky on a clear day and of the sea under it."
+
+
+def test_the_candidate_worker_records_whether_each_reply_ended_or_was_cut(session_factory, settings):
+    """With a 6-token budget, the one-word reply ends by itself ("stop") and the long one is cut ("length")."""
+    replies = iter([SHORT] + [SHORT, LONG] * 2)
+    moderator = Moderator([RulesBackend([Rule("abuse", words=("idiot",))])])
+    service = ChatService(ScriptedEngine(lambda msgs: next(replies)), session_factory, settings, moderator=moderator)
+    list(service.send("alice", "Name a colour"))  # a chat prompt that passed moderation becomes a task
+    CandidateWorker(service, k=4, ahead=1, max_new_tokens=6).run_once()
+    with session_factory() as s:
+        cands = s.scalars(select(Candidate).order_by(Candidate.id)).all()
+        assert [(c.content, c.finish_reason) for c in cands] == [
+            (SHORT, "stop"), ("Blue is the colour of the", "length")] * 2
+
+
+def _ranked(session_factory, best: str, best_finish: str | None):
+    """One task whose annotator ranked ``best`` (with that finish reason) over a finished reply."""
+    with session_factory() as s:
+        task = annotation_repo.add_task(session=s, context=[{"role": "user", "content": "Name a colour"}],
+                                        source="chat")
+        top = annotation_repo.add_candidate(session=s, task=task, content=best, model_version="v0",
+                                            finish_reason=best_finish)
+        other = annotation_repo.add_candidate(session=s, task=task, content="Green, I think.", model_version="v0",
+                                              finish_reason="stop")
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=[[top.id], [other.id]])
+        s.commit()
+
+
+def test_a_cut_chosen_candidate_is_marked_in_preference_rows_and_best_reply_sft_rows(session_factory, tmp_path):
+    """The preference row and the snapshot's best-reply SFT row of a cut winner carry the mark; a finished one does not."""
+    _ranked(session_factory, "Blue is the colour of the", "length")
+    with session_factory() as s:
+        rows, _, _ = preference_rows(s)
+    assert [r.get("chosen_cut") for r in rows] == [True]
+    snap = take_snapshot(session_factory=session_factory, out_dir=tmp_path / "snap", heldout_fraction=0.0, seed=0,
+                         max_pairs=10, max_prompts=10)
+    assert snap.rows("sft_best_train") == [{"messages": [{"role": "user", "content": "Name a colour"},
+                                                         {"role": "assistant", "content": "Blue is the colour of the"}],
+                                            "cut": True}]
+
+
+def test_a_finished_or_unrecorded_chosen_candidate_is_not_marked_cut(session_factory):
+    """Older candidates (no finish reason) and replies that ended keep plain TRL preference rows."""
+    _ranked(session_factory, SHORT, "stop")
+    with session_factory() as s:
+        task = annotation_repo.add_task(session=s, context=[{"role": "user", "content": "Another"}], source="chat")
+        a = annotation_repo.add_candidate(session=s, task=task, content="One.", model_version="v0")
+        b = annotation_repo.add_candidate(session=s, task=task, content="Two.", model_version="v0")
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=[[a.id], [b.id]])
+        s.commit()
+        rows, _, _ = preference_rows(s)
+    assert len(rows) == 2 and all("chosen_cut" not in r for r in rows)
+
+
+def _tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_sft_examples_of_a_finished_reply_match_the_chat_templates_tokens_with_loss_on_the_reply_only(tiny_model_dir):
+    """A finished row is exactly TRL's conversational prompt-completion: the template's ids, prompt tokens masked."""
+    tok = _tokenizer(tiny_model_dir)
+    messages = [{"role": "user", "content": "What is the weather like?"}, {"role": "assistant", "content": "Blue."}]
+    [ex] = sft_examples([{"messages": messages}], tok)
+    full = list(tok.apply_chat_template(with_system(messages), tokenize=True, return_dict=True)["input_ids"])
+    prompt = list(tok.apply_chat_template(with_system(messages[:-1]), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"])
+    assert ex["input_ids"] == full
+    assert ex["labels"] == [-100] * len(prompt) + full[len(prompt):]
+    assert tok.decode([t for t in ex["labels"] if t != -100]) == "Blue.<|im_end|>\n"
+
+
+def test_sft_examples_of_a_cut_reply_train_no_end_of_turn(tiny_model_dir):
+    """A cut row is the finished row minus the template's end-of-turn tokens: the labels end on the reply's last word."""
+    tok = _tokenizer(tiny_model_dir)
+    messages = [{"role": "user", "content": "What is the weather like?"},
+                {"role": "assistant", "content": "The sky is blue and the"}]
+    [finished, cut] = sft_examples([{"messages": messages}, {"messages": messages, "cut": True}], tok)
+    trained = tok.decode([t for t in cut["labels"] if t != -100])
+    assert trained == "The sky is blue and the"
+    assert tok.eos_token_id not in cut["input_ids"][-3:]
+    assert finished["input_ids"][:len(cut["input_ids"])] == cut["input_ids"]
+    assert tok.decode(finished["input_ids"][len(cut["input_ids"]):]) == "<|im_end|>\n"
