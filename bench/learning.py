@@ -227,6 +227,9 @@ def main() -> None:
         cache_path.write_text(json.dumps(cache))
         print(f"candidates: {len(missing)} prompts x {args.k} in {time.monotonic() - t:.0f} s")
     candidates = [cache[p["prompt"]] for p in train]
+    flat = [c for cands in candidates for c in cands]
+    print(f"candidates cut at {args.candidate_tokens} tokens: {sum(c.get('finish_reason') == 'length' for c in flat)}"
+          f" of {len(flat)} (SFT trains no end-of-turn after a cut best reply)")
     results = []
     for name in args.preferences:
         for noise in args.noise:
