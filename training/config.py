@@ -87,10 +87,11 @@ class RetrainConfig:
                                                                      "every prompt first (bench.safety: +21 / +4 "
                                                                      "and +55 / +18 points; with 1: +64 / +8 and "
                                                                      "+51 / +6)."})
-    safety_dpo_answer_ratio: float = field(default=1.0, metadata={"help": "Answering pairs (an answer over a "
+    safety_dpo_answer_ratio: float = field(default=1.5, metadata={"help": "Answering pairs (an answer over a "
                                                                        "refusal) per refusing pair in safety DPO, "
                                                                        "where there are enough: above 1 leans "
-                                                                       "against over-refusal."})
+                                                                       "against over-refusal (bench.safety seed 1: "
+                                                                       "1 kept +52 / +11 points, 1.5 +58 / +2)."})
     safety_dpo_answer_tokens: int = field(default=64, metadata={"help": "New tokens of the current model's answers "
                                                                      "to caught prompts (the rejected side) and to "
                                                                      "cleared and chat prompts (the chosen side)."})
@@ -124,14 +125,17 @@ class RetrainConfig:
                                                                          "ordinary message costs as much as missing "
                                                                          "this many harmful ones (bench.safety seed "
                                                                          "0: 3 kept +64 / +8 points, 5 +47 / +1)."})
-    safety_dpo_select_ordinary_budget: float = field(default=0.03, metadata={"help": "Keep the safety-DPO check "
+    safety_dpo_select_ordinary_budget: float = field(default=0.05, metadata={"help": "Keep the safety-DPO check "
                                                                                 "that refuses the most caught "
                                                                                 "validation prompts among those "
                                                                                 "refusing ordinary ones at most this "
                                                                                 "much more readily (expected rate) "
                                                                                 "than the current model; the best "
                                                                                 "score decides when none is. "
-                                                                                "Negative = the score alone."})
+                                                                                "Negative = the score alone "
+                                                                                "(bench.safety seed 0: 0.03 kept an "
+                                                                                "early check, +12 / -1 points; 0.05 "
+                                                                                "+76 / +5)."})
     sft_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks in SFT "
                                                                 "(0 = all)."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
