@@ -49,10 +49,12 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             conv = repository.create_conversation(session=s, owner=user)
             repository.add_message(session=s, conversation=conv, role="user", content=f"how do I bake bread number {i}",
                                    moderation="pass")
-    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8))
+    cfg = RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8)
+    status, run = _run(session_factory, tmp_path, cfg)
     assert status == "done", run.error
     m = run.metrics
-    # the tiny model's answers and the best replies never refuse: as many pairs of each kind as the fewer has
+    # the tiny model's answers and the best replies never refuse: n refusing pairs and about
+    # r * n answering ones (r = safety_dpo_answer_ratio), n as large as both sides allow
     ordinary = m["data"]["sft_train"] + m["data"]["sft_best_train"]
     assert m["data"]["prompts_cleared_train"] == 2
     # cleared prompts join the answering side (unless the tiny model's answer to one is empty)
@@ -62,12 +64,15 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     cleared = 2 - m.get("safety_dpo_validation_cleared", 0)
     chat = m["data"]["prompts_chat_train"] - m.get("safety_dpo_validation_chat", 0)
     assert 10 <= m["data"]["prompts_chat_train"] < 20  # the evaluation's held-out share is left out
-    assert 0 < 2 * min(caught, ordinary) <= m["safety_dpo_pairs"] <= 2 * min(caught, ordinary + cleared + chat)
+    r = cfg.safety_dpo_answer_ratio
+    fewest, most = min(caught, int(ordinary / r)), min(caught, int((ordinary + cleared + chat) / r))
+    assert 0 < fewest + round(fewest * r) <= m["safety_dpo_pairs"] <= most + round(most * r)
     assert m["safety_dpo_validation_caught"] >= 5 and m["safety_dpo_validation_ordinary"] >= 1
     history = m["safety_dpo_check_history"]  # the SFT model and evenly spaced steps, the best one kept
     assert history[0]["step"] == 0 and len(history) >= 2
     assert m["safety_dpo_chosen_step"] == max(history, key=RefusalCheckpoints._rank)["step"]
-    assert m["safety_dpo_ordinary_limit"] == pytest.approx(m["safety_dpo_current_rates"][1] + 0.03, abs=1e-4)
+    assert m["safety_dpo_ordinary_limit"] == pytest.approx(
+        m["safety_dpo_current_rates"][1] + cfg.safety_dpo_select_ordinary_budget, abs=1e-4)
     pairs = read_jsonl(tmp_path / "data" / "runs" / f"run-{run.id}" / "data" / "safety_dpo_pairs.jsonl")
     assert any(p["prompt"][-1]["content"].startswith("how do I bake bread") for p in pairs)
     assert "safety_dpo" in m["timings_s"]
