@@ -32,7 +32,7 @@ VARIANTS = [dict(temperature=0.3, top_p=0.9), dict(temperature=0.7, top_p=0.95),
 
 
 class CandidateWorker:
-    def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int = 128, interval_s: float = 10.0,
+    def __init__(self, service, k: int = 4, ahead: int = 3, max_new_tokens: int | None = None, interval_s: float = 10.0,
                  max_failures: int = 3, prioritize: bool = True, pool: int = 12):
         self.service = service
         # Uncertainty-first order (app/active_ranking.py): once its preference head exists the
@@ -43,7 +43,10 @@ class CandidateWorker:
         self._failures: dict[int, int] = {}  # task id -> rounds in a row its candidates failed
         self.k = k
         self.ahead = ahead
-        self.max_new_tokens = max_new_tokens
+        # The settings' budget unless given (CHAT_RANKING_CANDIDATE_TOKENS).
+        self.max_new_tokens = max_new_tokens or service.settings.ranking_candidate_tokens
+        if not 1 <= self.max_new_tokens <= 8192:  # at startup, not as a failure on every task later
+            raise ValueError(f"CHAT_RANKING_CANDIDATE_TOKENS must be between 1 and 8192, not {self.max_new_tokens}")
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()

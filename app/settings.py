@@ -84,6 +84,10 @@ class Settings:
         "Niceness of the retrain process (0-19; 0 = the same priority as chat). It shares the cores with "
         "chat: at 19 the kernel gives chat's threads the CPU whenever they want it (bench.chat_contention).")})
     ranking_candidates: int = field(default=4, metadata={"help": "Candidate replies per ranking task (K)."})
+    ranking_candidate_tokens: int = field(default=128, metadata={"help": (
+        "New tokens per candidate reply on the Rank tab. 128 keeps candidates quick to write and read; 256 (the "
+        "chat's own budget) still left 76% of SmolLM2's candidates cut, and on bench.learning's concise cell it "
+        "took the retrain from ~15 to 32 minutes with no gain (README, simulated-user benchmark).")})
     annotations_per_task: int = field(default=1, metadata={"help": "Rankings each task wants (N)."})
 
     @property

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.settings import Settings
 from bench.gold import PREFERENCES, GoldPreference, rank
 from feedback import annotation_repo
 from feedback import repository
@@ -199,7 +200,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=60, help="held-out prompts the gold function judges on")
     parser.add_argument("--seeds", type=int, default=1, help="replies per held-out prompt and version")
     parser.add_argument("--k", type=int, default=4, help="candidates per task")
-    parser.add_argument("--candidate-tokens", type=int, default=128, help="as the app's candidate worker")
+    parser.add_argument("--candidate-tokens", type=int, default=Settings.ranking_candidate_tokens,
+                        help="new tokens per candidate, as the app's candidate worker (CHAT_RANKING_CANDIDATE_TOKENS)")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="reply length for the gold comparison")
     parser.add_argument("--retrain-json", default="{}", help="RetrainConfig overrides (default: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from app.candidates import CandidateWorker
@@ -26,16 +27,28 @@ SHORT, LONG = "Blue.", "Blue is the colour of the sky on a clear day and of the 
 
 
 def test_the_candidate_worker_records_whether_each_reply_ended_or_was_cut(session_factory, settings):
-    """With a 6-token budget, the one-word reply ends by itself ("stop") and the long one is cut ("length")."""
+    """With the settings' candidate budget at 6 tokens (CHAT_RANKING_CANDIDATE_TOKENS), the one-word
+    reply ends by itself ("stop") and the long one is cut there ("length")."""
+    settings.ranking_candidate_tokens = 6
     replies = iter([SHORT] + [SHORT, LONG] * 2)
     moderator = Moderator([RulesBackend([Rule("abuse", words=("idiot",))])])
     service = ChatService(ScriptedEngine(lambda msgs: next(replies)), session_factory, settings, moderator=moderator)
     list(service.send("alice", "Name a colour"))  # a chat prompt that passed moderation becomes a task
-    CandidateWorker(service, k=4, ahead=1, max_new_tokens=6).run_once()
+    CandidateWorker(service, k=4, ahead=1).run_once()
     with session_factory() as s:
         cands = s.scalars(select(Candidate).order_by(Candidate.id)).all()
         assert [(c.content, c.finish_reason) for c in cands] == [
             (SHORT, "stop"), ("Blue is the colour of the", "length")] * 2
+
+
+def test_a_candidate_budget_out_of_range_stops_the_worker_at_startup(session_factory, settings):
+    """CHAT_RANKING_CANDIDATE_TOKENS=0 (or above the engine's 8192) is refused when the worker is built,
+    naming the variable, instead of failing every task's candidates later."""
+    service = ChatService(ScriptedEngine(lambda msgs: SHORT), session_factory, settings)
+    for bad in (0, -5, 9000):
+        settings.ranking_candidate_tokens = bad
+        with pytest.raises(ValueError, match="CHAT_RANKING_CANDIDATE_TOKENS must be between 1 and 8192"):
+            CandidateWorker(service)
 
 
 def _ranked(session_factory, best: str, best_finish: str | None):
