@@ -44,9 +44,10 @@ class CandidateWorker:
         self.k = k
         self.ahead = ahead
         # The settings' budget unless given (CHAT_RANKING_CANDIDATE_TOKENS).
-        self.max_new_tokens = max_new_tokens or service.settings.ranking_candidate_tokens
+        self.max_new_tokens = service.settings.ranking_candidate_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= self.max_new_tokens <= 8192:  # at startup, not as a failure on every task later
-            raise ValueError(f"CHAT_RANKING_CANDIDATE_TOKENS must be between 1 and 8192, not {self.max_new_tokens}")
+            raise ValueError("The candidate budget (CHAT_RANKING_CANDIDATE_TOKENS) must be between 1 and 8192, "
+                             f"not {self.max_new_tokens}")
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()

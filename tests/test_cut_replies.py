@@ -42,13 +42,15 @@ def test_the_candidate_worker_records_whether_each_reply_ended_or_was_cut(sessio
 
 
 def test_a_candidate_budget_out_of_range_stops_the_worker_at_startup(session_factory, settings):
-    """CHAT_RANKING_CANDIDATE_TOKENS=0 (or above the engine's 8192) is refused when the worker is built,
-    naming the variable, instead of failing every task's candidates later."""
+    """CHAT_RANKING_CANDIDATE_TOKENS of 0, -5 or 9000 (above the engine's 8192) is refused when the worker
+    is built, naming the variable, instead of failing every task's candidates later; so is an explicit 0."""
     service = ChatService(ScriptedEngine(lambda msgs: SHORT), session_factory, settings)
     for bad in (0, -5, 9000):
         settings.ranking_candidate_tokens = bad
-        with pytest.raises(ValueError, match="CHAT_RANKING_CANDIDATE_TOKENS must be between 1 and 8192"):
+        with pytest.raises(ValueError, match=r"\(CHAT_RANKING_CANDIDATE_TOKENS\) must be between 1 and 8192"):
             CandidateWorker(service)
+    with pytest.raises(ValueError, match="must be between 1 and 8192, not 0"):
+        CandidateWorker(service, max_new_tokens=0)  # an explicit 0 is refused, not replaced by the settings
 
 
 def _ranked(session_factory, best: str, best_finish: str | None):
