@@ -45,9 +45,11 @@ class CandidateWorker:
         self.ahead = ahead
         # The settings' budget unless given (CHAT_RANKING_CANDIDATE_TOKENS).
         self.max_new_tokens = service.settings.ranking_candidate_tokens if max_new_tokens is None else max_new_tokens
-        if not 1 <= self.max_new_tokens <= 8192:  # at startup, not as a failure on every task later
-            raise ValueError("The candidate budget (CHAT_RANKING_CANDIDATE_TOKENS) must be between 1 and 8192, "
-                             f"not {self.max_new_tokens}")
+        try:  # at startup, not as a failure on every task later; the engine's own bounds
+            SamplingParams(max_new_tokens=self.max_new_tokens).validate()
+        except ValueError as e:
+            raise ValueError(f"The candidate budget (CHAT_RANKING_CANDIDATE_TOKENS) "
+                             f"{str(e).removeprefix('max_new_tokens ')}, not {self.max_new_tokens}") from e
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
