@@ -87,7 +87,8 @@ class Settings:
     ranking_candidate_tokens: int = field(default=128, metadata={"help": (
         "New tokens per candidate reply on the Rank tab. 128 keeps candidates quick to write and read; 256 (the "
         "chat's own budget) still left 76% of SmolLM2's candidates cut, and on bench.learning's concise cell it "
-        "took the retrain from ~15 to 32 minutes with no gain (README, simulated-user benchmark).")})
+        "gave no gain while SFT, the reward model and the judge read replies twice as long (a 32-minute "
+        "retrain; README, simulated-user benchmark).")})
     annotations_per_task: int = field(default=1, metadata={"help": "Rankings each task wants (N)."})
 
     @property
