@@ -28,11 +28,12 @@ def _msgs(context: list[dict]) -> list[dict]:
 
 def preference_rows(session: Session) -> tuple[list[dict], dict, dict]:
     pairs = all_pairs(session)
-    # "chosen_cut" only where true: the chosen reply was cut before it ended (SFT on it must not
-    # teach ending the turn there); other rows stay plain TRL preference rows.
+    # "chosen_cut"/"rejected_cut" only where true: that reply was cut before it ended (SFT on it
+    # must not teach ending the turn there; the reward model reads it as unfinished); other rows
+    # stay plain TRL preference rows.
     rows = [{"prompt": _msgs(p.prompt), "chosen": [{"role": "assistant", "content": scrub(p.chosen)}],
-             "rejected": [{"role": "assistant", "content": scrub(p.rejected)}]} | ({"chosen_cut": True}
-                                                                                 if p.chosen_cut else {})
+             "rejected": [{"role": "assistant", "content": scrub(p.rejected)}]}
+            | ({"chosen_cut": True} if p.chosen_cut else {}) | ({"rejected_cut": True} if p.rejected_cut else {})
             for p in pairs]
     refs: dict[str, set[int]] = {}
     by_source: dict[str, int] = {}

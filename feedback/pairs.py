@@ -31,6 +31,7 @@ class Pair:
     count: int = 1
     refs: dict[str, list[int]] = field(default_factory=dict)  # which rows produced it
     chosen_cut: bool = False  # the chosen reply did not end by itself (token budget, or stopped)
+    rejected_cut: bool = False  # the rejected reply did not end by itself
 
     @property
     def key(self) -> str:
@@ -65,7 +66,8 @@ def ranking_pairs(session: Session) -> list[Pair]:
             if chosen in cands and rejected in cands and cands[chosen].content != cands[rejected].content:
                 out.append(Pair(task.context, cands[chosen].content, cands[rejected].content, "ranking",
                                 refs={"rankings": [ranking.id]},
-                                chosen_cut=cands[chosen].finish_reason in CUT_FINISH_REASONS))
+                                chosen_cut=cands[chosen].finish_reason in CUT_FINISH_REASONS,
+                                rejected_cut=cands[rejected].finish_reason in CUT_FINISH_REASONS))
     return out
 
 
@@ -90,7 +92,7 @@ def vote_pairs(session: Session) -> list[Pair]:
             for dv, dm in downs:
                 if um.content != dm.content:
                     out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]},
-                                    chosen_cut=um.status == "stopped"))
+                                    chosen_cut=um.status == "stopped", rejected_cut=dm.status == "stopped"))
     return out
 
 
@@ -113,7 +115,7 @@ def ab_pairs(session: Session) -> list[Pair]:
         if chosen.content != rejected.content:
             out.append(Pair(_context(session, session.get(Message, turn.user_message_id)), chosen.content,
                             rejected.content, "ab", refs={"ab_turns": [turn.id]},
-                            chosen_cut=chosen.status == "stopped"))
+                            chosen_cut=chosen.status == "stopped", rejected_cut=rejected.status == "stopped"))
     return out
 
 
@@ -134,7 +136,7 @@ def merge(pairs: list[Pair]) -> list[Pair]:
                 m.source += "+" + p.source
         else:
             merged[p.key] = Pair(p.prompt, p.chosen, p.rejected, p.source, p.count,
-                                 {k: list(v) for k, v in p.refs.items()}, p.chosen_cut)
+                                 {k: list(v) for k, v in p.refs.items()}, p.chosen_cut, p.rejected_cut)
     return list(merged.values())
 
 

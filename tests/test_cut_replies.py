@@ -124,3 +124,36 @@ def test_sft_examples_of_a_cut_reply_train_no_end_of_turn(tiny_model_dir):
     assert tok.eos_token_id not in cut["input_ids"][-3:]
     assert finished["input_ids"][:len(cut["input_ids"])] == cut["input_ids"]
     assert tok.decode(finished["input_ids"][len(cut["input_ids"]):]) == "<|im_end|>\n"
+
+
+def test_a_cut_rejected_candidate_is_marked_in_preference_rows(session_factory):
+    """A ranking whose losing candidate was cut marks the row "rejected_cut" (the winner ended: no "chosen_cut")."""
+    with session_factory() as s:
+        task = annotation_repo.add_task(session=s, context=[{"role": "user", "content": "Name a colour"}],
+                                        source="chat")
+        top = annotation_repo.add_candidate(session=s, task=task, content=SHORT, model_version="v0", finish_reason="stop")
+        cut = annotation_repo.add_candidate(session=s, task=task, content="Blue is the colour of the",
+                                            model_version="v0", finish_reason="length")
+        ann = repository.get_or_create_user(session=s, name="ann", role="annotator")
+        annotation_repo.submit_ranking(session=s, task_id=task.id, annotator=ann, order=[[top.id], [cut.id]])
+        s.commit()
+        rows, _, _ = preference_rows(s)
+    assert [(r.get("chosen_cut"), r.get("rejected_cut")) for r in rows] == [(None, True)]
+
+
+def test_the_reward_model_reads_a_cut_reply_at_its_last_word_and_a_finished_one_at_its_end_of_turn(tiny_model_dir):
+    """With rm_reads_cut_replies a cut reply's training ids are the prompt as served plus the reply's
+    text, no end-of-turn; the finished reply of the same pair still ends on it; off, both end on it."""
+    from training.common import chat_text
+    from training.reward_groups import group_dataset
+
+    tok = _tokenizer(tiny_model_dir)
+    prompt = [{"role": "user", "content": "Name a colour"}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": SHORT}],
+           "rejected": [{"role": "assistant", "content": "Blue is the colour of the"}], "rejected_cut": True}
+    [aware] = group_dataset(tok, [row], 256, read_cut=True)[0]
+    [plain] = group_dataset(tok, [row], 256, read_cut=False)[0]
+    chosen, rejected = aware["reply_ids"]
+    assert chosen[-1] == tok.eos_token_id and rejected[-1] != tok.eos_token_id
+    assert rejected == tok(chat_text(tok, prompt) + "Blue is the colour of the", add_special_tokens=False).input_ids
+    assert [ids[-1] for ids in plain["reply_ids"]] == [tok.eos_token_id] * 2

@@ -169,8 +169,11 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     if progress:
         progress(3, 4)
 
-    convs = {name: [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts_of[name])]
-             for name in replies}
+    # A reply that used its whole budget was cut there: with rm_reads_cut_replies the reward
+    # models read it unfinished, as they were trained to.
+    convs = {name: [p + [{"role": "assistant", "content": t}
+                         | ({"cut": True} if cfg.rm_reads_cut_replies and n >= cfg.eval_max_new_tokens else {})]
+                    for p, (t, n) in zip(prompts, replies[name])] for name in replies}
     # The reward model PPO optimised: reported, never used for the verdict (it is optimistic).
     rm_scores = _scores(reward_path, convs, cfg)
     ev["reward_new"], ev["reward_current"] = mean(rm_scores["new"]), mean(rm_scores["current"])

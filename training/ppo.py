@@ -57,7 +57,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
         raise ValueError(f"PPO needs at least {cfg.ppo_batch_size} prompts; {prompts_path} has {len(dataset)}.")
     baselines, default_baseline = [], 0.0
     if pairs_path and cfg.ppo_prompt_baseline:
-        by_prompt = prompt_baselines(reward, tokenizer, read_jsonl(pairs_path), cfg.max_length)
+        by_prompt = prompt_baselines(reward, tokenizer, read_jsonl(pairs_path), cfg.max_length,
+                                     cfg.rm_reads_cut_replies)
         for row, encoded in zip(read_jsonl(prompts_path), dataset):
             key = json.dumps(row["prompt"], sort_keys=True)
             if key in by_prompt:
@@ -73,7 +74,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
                      **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
                          reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id, baselines,
-                                                            default_baseline),
+                                                            default_baseline,
+                                                            append_eos=not cfg.rm_reads_cut_replies),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()

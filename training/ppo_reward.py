@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 
 
-def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int) -> dict[str, float]:
+def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int,
+                     read_cut: bool = False) -> dict[str, float]:
     """Mean reward of the replies annotators saw for each prompt (both sides of its pairs), keyed
     by the prompt's JSON. These replies were sampled from the serving model, so the mean estimates
-    what the policy scores on that prompt before PPO."""
-    from training.reward import score_conversations
+    what the policy scores on that prompt before PPO. ``read_cut``: cut replies are read unfinished."""
+    from training.reward import reply_conversation, score_conversations
 
     replies: dict[str, set[str]] = {}
     for row in pairs:
         key = json.dumps(row["prompt"], sort_keys=True)
-        replies.setdefault(key, set()).update((row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
-    flat = [(key, text) for key, texts in replies.items() for text in sorted(texts)]
-    scores = score_conversations(reward_model, tokenizer, [json.loads(k) + [{"role": "assistant", "content": t}]
-                                                           for k, t in flat], max_length)
+        replies.setdefault(key, set()).update(json.dumps(reply_conversation(row, side, read_cut)[-1], sort_keys=True)
+                                              for side in ("chosen", "rejected"))
+    flat = [(key, reply) for key, texts in replies.items() for reply in sorted(texts)]
+    scores = score_conversations(reward_model, tokenizer, [json.loads(k) + [json.loads(r)] for k, r in flat], max_length)
     sums: dict[str, list[float]] = {}
     for (key, _), score in zip(flat, scores):
         sums.setdefault(key, []).append(score)
@@ -30,7 +31,7 @@ def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int
 
 
 def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple[list[int], float]] = (),
-                          default_baseline: float = 0.0):
+                          default_baseline: float = 0.0, append_eos: bool = True):
     """The reward model as TRL's PPO calls it, reading every rollout's reward at an end-of-turn
     token, minus its prompt's baseline.
 
@@ -38,7 +39,9 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
     itself ends in eos, the position the reward model was trained at (training/reward.py); one cut
     at ``response_length`` (most of them) ends mid-sentence, a position it never saw, where its
     head says little. Cut rollouts get an eos appended before scoring: each is judged as the
-    finished reply it would be if it stopped there.
+    finished reply it would be if it stopped there. With ``append_eos`` off (a reward model
+    trained with ``rm_reads_cut_replies``, which has seen cut replies as cut) a cut rollout is read
+    at its last token, unfinished, as the reward model learnt such replies.
 
     ``baselines``: (query token ids, baseline) per known prompt; a rollout whose query is one of
     them gets that baseline subtracted, others ``default_baseline``. With one rollout per prompt
@@ -72,7 +75,7 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
             first = mask.argmax(1)  # queries are left-padded; the reply ends before the next pad
             after = (torch.arange(width, device=mask.device)[None] > first[:, None]) & (mask == 0)
             read = torch.where(after.any(1), after.int().argmax(1), torch.full_like(first, width)) - 1
-            cut = input_ids[torch.arange(rows), read] != eos_token_id
+            cut = (input_ids[torch.arange(rows), read] != eos_token_id) & append_eos
             ids = torch.cat([input_ids, input_ids.new_zeros(rows, 1)], 1)
             ext = torch.cat([mask, mask.new_zeros(rows, 1)], 1)
             where = torch.nonzero(cut).squeeze(1)

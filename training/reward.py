@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.common import (base_trainer_args, freeze_lower_layers, load_tokenizer, lora_config, read_jsonl,
-                             save_model_dir, with_system)
+from training.common import (base_trainer_args, chat_text, freeze_lower_layers, load_tokenizer, lora_config,
+                             read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
 
 
@@ -34,8 +34,21 @@ def conversation_text(tokenizer, conversation: list[dict]) -> str:
     """The conversation as the serving engine renders it, ending at the reply's end-of-turn token
     (the chat template's trailing newline dropped). The reward is read at that token in training,
     in scoring and in PPO, whose rollouts end there too; read one token later in training and one
-    earlier in PPO, the head was asked about a position it never learnt."""
+    earlier in PPO, the head was asked about a position it never learnt.
+
+    A reply marked ``"cut": True`` did not end: it is rendered as the model wrote it, the prompt
+    and the reply's text with no end-of-turn (what a PPO rollout cut at its length holds), and
+    the reward is read at its last token."""
+    if conversation and conversation[-1].get("cut"):
+        return chat_text(tokenizer, conversation[:-1]) + with_system(conversation)[-1]["content"]
     return tokenizer.apply_chat_template(with_system(conversation), tokenize=False).rstrip()
+
+
+def reply_conversation(row: dict, side: str, read_cut: bool = False) -> list[dict]:
+    """A preference row's prompt and its ``side`` ("chosen" or "rejected") reply, the reply marked
+    cut when ``read_cut`` is on and the row says it was cut (``chosen_cut``/``rejected_cut``)."""
+    reply = row[side][-1] | ({"cut": True} if read_cut and row.get(f"{side}_cut") else {})
+    return row["prompt"] + row[side][:-1] + [reply]
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], max_length: int = 256,
@@ -63,11 +76,11 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
     return [by_text[t] for t in all_texts]
 
 
-def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256) -> list[float]:
+def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256, read_cut: bool = False) -> list[float]:
     """1.0 per pair whose chosen reply scores above the rejected one, else 0.0."""
     # Both sides in one call: a candidate is the chosen reply of one pair and the rejected of another.
-    scores = score_conversations(model, tokenizer, [r["prompt"] + r[side] for side in ("chosen", "rejected")
-                                                    for r in rows], max_length)
+    scores = score_conversations(model, tokenizer, [reply_conversation(r, side, read_cut) for side in
+                                                    ("chosen", "rejected") for r in rows], max_length)
     chosen, rejected = scores[:len(rows)], scores[len(rows):]
     return [float(c > r) for c, r in zip(chosen, rejected)]
 
@@ -88,7 +101,8 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
     # One example per pair (TRL's way), or per prompt with rm_group_by_prompt (training/reward_groups.py).
-    train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, cfg.rm_group_by_prompt)
+    train, cut, n_pairs = group_dataset(tokenizer, read_jsonl(train_path), cfg.max_length, cfg.rm_group_by_prompt,
+                                        cfg.rm_reads_cut_replies)
     args = RewardConfig(num_train_epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate,
                         per_device_train_batch_size=groups_per_step(n_pairs, len(train), cfg.rm_batch_size),
                         max_length=None, lr_scheduler_type="cosine", warmup_steps=0.1,
@@ -98,7 +112,8 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
                                      peft_config=lora_config("SEQ_CLS") if cfg.use_lora else None)
     result = trainer.train()
     trained = trainer.model
-    acc, lo, hi = mean_interval(pairwise_correct(trained, tokenizer, heldout, cfg.max_length))
+    acc, lo, hi = mean_interval(pairwise_correct(trained, tokenizer, heldout, cfg.max_length,
+                                                        cfg.rm_reads_cut_replies))
     path = save_model_dir(trained, tokenizer, out_dir)
     metrics = {"rm_heldout_accuracy": acc, "rm_heldout_accuracy_lo": lo, "rm_heldout_accuracy_hi": hi,
                "rm_heldout_pairs": len(heldout), "rm_train_pairs": n_pairs, "rm_pairs_truncated": cut,

@@ -20,14 +20,15 @@ import json
 from dataclasses import dataclass
 
 
-def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool = True):
+def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool = True, read_cut: bool = False):
     """One row per prompt (per pair when ``by_prompt`` is off, as TRL trains): ``reply_ids`` (each
     distinct conversation's token ids as the reward model reads them, cut to the last
     ``max_length`` so a long dialogue loses its start, never the reply) and ``wins`` (index pairs,
-    chosen first). Returns the dataset, how many pairs had a side cut, and how many pairs it holds."""
+    chosen first). ``read_cut``: a reply the row marks as cut is read unfinished (training/reward.py,
+    ``conversation_text``). Returns the dataset, how many pairs had a side cut, and how many pairs it holds."""
     from datasets import Dataset
 
-    from training.reward import conversation_text
+    from training.reward import conversation_text, reply_conversation
 
     groups: dict[str, dict] = {}
     cut = 0
@@ -36,9 +37,10 @@ def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool 
         group = groups.setdefault(group_key, {"reply_ids": [], "wins": [], "index": {}})
         pair, long = [], False
         for side in ("chosen", "rejected"):
-            reply_key = json.dumps(r[side], sort_keys=True)
+            conversation = reply_conversation(r, side, read_cut)
+            reply_key = json.dumps(conversation[len(r["prompt"]):], sort_keys=True)  # a cut reply is another reply
             if reply_key not in group["index"]:
-                ids = tokenizer(conversation_text(tokenizer, r["prompt"] + r[side]), add_special_tokens=False).input_ids
+                ids = tokenizer(conversation_text(tokenizer, conversation), add_special_tokens=False).input_ids
                 group["index"][reply_key] = (len(group["reply_ids"]), len(ids) > max_length)
                 group["reply_ids"].append(ids[-max_length:])
             index, too_long = group["index"][reply_key]
