@@ -141,10 +141,12 @@ def test_a_cut_rejected_candidate_is_marked_in_preference_rows(session_factory):
     assert [(r.get("chosen_cut"), r.get("rejected_cut")) for r in rows] == [(None, True)]
 
 
-def test_the_reward_model_reads_a_cut_reply_at_its_last_word_and_a_finished_one_at_its_end_of_turn(tiny_model_dir):
-    """With rm_reads_cut_replies a cut reply's training ids are the prompt as served plus the reply's
-    text, no end-of-turn; the finished reply of the same pair still ends on it; off, both end on it."""
+def test_the_reward_model_reads_a_cut_reply_at_a_cut_marker_and_a_finished_one_at_its_end_of_turn(tiny_model_dir):
+    """With rm_reads_cut_replies a cut reply's training ids are the prompt as served, the reply's
+    text and the cut marker (the template's turn-opening token, never the end-of-turn); the finished
+    reply of the same pair still ends on the end-of-turn; off, both end on it."""
     from training.common import chat_text
+    from training.reward import cut_marker
     from training.reward_groups import group_dataset
 
     tok = _tokenizer(tiny_model_dir)
@@ -154,6 +156,9 @@ def test_the_reward_model_reads_a_cut_reply_at_its_last_word_and_a_finished_one_
     [aware] = group_dataset(tok, [row], 256, read_cut=True)[0]
     [plain] = group_dataset(tok, [row], 256, read_cut=False)[0]
     chosen, rejected = aware["reply_ids"]
-    assert chosen[-1] == tok.eos_token_id and rejected[-1] != tok.eos_token_id
-    assert rejected == tok(chat_text(tok, prompt) + "Blue is the colour of the", add_special_tokens=False).input_ids
+    marker = cut_marker(tok)
+    assert tok.convert_ids_to_tokens(marker) == "<|im_start|>" and marker not in (tok.eos_token_id, tok.pad_token_id)
+    assert chosen[-1] == tok.eos_token_id
+    assert rejected == tok(chat_text(tok, prompt) + "Blue is the colour of the", add_special_tokens=False).input_ids \
+        + [marker]
     assert [ids[-1] for ids in plain["reply_ids"]] == [tok.eos_token_id] * 2

@@ -54,16 +54,16 @@ def test_ppo_reads_the_same_reward_as_scoring_the_whole_conversation(tiny_model_
     assert scores.squeeze(-1).tolist() == pytest.approx(expected, abs=1e-4)
 
 
-def test_a_cut_rollout_is_read_unfinished_when_the_reward_model_learnt_cut_replies(tiny_model_dir):
-    """With append_eos off (rm_reads_cut_replies), TRL's get_reward on a rollout cut mid-reply equals
-    score_conversations on the reply marked cut (read at its last word), and differs from reading it
-    as finished; a rollout that ended with eos is read at its eos either way."""
+def test_a_cut_rollout_gets_the_cut_marker_when_the_reward_model_learnt_cut_replies(tiny_model_dir):
+    """With cut_token_id (rm_reads_cut_replies), TRL's get_reward on a rollout cut mid-reply equals
+    score_conversations on the reply marked cut (read at the cut marker), and differs from reading
+    it as finished; a rollout that ended with eos is read at its eos either way."""
     import torch
     from trl.experimental.utils import get_reward
 
     from training.common import chat_text
     from training.ppo_reward import scored_at_end_of_turn
-    from training.reward import score_conversations
+    from training.reward import cut_marker, score_conversations
 
     rm, tok = _rm_and_tokenizer(tiny_model_dir)
     prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a much longer question here"}]]
@@ -73,8 +73,8 @@ def test_a_cut_rollout_is_read_unfinished_when_the_reward_model_learnt_cut_repli
                tok(replies[1], add_special_tokens=False).input_ids + [tok.eos_token_id]]  # finished
     pad, width, span = tok.pad_token_id, max(map(len, queries)), max(map(len, answers)) + 2
     rows = [[pad] * (width - len(q)) + q + a + [pad] * (span - len(a)) for q, a in zip(queries, answers)]
-    _, scores, _ = get_reward(scored_at_end_of_turn(rm, tok.eos_token_id, append_eos=False), torch.tensor(rows),
-                              pad, width)
+    scorer = scored_at_end_of_turn(rm, tok.eos_token_id, cut_token_id=cut_marker(tok))
+    _, scores, _ = get_reward(scorer, torch.tensor(rows), pad, width)
     convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)]
     as_cut = score_conversations(rm, tok, [convs[0][:-1] + [convs[0][-1] | {"cut": True}], convs[1]])
     as_finished = score_conversations(rm, tok, convs)

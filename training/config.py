@@ -152,10 +152,10 @@ class RetrainConfig:
                                                                       "held-out accuracy measured (README)."})
     rm_train_layers: int = field(default=10, metadata={"help": "Train only the top N transformer blocks of the reward "
                                                                "model (0 = all): about half the step time on CPU."})
-    rm_reads_cut_replies: bool = field(default=False, metadata={"help": "The reward model reads a reply that was cut "
-                                                                       "at its token budget as unfinished (no end-of-"
-                                                                       "turn, scored at its last token), in training, "
-                                                                       "judging and PPO; off = as if it ended there."})
+    rm_reads_cut_replies: bool = field(default=False, metadata={"help": "The reward model sees whether a reply was cut "
+                                                                       "at its token budget: a cut one ends in a cut "
+                                                                       "marker instead of the end-of-turn, in training, "
+                                                                       "judging and PPO; off = read as if it ended there."})
     accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "
                                                                 "accuracy exceeds this."})
     sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "

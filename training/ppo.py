@@ -18,6 +18,7 @@ from training.common import (base_trainer_args, freeze_lower_layers, jsonl_datas
                              read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
 from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
+from training.reward import cut_marker
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -75,7 +76,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
                          reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id, baselines,
                                                             default_baseline,
-                                                            append_eos=not cfg.rm_reads_cut_replies),
+                                                            cut_token_id=cut_marker(tokenizer)
+                                                            if cfg.rm_reads_cut_replies else None),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()

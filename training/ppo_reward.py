@@ -31,7 +31,7 @@ def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int
 
 
 def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple[list[int], float]] = (),
-                          default_baseline: float = 0.0, append_eos: bool = True):
+                          default_baseline: float = 0.0, cut_token_id: int | None = None):
     """The reward model as TRL's PPO calls it, reading every rollout's reward at an end-of-turn
     token, minus its prompt's baseline.
 
@@ -39,9 +39,10 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
     itself ends in eos, the position the reward model was trained at (training/reward.py); one cut
     at ``response_length`` (most of them) ends mid-sentence, a position it never saw, where its
     head says little. Cut rollouts get an eos appended before scoring: each is judged as the
-    finished reply it would be if it stopped there. With ``append_eos`` off (a reward model
-    trained with ``rm_reads_cut_replies``, which has seen cut replies as cut) a cut rollout is read
-    at its last token, unfinished, as the reward model learnt such replies.
+    finished reply it would be if it stopped there. ``cut_token_id`` (a reward model trained with
+    ``rm_reads_cut_replies``: training/reward.cut_marker) is appended instead, and the reward is
+    read there: the rollout is judged as the unfinished reply it is, as that reward model learnt
+    cut candidates.
 
     ``baselines``: (query token ids, baseline) per known prompt; a rollout whose query is one of
     them gets that baseline subtracted, others ``default_baseline``. With one rollout per prompt
@@ -75,11 +76,12 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
             first = mask.argmax(1)  # queries are left-padded; the reply ends before the next pad
             after = (torch.arange(width, device=mask.device)[None] > first[:, None]) & (mask == 0)
             read = torch.where(after.any(1), after.int().argmax(1), torch.full_like(first, width)) - 1
-            cut = (input_ids[torch.arange(rows), read] != eos_token_id) & append_eos
+            cut = input_ids[torch.arange(rows), read] != eos_token_id
             ids = torch.cat([input_ids, input_ids.new_zeros(rows, 1)], 1)
             ext = torch.cat([mask, mask.new_zeros(rows, 1)], 1)
             where = torch.nonzero(cut).squeeze(1)
-            ids[where, read[where] + 1], ext[where, read[where] + 1] = eos_token_id, 1
+            ids[where, read[where] + 1] = eos_token_id if cut_token_id is None else cut_token_id
+            ext[where, read[where] + 1] = 1
             out = self.inner(input_ids=ids, attention_mask=ext, position_ids=ext.cumsum(1) - ext,
                              return_dict=True, output_hidden_states=True, use_cache=False)
             hidden = out.hidden_states[-1]
