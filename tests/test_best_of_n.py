@@ -21,6 +21,15 @@ def test_pick_best_keeps_the_top_scored_reply_only_where_it_beats_the_mean_by_th
     assert len(pick_best(p, replies, scores, min_margin=0.0)) == 3  # "y" beats its mean by 0.033
 
 
+def test_a_winner_cut_at_its_budget_is_marked_so_sft_trains_no_end_of_turn_after_it():
+    """pick_best marks a winning reply that used its whole budget "cut" (training/sft.py then drops the
+    end-of-turn after it); a winner that ended keeps a plain row."""
+    p = [[{"role": "user", "content": f"q{i}"}] for i in range(2)]
+    replies, scores = [["a", "b"], ["x", "y"]], [[0.0, 2.0], [3.0, 1.0]]
+    rows = pick_best(p, replies, scores, min_margin=0.1, cut=[[False, True], [False, True]])
+    assert [(r["messages"][-1]["content"], r.get("cut")) for r in rows] == [("b", True), ("x", None)]
+
+
 def test_best_of_n_fine_tunes_the_policy_on_the_reward_models_winners(tmp_path, tiny_model_dir):
     """After the stage, the policy's log-probability of every prompt's winning sample rose: the fine-tune
     trained on what the reward model preferred (a stage that trained on nothing fails). Not asserted:

@@ -179,6 +179,20 @@ def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_
     assert status == "done", run.error
 
 
+def test_a_retrain_that_reads_cut_replies_as_cut_runs_ppo_and_the_evaluation_to_a_version(session_factory,
+                                                                                             tmp_path, tiny_model_dir):
+    """rm_reads_cut_replies on: PPO's 8-token rollouts (cut) get the cut marker before the reward model
+    reads them, the evaluation's replies at their 8-token limit are scored as cut, and the run still
+    trains, evaluates and registers a PPO version."""
+    seed_preferences(session_factory, tiny_model_dir)
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, rm_reads_cut_replies=True))
+    assert status == "done", run.error
+    m = run.metrics
+    assert m["ppo_updates"] >= 1 and m["eval"]["reward_new"] == m["eval"]["reward_new"]  # a number, not NaN
+    with session_factory() as s:
+        assert s.get(ModelVersion, run.version_id).stage == "ppo"
+
+
 def test_registration_never_overwrites_an_existing_version_directory(session_factory, tmp_path, tiny_model_dir):
     """A data dir reused with a fresh database (run ids start again at 1): the new version gets its own
     directory and the old one is left as it was."""

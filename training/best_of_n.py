@@ -31,9 +31,11 @@ from training.config import RetrainConfig
 TEMPERATURES = (0.3, 0.7, 1.0, 0.5, 0.9, 0.2)
 
 
-def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig, progress=None) -> list[list[str]]:
+def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig,
+                   progress=None) -> list[list[tuple[str, bool]]]:
     """``cfg.bon_samples`` replies per prompt from the serving engine (llama.cpp on CPU), 8 at a
-    time so its batcher batches them; ``progress(done, total)`` after every 8 replies."""
+    time so its batcher batches them; ``progress(done, total)`` after every 8 replies. Each reply
+    comes with whether it was cut at ``bon_max_new_tokens`` (the engine's finish reason "length")."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -45,15 +47,15 @@ def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig, p
     lock, done = threading.Lock(), [0]
     engine = build_engine(policy_path, "best-of-n", kind=cfg.eval_engine, max_concurrent=8)
 
-    def one(i: int) -> str:
+    def one(i: int) -> tuple[str, bool]:
         params = SamplingParams(temperature=TEMPERATURES[i % n % len(TEMPERATURES)], top_p=0.95, top_k=0,
                                 repetition_penalty=1.1, max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed + i)
-        text, _ = engine.generate(flat[i], params)
+        text, stats = engine.generate(flat[i], params)
         with lock:
             done[0] += 1
             if progress and (done[0] % 8 == 0 or done[0] == len(flat)):
                 progress(done[0], len(flat))
-        return text
+        return text, stats.finish_reason == "length"
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -64,17 +66,20 @@ def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig, p
 
 
 def pick_best(prompts: list[list[dict]], replies: list[list[str]], scores: list[list[float]],
-              min_margin: float) -> list[dict]:
+              min_margin: float, cut: list[list[bool]] | None = None) -> list[dict]:
     """One SFT row per prompt whose best reply beats the mean of its N by more than ``min_margin``.
-    Empty replies never win (an engine that stopped at once says nothing worth copying)."""
+    Empty replies never win (an engine that stopped at once says nothing worth copying). A winner
+    that was cut at its budget (``cut``) is marked ``"cut": True``: SFT trains no end-of-turn after
+    it (training/sft.py), as for best-ranked replies."""
     rows = []
-    for prompt, texts, s in zip(prompts, replies, scores):
-        ranked = [(score, text) for score, text in zip(s, texts) if text.strip()]
+    for j, (prompt, texts, s) in enumerate(zip(prompts, replies, scores)):
+        ranked = [(score, i) for i, (score, text) in enumerate(zip(s, texts)) if text.strip()]
         if len(ranked) < 2:
             continue
         best_score, best = max(ranked, key=lambda x: x[0])
         if best_score - sum(x for x, _ in ranked) / len(ranked) > min_margin:
-            rows.append({"messages": prompt + [{"role": "assistant", "content": best}]})
+            rows.append({"messages": prompt + [{"role": "assistant", "content": texts[best]}]}
+                        | ({"cut": True} if cut and cut[j][best] else {}))
     return rows
 
 
@@ -90,16 +95,19 @@ def run_best_of_n(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainC
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = [r["prompt"] for r in read_jsonl(prompts_path)]
-    replies = sample_replies(policy_path, prompts, cfg, progress)
+    sampled = sample_replies(policy_path, prompts, cfg, progress)
+    replies = [[t for t, _ in texts] for texts in sampled]
+    cut = [[c for _, c in texts] for texts in sampled]
     rm, tok = load_reward_model(reward_path)
-    flat = score_conversations(rm, tok, [p + [{"role": "assistant", "content": t}]
-                                         for p, texts in zip(prompts, replies) for t in texts], cfg.max_length)
+    flat = score_conversations(rm, tok, [p + [{"role": "assistant", "content": t}
+                                              | ({"cut": True} if c and cfg.rm_reads_cut_replies else {})]
+                                         for p, texts in zip(prompts, sampled) for t, c in texts], cfg.max_length)
     del rm
     n = cfg.bon_samples
     scores = [flat[j * n:(j + 1) * n] for j in range(len(prompts))]
-    write_jsonl(out_dir / "samples.jsonl", [{"prompt": p, "replies": r, "scores": s}
-                                            for p, r, s in zip(prompts, replies, scores)])
-    rows = pick_best(prompts, replies, scores, cfg.bon_min_margin)
+    write_jsonl(out_dir / "samples.jsonl", [{"prompt": p, "replies": r, "scores": s, "cut": c}
+                                            for p, r, s, c in zip(prompts, replies, scores, cut)])
+    rows = pick_best(prompts, replies, scores, cfg.bon_min_margin, cut)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     metrics = {"bon_prompts": len(prompts), "bon_samples": n, "bon_kept": len(rows),
                "bon_reward_mean": mean(flat), "bon_reward_best": mean([max(s) for s in scores if s])}
