@@ -155,7 +155,8 @@ class RetrainConfig:
     rm_reads_cut_replies: bool = field(default=False, metadata={"help": "The reward model sees whether a reply was cut "
                                                                        "at its token budget: a cut one ends in a cut "
                                                                        "marker instead of the end-of-turn, in training, "
-                                                                       "judging and PPO; off = read as if it ended there."})
+                                                                       "judging, best-of-N and PPO; off = read as if it "
+                                                                       "ended there (README: no measured gain yet)."})
     accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "
                                                                 "accuracy exceeds this."})
     sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "
