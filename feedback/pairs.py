@@ -130,6 +130,7 @@ def merge(pairs: list[Pair]) -> list[Pair]:
         if p.key in merged:
             m = merged[p.key]
             m.count += p.count
+            m.chosen_cut, m.rejected_cut = m.chosen_cut or p.chosen_cut, m.rejected_cut or p.rejected_cut
             for k, ids in p.refs.items():
                 m.refs.setdefault(k, []).extend(ids)
             if p.source not in m.source.split("+"):

@@ -179,16 +179,35 @@ def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_
     assert status == "done", run.error
 
 
-def test_a_retrain_that_reads_cut_replies_as_cut_runs_ppo_and_the_evaluation_to_a_version(session_factory,
-                                                                                             tmp_path, tiny_model_dir):
-    """rm_reads_cut_replies on: PPO's 8-token rollouts (cut) get the cut marker before the reward model
-    reads them, the evaluation's replies at their 8-token limit are scored as cut, and the run still
-    trains, evaluates and registers a PPO version."""
+def test_a_retrain_that_reads_cut_replies_as_cut_gives_ppo_the_marker_and_scores_cut_replies_as_cut(
+        session_factory, tmp_path, tiny_model_dir, monkeypatch):
+    """rm_reads_cut_replies on: PPO's reward model is built with the tokenizer's cut marker (its
+    8-token rollouts are cut), the evaluation scores its replies that reached the 8-token limit
+    marked cut, and the run still trains, evaluates and registers a PPO version."""
+    import training.evaluate
+    import training.ppo
+    from training.common import load_tokenizer
+    from training.reward import cut_marker
+
+    markers, cut_scored = [], []
+    real_scorer, real_scores = training.ppo.scored_at_end_of_turn, training.evaluate._scores
+
+    def scorer(*args, **kwargs):
+        markers.append(kwargs.get("cut_token_id"))
+        return real_scorer(*args, **kwargs)
+
+    def scores(path, convs, cfg):
+        cut_scored.extend(c[-1].get("cut", False) for cs in convs.values() for c in cs)
+        return real_scores(path, convs, cfg)
+
+    monkeypatch.setattr(training.ppo, "scored_at_end_of_turn", scorer)
+    monkeypatch.setattr(training.evaluate, "_scores", scores)
     seed_preferences(session_factory, tiny_model_dir)
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, rm_reads_cut_replies=True))
     assert status == "done", run.error
-    m = run.metrics
-    assert m["ppo_updates"] >= 1 and m["eval"]["reward_new"] == m["eval"]["reward_new"]  # a number, not NaN
+    assert markers == [cut_marker(load_tokenizer(tiny_model_dir))] and markers[0] is not None
+    assert any(cut_scored)
+    assert run.metrics["ppo_updates"] >= 1
     with session_factory() as s:
         assert s.get(ModelVersion, run.version_id).stage == "ppo"
 

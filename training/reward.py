@@ -49,10 +49,11 @@ def conversation_text(tokenizer, conversation: list[dict]) -> str:
 
 
 def cut_marker(tokenizer) -> int:
-    """The token that stands in for the end-of-turn after a cut reply: the chat template's
-    turn-opening special token (ChatML's ``<|im_start|>``), as if the next turn began before this
-    one ended. A single special token, so text before it never merges with it, and one the model
-    knows; never the end-of-turn or the pad."""
+    """The token that stands in for the end-of-turn after a cut reply: the first special token of
+    a rendered chat, which in ChatML is the turn-opening ``<|im_start|>`` (as if the next turn
+    began before this one ended; in templates that open with a begin-of-text token it is that
+    one). A single special token, so text before it never merges with it, and one the model
+    knows; never the end-of-turn or the pad. Every stage asks this function, so all read the same."""
     ids = tokenizer(chat_text(tokenizer, [{"role": "user", "content": "u"}]), add_special_tokens=False).input_ids
     special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id}
     for token_id in ids:
@@ -115,6 +116,8 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
     # whatever ran before it in the process (the full test suite trained another one than a lone test).
     set_seed(cfg.seed)
     model, tokenizer = load_reward_model(model_path)
+    if cfg.rm_reads_cut_replies:
+        cut_marker(tokenizer)  # a tokenizer without one fails here, before any training, not at PPO
     if not cfg.use_lora:
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
