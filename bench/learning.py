@@ -66,11 +66,10 @@ def generate_candidates(engine, prompts: list[dict], k: int, max_new_tokens: int
               for i in range(len(messages))]
     with tqdm(total=len(messages), desc="candidates", unit="reply") as bar:
         out = answer_all(engine, messages, lambda i: params[i], on_reply=bar.update)
-    # A reply that used its whole token budget was cut there (as the worker records it).
-    flat = [{"content": text, "sampling": params[i].to_dict(),
-             "finish_reason": "length" if tokens >= max_new_tokens else "stop",
-             "moderation": "flagged" if moderator and moderator.check(text, direction="out").flagged else "pass"}
-            for i, (text, tokens) in enumerate(out)]
+    # The engine's finish reason, as the worker records it: "length" is a reply cut at its budget.
+    flat = [{"content": r.text, "sampling": params[i].to_dict(), "finish_reason": "length" if r.cut else "stop",
+             "moderation": "flagged" if moderator and moderator.check(r.text, direction="out").flagged else "pass"}
+            for i, r in enumerate(out)]
     return [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
 
 
@@ -116,7 +115,7 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
                                            on_reply=bar.update)
         finally:
             engine.close() if hasattr(engine, "close") else None
-    scores = {n: [gold.score(m[-1]["content"], t) for m, (t, _) in zip(msgs, replies[n])] for n in replies}
+    scores = {n: [gold.score(m[-1]["content"], r.text) for m, r in zip(msgs, replies[n])] for n in replies}
     wins = win_values(scores["new"], scores["current"])
     rate, lo, hi = mean_interval(wins)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -124,9 +123,9 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
     by_source = {src: mean_interval([w for w, s in zip(wins, sources) if s == src]) for src in sorted(set(sources))}
     return {"gold_win_rate": rate, "gold_lo": lo, "gold_hi": hi, "gold_n": len(msgs), "gold_by_source": by_source,
             "gold_score_new": mean(scores["new"]), "gold_score_current": mean(scores["current"]),
-            "served_length_new": mean([n for _, n in replies["new"]]),
-            "served_length_current": mean([n for _, n in replies["current"]]),
-            "examples": [{"prompt": m[-1]["content"], "current": c[0][:400], "new": n[0][:400]}
+            "served_length_new": mean([r.tokens for r in replies["new"]]),
+            "served_length_current": mean([r.tokens for r in replies["current"]]),
+            "examples": [{"prompt": m[-1]["content"], "current": c.text[:400], "new": n.text[:400]}
                          for m, c, n in list(zip(msgs, replies["current"], replies["new"]))[:6]]}
 
 

@@ -98,7 +98,7 @@ def answer(path, name: str, prompts: list[list[dict]], max_new_tokens: int, cfg)
     """Replies of the model at ``path``, sampled as the evaluation samples (same seeds per prompt)."""
     from training.evaluate import sample_replies
 
-    return [t for t, _ in sample_replies(path, name, prompts, cfg, lambda i: max_new_tokens)]
+    return [r.text for r in sample_replies(path, name, prompts, cfg, lambda i: max_new_tokens)]
 
 
 def expected_refusal(path, harmful: list[list[dict]], ordinary: list[list[dict]], templates: list[str],

@@ -162,3 +162,32 @@ def test_the_reward_model_reads_a_cut_reply_at_a_cut_marker_and_a_finished_one_a
     assert rejected == tok(chat_text(tok, prompt) + "Blue is the colour of the", add_special_tokens=False).input_ids \
         + [marker]
     assert [ids[-1] for ids in plain["reply_ids"]] == [tok.eos_token_id] * 2
+
+
+def test_a_reply_marked_cut_is_read_at_the_marker_only_by_a_reward_model_whose_saved_config_says_it_learnt_cut_replies(
+        tiny_model_dir, tmp_path):
+    """score_conversations reads a reply marked cut as finished with a reward model that never
+    learnt cut replies (the same score as unmarked), and at the cut marker with one whose config
+    says ``reads_cut_replies`` (another score); the flag survives saving and loading, which is how
+    PPO, the evaluation and the one-stage CLIs learn it."""
+    import torch
+
+    from training.reward import load_reward_model, reads_cut_replies, score_conversations
+
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(tiny_model_dir)
+    prompt = [{"role": "user", "content": "Name a colour"}]
+    finished = prompt + [{"role": "assistant", "content": "Blue is the colour of the"}]
+    marked = prompt + [{"role": "assistant", "content": "Blue is the colour of the", "cut": True}]
+    assert not reads_cut_replies(rm)
+    plain = score_conversations(rm, tok, [finished, marked])
+    assert plain[0] == pytest.approx(plain[1], abs=1e-6)
+
+    rm.config.reads_cut_replies = True
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    loaded, loaded_tok = load_reward_model(tmp_path / "rm")
+    assert reads_cut_replies(loaded)
+    aware = score_conversations(loaded, loaded_tok, [finished, marked])
+    assert aware[0] == pytest.approx(plain[0], abs=1e-4)
+    assert abs(aware[1] - aware[0]) > 1e-3

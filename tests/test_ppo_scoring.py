@@ -66,6 +66,7 @@ def test_a_cut_rollout_gets_the_cut_marker_when_the_reward_model_learnt_cut_repl
     from training.reward import cut_marker, score_conversations
 
     rm, tok = _rm_and_tokenizer(tiny_model_dir)
+    rm.config.reads_cut_replies = True  # as run_reward saves a model trained with rm_reads_cut_replies
     prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a much longer question here"}]]
     replies = ["the cat sat on the", "a dog ran far away"]
     queries = [tok(chat_text(tok, p), add_special_tokens=False).input_ids for p in prompts]

@@ -179,34 +179,41 @@ def test_one_logged_prompt_is_topped_up_for_ppo(session_factory, tmp_path, tiny_
     assert status == "done", run.error
 
 
-def test_a_retrain_that_reads_cut_replies_as_cut_gives_ppo_the_marker_and_scores_cut_replies_as_cut(
+def test_a_retrain_that_reads_cut_replies_saves_it_with_its_reward_models_and_gives_ppo_the_marker(
         session_factory, tmp_path, tiny_model_dir, monkeypatch):
-    """rm_reads_cut_replies on: PPO's reward model is built with the tokenizer's cut marker (its
-    8-token rollouts are cut), the evaluation scores its replies that reached the 8-token limit
-    marked cut, and the run still trains, evaluates and registers a PPO version."""
-    import training.evaluate
-    import training.ppo
-    from training.common import load_tokenizer
-    from training.reward import cut_marker
+    """rm_reads_cut_replies on: the saved reward model records it in its config.json, every reward
+    model that scores anything in the run (the reward model, the evaluation's judge) reads cut
+    replies, the evaluation hands them its replies that reached the 8-token limit marked cut, PPO's
+    reward model is built with the tokenizer's cut marker (its 8-token rollouts are cut), and the
+    run still trains, evaluates and registers a PPO version."""
+    import json
 
-    markers, cut_scored = [], []
-    real_scorer, real_scores = training.ppo.scored_at_end_of_turn, training.evaluate._scores
+    import training.ppo
+    import training.reward
+    from training.common import load_tokenizer
+    from training.reward import cut_marker, reads_cut_replies
+
+    markers, scored = [], []
+    real_scorer, real_score = training.ppo.scored_at_end_of_turn, training.reward.score_conversations
 
     def scorer(*args, **kwargs):
         markers.append(kwargs.get("cut_token_id"))
         return real_scorer(*args, **kwargs)
 
-    def scores(path, convs, cfg):
-        cut_scored.extend(c[-1].get("cut", False) for cs in convs.values() for c in cs)
-        return real_scores(path, convs, cfg)
+    def score(model, tokenizer, conversations, *args, **kwargs):
+        scored.append((reads_cut_replies(model), any(c[-1].get("cut") for c in conversations)))
+        return real_score(model, tokenizer, conversations, *args, **kwargs)
 
     monkeypatch.setattr(training.ppo, "scored_at_end_of_turn", scorer)
-    monkeypatch.setattr(training.evaluate, "_scores", scores)
+    monkeypatch.setattr(training.reward, "score_conversations", score)
     seed_preferences(session_factory, tiny_model_dir)
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, rm_reads_cut_replies=True))
     assert status == "done", run.error
     assert markers == [cut_marker(load_tokenizer(tiny_model_dir))] and markers[0] is not None
-    assert any(cut_scored)
+    config = json.loads((tmp_path / "data" / "runs" / f"run-{run.id}" / "reward" / "config.json").read_text())
+    assert config["reads_cut_replies"] is True
+    assert len(scored) >= 3 and all(reads for reads, _ in scored)  # reward model, judge, evaluation
+    assert any(marked for _, marked in scored)
     assert run.metrics["ppo_updates"] >= 1
     with session_factory() as s:
         assert s.get(ModelVersion, run.version_id).stage == "ppo"

@@ -22,47 +22,47 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.common import read_jsonl, write_jsonl
 from training.config import RetrainConfig
+
+if TYPE_CHECKING:
+    from training.evaluate import Reply
 
 # A spread of temperatures (as the candidate worker samples) so the N replies differ; the lowest
 # is close to how the app serves, so some winners are replies the served model would write.
 TEMPERATURES = (0.3, 0.7, 1.0, 0.5, 0.9, 0.2)
 
 
-def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig,
-                   progress=None) -> list[list[tuple[str, bool]]]:
+def sample_replies(policy_path, prompts: list[list[dict]], cfg: RetrainConfig, progress=None) -> list[list[Reply]]:
     """``cfg.bon_samples`` replies per prompt from the serving engine (llama.cpp on CPU), 8 at a
     time so its batcher batches them; ``progress(done, total)`` after every 8 replies. Each reply
-    comes with whether it was cut at ``bon_max_new_tokens`` (the engine's finish reason "length")."""
+    says whether it was cut at ``bon_max_new_tokens`` (``Reply.cut``)."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     from model.engine import SamplingParams
     from model.loader import build_engine
+    from training.evaluate import answer_all
 
     n = cfg.bon_samples
     flat = [p for p in prompts for _ in range(n)]
     lock, done = threading.Lock(), [0]
-    engine = build_engine(policy_path, "best-of-n", kind=cfg.eval_engine, max_concurrent=8)
 
-    def one(i: int) -> tuple[str, bool]:
-        params = SamplingParams(temperature=TEMPERATURES[i % n % len(TEMPERATURES)], top_p=0.95, top_k=0,
-                                repetition_penalty=1.1, max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed + i)
-        text, stats = engine.generate(flat[i], params)
+    def tick() -> None:
         with lock:
             done[0] += 1
             if progress and (done[0] % 8 == 0 or done[0] == len(flat)):
                 progress(done[0], len(flat))
-        return text, stats.finish_reason == "length"
 
+    engine = build_engine(policy_path, "best-of-n", kind=cfg.eval_engine, max_concurrent=8)
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            texts = list(pool.map(one, range(len(flat))))
+        replies = answer_all(engine, flat, lambda i: SamplingParams(
+            temperature=TEMPERATURES[i % n % len(TEMPERATURES)], top_p=0.95, top_k=0, repetition_penalty=1.1,
+            max_new_tokens=cfg.bon_max_new_tokens, seed=cfg.seed + i), on_reply=tick, workers=8)
     finally:
         getattr(engine, "close", lambda: None)()
-    return [texts[j * n:(j + 1) * n] for j in range(len(prompts))]
+    return [replies[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 
 def pick_best(prompts: list[list[dict]], replies: list[list[str]], scores: list[list[float]],
@@ -89,19 +89,18 @@ def run_best_of_n(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainC
     prompt has a clear winner the policy is returned unchanged (and the metrics say so)."""
     from dataclasses import replace
 
-    from training.reward import load_reward_model, score_conversations
+    from training.reward import assistant_reply, load_reward_model, score_conversations
     from training.sft import run_sft
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = [r["prompt"] for r in read_jsonl(prompts_path)]
     sampled = sample_replies(policy_path, prompts, cfg, progress)
-    replies = [[t for t, _ in texts] for texts in sampled]
-    cut = [[c for _, c in texts] for texts in sampled]
+    replies = [[r.text for r in rs] for rs in sampled]
+    cut = [[r.cut for r in rs] for rs in sampled]
     rm, tok = load_reward_model(reward_path)
-    flat = score_conversations(rm, tok, [p + [{"role": "assistant", "content": t}
-                                              | ({"cut": True} if c and cfg.rm_reads_cut_replies else {})]
-                                         for p, texts in zip(prompts, sampled) for t, c in texts], cfg.max_length)
+    flat = score_conversations(rm, tok, [p + [assistant_reply(r.text, r.cut)]
+                                         for p, rs in zip(prompts, sampled) for r in rs], cfg.max_length)
     del rm
     n = cfg.bon_samples
     scores = [flat[j * n:(j + 1) * n] for j in range(len(prompts))]

@@ -156,7 +156,8 @@ class RetrainConfig:
                                                                        "at its token budget: a cut one ends in a cut "
                                                                        "marker instead of the end-of-turn, in training, "
                                                                        "judging, best-of-N and PPO; off = read as if it "
-                                                                       "ended there (README: no measured gain yet)."})
+                                                                       "ended there. Saved with the reward model (README: "
+                                                                       "no measured gain yet)."})
     accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "
                                                                 "accuracy exceeds this."})
     sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "

@@ -24,12 +24,20 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
 from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs_batch,
                              verdict, win_values)
 from training.refusal import REFUSAL_TOKENS, is_refusal
+from training.reward import assistant_reply
+
+
+class Reply(NamedTuple):
+    text: str
+    tokens: int  # new tokens generated
+    cut: bool  # the engine stopped it at its token budget (finish reason "length"), not at an end-of-turn
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
@@ -41,22 +49,22 @@ def perplexity(model, tokenizer, conversations: list[list[dict]]) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
-def answer_all(engine, prompts: list[list[dict]], params_for, on_reply=None) -> list[tuple[str, int]]:
-    """(reply, tokens) for every prompt; requests go in together so a batching engine batches them.
-    ``on_reply()`` is called after each reply (from a worker thread), e.g. to advance a progress bar."""
+def answer_all(engine, prompts: list[list[dict]], params_for, on_reply=None, workers: int = 4) -> list[Reply]:
+    """A ``Reply`` for every prompt; ``workers`` requests go in together so a batching engine batches
+    them. ``on_reply()`` is called after each reply (from a worker thread), e.g. to advance a progress bar."""
     def one(i):
         text, stats = engine.generate(prompts[i], params_for(i))
         if on_reply:
             on_reply()
-        return text, stats.completion_tokens
+        return Reply(text, stats.completion_tokens, stats.finish_reason == "length")
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, range(len(prompts))))
 
 
 def sample_replies(path, name: str, prompts: list[list[dict]], cfg: RetrainConfig,
-                   max_new_tokens_for) -> list[tuple[str, int]]:
-    """(reply, tokens) of the model at ``path`` for each prompt, sampled as the evaluation samples:
+                   max_new_tokens_for) -> list[Reply]:
+    """The replies of the model at ``path`` for each prompt, sampled as the evaluation samples:
     the serving engine (``eval_engine``), ``eval_temperature`` with no top-p or penalty (so the KL
     is exact for it), seed ``cfg.seed + i`` for prompt i, ``max_new_tokens_for(i)`` new tokens."""
     from model.engine import SamplingParams
@@ -137,7 +145,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     for name, path in (("current", current_path), ("new", new_path)):
         out = sample_replies(path, name, prompts + extra, cfg,
                              lambda i: REFUSAL_TOKENS if i >= first_probe else cfg.eval_max_new_tokens)
-        replies[name], rest = out[:len(prompts)], [t for t, _ in out[len(prompts):]]
+        replies[name], rest = out[:len(prompts)], [r.text for r in out[len(prompts):]]
         n_harm = len(probe["harmful"])
         ref_replies[name] = rest[:len(refs)]
         probe_replies[name] = {"harmful": rest[len(refs):len(refs) + n_harm], "ordinary": rest[len(refs) + n_harm:]}
@@ -146,16 +154,16 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
             progress(len(replies), 4)
     new_model, tokenizer = load_model(new_path, "cpu")
     cur_model, _ = load_model(current_path, "cpu")
-    prompt_texts, sampled = [chat_text(tokenizer, m) for m in prompts], [t for t, _ in replies["new"]]
+    prompt_texts, sampled = [chat_text(tokenizer, m) for m in prompts], [r.text for r in replies["new"]]
     lp_new = reply_logprobs_batch(new_model, tokenizer, prompt_texts, sampled, cfg.eval_temperature)
     lp_cur = reply_logprobs_batch(cur_model, tokenizer, prompt_texts, sampled, cfg.eval_temperature)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    texts_of = {name: [t for t, _ in replies[name]] for name in replies}
+    texts_of = {name: [r.text for r in replies[name]] for name in replies}
     ev = {"eval_prompts": len(prompts), "kl_to_current": kl_per_token(lp_new, lp_cur),
           "eval_temperature": cfg.eval_temperature}
     for name in replies:
-        ev[f"length_{name}"] = mean([n for _, n in replies[name]])
-        ev[f"at_limit_{name}"] = mean([float(n >= cfg.eval_max_new_tokens) for _, n in replies[name]])
+        ev[f"length_{name}"] = mean([r.tokens for r in replies[name]])
+        ev[f"at_limit_{name}"] = mean([float(r.cut) for r in replies[name]])
         ev[f"repetition_{name}"] = mean([repetition_rate(t) for t in texts_of[name]])
         ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
                                         for t in texts_of[name]]) if moderator else float("nan")
@@ -169,11 +177,9 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
     if progress:
         progress(3, 4)
 
-    # A reply that used its whole budget was cut there: with rm_reads_cut_replies the reward
-    # models read it unfinished, as they were trained to.
-    convs = {name: [p + [{"role": "assistant", "content": t}
-                         | ({"cut": True} if cfg.rm_reads_cut_replies and n >= cfg.eval_max_new_tokens else {})]
-                    for p, (t, n) in zip(prompts, replies[name])] for name in replies}
+    # A reward model that learnt cut replies reads one cut at its budget unfinished (training/reward.py).
+    convs = {name: [p + [assistant_reply(r.text, r.cut)]
+                    for p, r in zip(prompts, replies[name])] for name in replies}
     # The reward model PPO optimised: reported, never used for the verdict (it is optimistic).
     rm_scores = _scores(reward_path, convs, cfg)
     ev["reward_new"], ev["reward_current"] = mean(rm_scores["new"]), mean(rm_scores["current"])

@@ -18,7 +18,7 @@ from training.common import (base_trainer_args, freeze_lower_layers, jsonl_datas
                              read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
 from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
-from training.reward import cut_marker
+from training.reward import cut_marker, reads_cut_replies
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -58,8 +58,7 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
         raise ValueError(f"PPO needs at least {cfg.ppo_batch_size} prompts; {prompts_path} has {len(dataset)}.")
     baselines, default_baseline = [], 0.0
     if pairs_path and cfg.ppo_prompt_baseline:
-        by_prompt = prompt_baselines(reward, tokenizer, read_jsonl(pairs_path), cfg.max_length,
-                                     cfg.rm_reads_cut_replies)
+        by_prompt = prompt_baselines(reward, tokenizer, read_jsonl(pairs_path), cfg.max_length)
         for row, encoded in zip(read_jsonl(prompts_path), dataset):
             key = json.dumps(row["prompt"], sort_keys=True)
             if key in by_prompt:
@@ -77,7 +76,7 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
                          reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id, baselines,
                                                             default_baseline,
                                                             cut_token_id=cut_marker(tokenizer)
-                                                            if cfg.rm_reads_cut_replies else None),
+                                                            if reads_cut_replies(reward) else None),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()

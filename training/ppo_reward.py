@@ -10,22 +10,25 @@ from __future__ import annotations
 import json
 
 
-def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int,
-                     read_cut: bool = False) -> dict[str, float]:
+def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int) -> dict[str, float]:
     """Mean reward of the replies annotators saw for each prompt (both sides of its pairs), keyed
     by the prompt's JSON. These replies were sampled from the serving model, so the mean estimates
-    what the policy scores on that prompt before PPO. ``read_cut``: cut replies are read unfinished."""
-    from training.reward import reply_conversation, score_conversations
+    what the policy scores on that prompt before PPO. Cut replies are read as the model learnt them."""
+    from training.reward import assistant_reply, reply_conversation, score_conversations
 
-    replies: dict[str, set[str]] = {}
+    prompt_of: dict[str, list[dict]] = {}
+    replies: dict[str, set[tuple[str, bool]]] = {}  # (text, cut): the same text cut and finished scores differently
     for row in pairs:
         key = json.dumps(row["prompt"], sort_keys=True)
-        replies.setdefault(key, set()).update(json.dumps(reply_conversation(row, side, read_cut)[-1], sort_keys=True)
-                                              for side in ("chosen", "rejected"))
-    flat = [(key, reply) for key, texts in replies.items() for reply in sorted(texts)]
-    scores = score_conversations(reward_model, tokenizer, [json.loads(k) + [json.loads(r)] for k, r in flat], max_length)
+        prompt_of[key] = row["prompt"]
+        for side in ("chosen", "rejected"):
+            reply = reply_conversation(row, side)[-1]
+            replies.setdefault(key, set()).add((reply["content"], bool(reply.get("cut"))))
+    flat = [(key, text, cut) for key, texts in replies.items() for text, cut in sorted(texts)]
+    scores = score_conversations(reward_model, tokenizer, [prompt_of[key] + [assistant_reply(text, cut)]
+                                                           for key, text, cut in flat], max_length)
     sums: dict[str, list[float]] = {}
-    for (key, _), score in zip(flat, scores):
+    for (key, _, _), score in zip(flat, scores):
         sums.setdefault(key, []).append(score)
     return {key: sum(v) / len(v) for key, v in sums.items()}
 

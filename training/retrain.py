@@ -261,12 +261,11 @@ def _safety_dpo_pairs(snap, run_dir: Path, cfg: RetrainConfig, current_path) -> 
     cleared, chat = [r["prompt"] for r in cleared_train], [r["prompt"] for r in chat_train]
     asked = [r["messages"][:-1] for r in safety] + cleared + chat
     sampled = sample_replies(current_path, "current", asked, cfg, lambda i: cfg.safety_dpo_answer_tokens)
-    answers = [text for text, _ in sampled]
+    answers = [r.text for r in sampled]
     # The chosen side: an answer cut at the budget ends at its last whole sentence (one that has
     # none is dropped by contrast_pairs as empty).
-    answered = [{"messages": p + [{"role": "assistant",
-                                   "content": whole_sentences(a) if n >= cfg.safety_dpo_answer_tokens else a}]}
-                for p, (a, n) in zip(cleared + chat, sampled[len(safety):])]
+    answered = [{"messages": p + [{"role": "assistant", "content": whole_sentences(r.text) if r.cut else r.text}]}
+                for p, r in zip(cleared + chat, sampled[len(safety):])]
     pairs = contrast_pairs(safety, answers[:len(safety)], ordinary, cfg.seed, is_refusal,
                            answered[:len(cleared)], answered[len(cleared):], cfg.safety_dpo_answer_ratio)
     validation = ([{"prompt": r["messages"][:-1], "kind": "harmful", "source": "caught"} for r in safety_val]

@@ -14,6 +14,7 @@ TRL's trainer would otherwise drop them, and long dialogues are a quarter of rea
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from training.common import (base_trainer_args, chat_text, freeze_lower_layers, load_tokenizer, lora_config,
@@ -30,24 +31,26 @@ def load_reward_model(path: str | Path):
     return model, tokenizer
 
 
-def conversation_text(tokenizer, conversation: list[dict]) -> str:
+def conversation_text(tokenizer, conversation: list[dict], read_cut: bool = False) -> str:
     """The conversation as the serving engine renders it, ending at the reply's end-of-turn token
     (the chat template's trailing newline dropped). The reward is read at that token in training,
     in scoring and in PPO, whose rollouts end there too; read one token later in training and one
     earlier in PPO, the head was asked about a position it never learnt.
 
-    A reply marked ``"cut": True`` did not end: it is rendered as the model wrote it (the prompt,
-    the reply's text) followed by the cut marker (``cut_marker``) instead of the end-of-turn, and
-    the reward is read at that marker. A cut rollout in PPO gets the same marker appended
+    With ``read_cut`` (a reward model that learnt cut replies: ``reads_cut_replies``), a reply
+    marked ``"cut": True`` did not end: it is rendered as the model wrote it (the prompt, the
+    reply's text) followed by the cut marker (``cut_marker``) instead of the end-of-turn, and the
+    reward is read at that marker. A cut rollout in PPO gets the same marker appended
     (training/ppo_reward.py). Read at the reply's last word instead, a position that differs in
     every reply, the head learnt next to nothing (0.57 held-out accuracy on concise against
     0.61-0.71 at a fixed token, README)."""
-    if conversation and conversation[-1].get("cut"):
+    if read_cut and conversation and conversation[-1].get("cut"):
         marker = tokenizer.convert_ids_to_tokens(cut_marker(tokenizer))
         return chat_text(tokenizer, conversation[:-1]) + with_system(conversation)[-1]["content"] + marker
     return tokenizer.apply_chat_template(with_system(conversation), tokenize=False).rstrip()
 
 
+@functools.lru_cache(maxsize=4)  # asked once per cut reply when scoring; the answer is the tokenizer's
 def cut_marker(tokenizer) -> int:
     """The token that stands in for the end-of-turn after a cut reply: the first special token of
     a rendered chat, which in ChatML is the turn-opening ``<|im_start|>`` (as if the next turn
@@ -63,20 +66,34 @@ def cut_marker(tokenizer) -> int:
                      "(ChatML's <|im_start|>); this tokenizer's has none")
 
 
-def reply_conversation(row: dict, side: str, read_cut: bool = False) -> list[dict]:
+def assistant_reply(text: str, cut: bool = False) -> dict:
+    """An assistant message for scoring, marked ``"cut": True`` when it was cut before it ended
+    (``conversation_text`` then reads it at the cut marker)."""
+    return {"role": "assistant", "content": text} | ({"cut": True} if cut else {})
+
+
+def reply_conversation(row: dict, side: str) -> list[dict]:
     """A preference row's prompt and its ``side`` ("chosen" or "rejected") reply, the reply marked
-    cut when ``read_cut`` is on and the row says it was cut (``chosen_cut``/``rejected_cut``)."""
-    reply = row[side][-1] | ({"cut": True} if read_cut and row.get(f"{side}_cut") else {})
-    return row["prompt"] + row[side][:-1] + [reply]
+    cut when the row says it was cut (``chosen_cut``/``rejected_cut``)."""
+    return row["prompt"] + row[side][:-1] + [assistant_reply(row[side][-1]["content"], bool(row.get(f"{side}_cut")))]
+
+
+def reads_cut_replies(model) -> bool:
+    """Whether this reward model learnt cut replies (trained with ``rm_reads_cut_replies``). Saved
+    in its config.json, so every stage and one-stage CLI that loads it reads a reply marked cut as
+    it was trained to, and one trained without the option reads every reply as finished."""
+    return bool(getattr(model.config, "reads_cut_replies", False))
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], max_length: int = 256,
                         batch_size: int = 8) -> list[float]:
     """Scalar reward for each full conversation (formatted with the chat template). A conversation
-    that repeats (one candidate in several preference pairs) is scored once."""
+    that repeats (one candidate in several preference pairs) is scored once. A reply marked cut is
+    read unfinished only by a model that learnt cut replies (``reads_cut_replies``)."""
     import torch
 
-    all_texts = [conversation_text(tokenizer, c) for c in conversations]
+    read_cut = reads_cut_replies(model)
+    all_texts = [conversation_text(tokenizer, c, read_cut) for c in conversations]
     texts = list(dict.fromkeys(all_texts))
     scores: list[float] = []
     model.eval()
@@ -95,10 +112,10 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
     return [by_text[t] for t in all_texts]
 
 
-def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256, read_cut: bool = False) -> list[float]:
+def pairwise_correct(model, tokenizer, rows: list[dict], max_length: int = 256) -> list[float]:
     """1.0 per pair whose chosen reply scores above the rejected one, else 0.0."""
     # Both sides in one call: a candidate is the chosen reply of one pair and the rejected of another.
-    scores = score_conversations(model, tokenizer, [reply_conversation(r, side, read_cut) for side in
+    scores = score_conversations(model, tokenizer, [reply_conversation(r, side) for side in
                                                     ("chosen", "rejected") for r in rows], max_length)
     chosen, rejected = scores[:len(rows)], scores[len(rows):]
     return [float(c > r) for c, r in zip(chosen, rejected)]
@@ -118,6 +135,7 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
     model, tokenizer = load_reward_model(model_path)
     if cfg.rm_reads_cut_replies:
         cut_marker(tokenizer)  # a tokenizer without one fails here, before any training, not at PPO
+    model.config.reads_cut_replies = cfg.rm_reads_cut_replies  # saved with it, for whoever scores with it
     if not cfg.use_lora:
         freeze_lower_layers(model, cfg.rm_train_layers)
     heldout = read_jsonl(heldout_path)
@@ -133,8 +151,7 @@ def run_reward(model_path, train_path, heldout_path, out_dir, cfg: RetrainConfig
                                      peft_config=lora_config("SEQ_CLS") if cfg.use_lora else None)
     result = trainer.train()
     trained = trainer.model
-    acc, lo, hi = mean_interval(pairwise_correct(trained, tokenizer, heldout, cfg.max_length,
-                                                        cfg.rm_reads_cut_replies))
+    acc, lo, hi = mean_interval(pairwise_correct(trained, tokenizer, heldout, cfg.max_length))
     path = save_model_dir(trained, tokenizer, out_dir)
     metrics = {"rm_heldout_accuracy": acc, "rm_heldout_accuracy_lo": lo, "rm_heldout_accuracy_hi": hi,
                "rm_heldout_pairs": len(heldout), "rm_train_pairs": n_pairs, "rm_pairs_truncated": cut,
@@ -151,8 +168,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=RetrainConfig.rm_epochs)
     parser.add_argument("--learning-rate", type=float, default=RetrainConfig.rm_learning_rate)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--reads-cut-replies", action="store_true",
+                        help=RetrainConfig.__dataclass_fields__["rm_reads_cut_replies"].metadata["help"])
     args = parser.parse_args()
-    cfg = RetrainConfig(rm_epochs=args.epochs, rm_learning_rate=args.learning_rate, use_lora=args.lora)
+    cfg = RetrainConfig(rm_epochs=args.epochs, rm_learning_rate=args.learning_rate, use_lora=args.lora,
+                        rm_reads_cut_replies=args.reads_cut_replies)
     path, metrics = run_reward(args.model, args.train, args.heldout, args.out, cfg)
     print(f"saved reward model to {path}: {metrics}")
 

@@ -25,7 +25,7 @@ def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool 
     distinct conversation's token ids as the reward model reads them, cut to the last
     ``max_length`` so a long dialogue loses its start, never the reply) and ``wins`` (index pairs,
     chosen first). ``read_cut``: a reply the row marks as cut is read unfinished (training/reward.py,
-    ``conversation_text``). Returns the dataset, how many pairs had a side cut, and how many pairs it holds."""
+    ``conversation_text``); a reply is its rendered text, so the same words cut and finished are two. Returns the dataset, how many pairs had a side cut, and how many pairs it holds."""
     from datasets import Dataset
 
     from training.reward import conversation_text, reply_conversation
@@ -37,10 +37,9 @@ def group_dataset(tokenizer, rows: list[dict], max_length: int, by_prompt: bool 
         group = groups.setdefault(group_key, {"reply_ids": [], "wins": [], "index": {}})
         pair, long = [], False
         for side in ("chosen", "rejected"):
-            conversation = reply_conversation(r, side, read_cut)
-            reply_key = json.dumps(conversation[len(r["prompt"]):], sort_keys=True)  # a cut reply is another reply
+            reply_key = conversation_text(tokenizer, reply_conversation(r, side), read_cut)
             if reply_key not in group["index"]:
-                ids = tokenizer(conversation_text(tokenizer, conversation), add_special_tokens=False).input_ids
+                ids = tokenizer(reply_key, add_special_tokens=False).input_ids
                 group["index"][reply_key] = (len(group["reply_ids"]), len(ids) > max_length)
                 group["reply_ids"].append(ids[-max_length:])
             index, too_long = group["index"][reply_key]
