@@ -295,6 +295,8 @@ class ChatService(UserData):
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
             raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
 
+        if status == "complete" and gen.stats.finish_reason == "length":
+            status = "length"  # cut at its token budget: training reads it as unfinished (feedback/pairs.py)
         full = repository.storable(gen.text)  # a sampled NUL is neither shown nor stored (PostgreSQL refuses it)
         if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
             out_verdict = self._moderate(full, "out", user_id, None)

@@ -59,7 +59,8 @@ class Message(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text, default="")
-    # pending -> complete | stopped | blocked | failed. A crash leaves "pending": marked, not lost.
+    # pending -> complete | length | stopped | blocked | failed. A crash leaves "pending": marked, not
+    # lost. "length": the reply ran out of its token budget (cut, as "stopped" is by the user).
     status: Mapped[str] = mapped_column(String(16), default="complete")
     model_version: Mapped[str | None] = mapped_column(String(120))
     sampling: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -20,6 +20,16 @@ from feedback.models import AbTurn, Candidate, Conversation, ImportedPair, Messa
 from feedback.repository import thread
 
 CUT_FINISH_REASONS = ("length", "cancelled")  # Candidate.finish_reason values of a reply that did not end
+CUT = ("length", "stopped")  # Message.status values of a chat reply that did not end (its budget, or the user)
+
+
+def did_not_end(m: Message) -> bool:
+    """A chat reply the user stopped or its token budget cut: its status says so, or it has as many
+    new tokens as its budget. The count covers an A/B reply that lost (its status becomes
+    "unpicked") and replies stored before the "length" status existed."""
+    budget = (m.sampling or {}).get("max_new_tokens")
+    return m.status in CUT or (isinstance(budget, int) and m.completion_tokens is not None
+                               and m.completion_tokens >= budget)
 
 
 @dataclass
@@ -92,7 +102,7 @@ def vote_pairs(session: Session) -> list[Pair]:
             for dv, dm in downs:
                 if um.content != dm.content:
                     out.append(Pair(context, um.content, dm.content, "votes", refs={"votes": [uv.id, dv.id]},
-                                    chosen_cut=um.status == "stopped", rejected_cut=dm.status == "stopped"))
+                                    chosen_cut=did_not_end(um), rejected_cut=did_not_end(dm)))
     return out
 
 
@@ -115,7 +125,7 @@ def ab_pairs(session: Session) -> list[Pair]:
         if chosen.content != rejected.content:
             out.append(Pair(_context(session, session.get(Message, turn.user_message_id)), chosen.content,
                             rejected.content, "ab", refs={"ab_turns": [turn.id]},
-                            chosen_cut=chosen.status == "stopped", rejected_cut=rejected.status == "stopped"))
+                            chosen_cut=did_not_end(chosen), rejected_cut=did_not_end(rejected)))
     return out
 
 

@@ -41,6 +41,33 @@ def test_the_candidate_worker_records_whether_each_reply_ended_or_was_cut(sessio
             (SHORT, "stop"), ("Blue is the colour of the", "length")] * 2
 
 
+def test_a_chat_reply_cut_at_its_token_budget_is_stored_as_length_and_one_that_ended_as_complete(
+        session_factory, settings):
+    """A chat reply that ran out of Max new tokens (6 here) is stored with status "length" (the
+    chat shows its length-limit note from the same update), one that ended by itself "complete";
+    the cut one's vote pair is read as a cut chosen reply."""
+    from feedback.pairs import vote_pairs
+    from feedback.models import Message
+    from model.engine import SamplingParams
+
+    service = ChatService(ScriptedEngine(lambda msgs: LONG if "long" in msgs[-1]["content"] else SHORT),
+                          session_factory, settings)
+    params = SamplingParams(max_new_tokens=6, seed=0)
+    *_, cut = service.send("alice", "a long answer please", params=params)
+    *_, ended = service.send("alice", "a short one", params=params)
+    assert (cut.status, cut.finish_reason, cut.text) == ("length", "length", "Blue is the colour of the")
+    assert (ended.status, ended.finish_reason) == ("complete", "stop")
+    with session_factory.begin() as s:
+        stored = {m.id: m.status for m in s.scalars(select(Message).where(Message.role == "assistant"))}
+        assert stored == {cut.assistant_message_id: "length", ended.assistant_message_id: "complete"}
+        alice = repository.get_or_create_user(session=s, name="alice")
+        other = repository.add_message(session=s, conversation=s.get(Message, cut.assistant_message_id).conversation,
+                                       role="assistant", content="No.", parent=s.get(Message, cut.user_message_id))
+        repository.add_vote(session=s, message_id=cut.assistant_message_id, user=alice, value=1)
+        repository.add_vote(session=s, message_id=other.id, user=alice, value=-1)
+        assert [(p.chosen, p.chosen_cut) for p in vote_pairs(s)] == [("Blue is the colour of the", True)]
+
+
 def test_a_candidate_budget_out_of_range_stops_the_worker_at_startup(session_factory, settings):
     """CHAT_RANKING_CANDIDATE_TOKENS of 0, -5 or 9000 (above the engine's 8192) is refused when the worker
     is built, naming the variable, instead of failing every task's candidates later; so is an explicit 0."""

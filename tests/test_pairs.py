@@ -49,8 +49,9 @@ def test_sibling_votes_give_pairs(session):
     assert vote_pairs(session) == []
 
 
-def test_an_up_voted_reply_the_user_stopped_is_a_cut_chosen_reply(session):
-    """A stopped reply did not end by itself: its vote pair is marked chosen_cut; a complete one is not."""
+def test_an_up_voted_reply_the_user_stopped_or_the_budget_cut_is_a_cut_chosen_reply(session):
+    """A stopped reply, or one cut at its token budget (status "length"), did not end by itself: its
+    vote pair is marked chosen_cut; a complete one is not."""
     alice = repository.get_or_create_user(session=session, name="alice")
     conv = repository.create_conversation(session=session, owner=alice)
     q = repository.add_message(session=session, conversation=conv, role="user", content="Hi")
@@ -59,6 +60,8 @@ def test_an_up_voted_reply_the_user_stopped_is_a_cut_chosen_reply(session):
     bad = repository.add_message(session=session, conversation=conv, role="assistant", content="Go away.", parent=q)
     repository.add_vote(session=session, message_id=stopped.id, user=alice, value=1)
     repository.add_vote(session=session, message_id=bad.id, user=alice, value=-1)
+    assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
+    stopped.status = "length"  # cut at the chat's token budget
     assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
     stopped.status = "complete"
     assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", False)]

@@ -128,6 +128,22 @@ def test_a_side_by_side_turn_streams_both_replies_and_continues_with_the_pick(se
         assert board["cand"].comparisons == 1 and (board["cand"].score > 1000) == left_is_candidate
 
 
+def test_an_ab_reply_cut_at_its_token_budget_stays_cut_in_the_pair_after_it_lost(session_factory, settings, versions):
+    """Both versions' replies run out of Max new tokens (2 words here); after the pick the loser's
+    status is "unpicked", and the A/B pair still marks both the chosen and the rejected reply cut."""
+    from model.engine import SamplingParams
+
+    service, _, _ = _service(session_factory, settings, versions)
+    final = list(service.side_by_side.send("alice", "Which is better?", None,
+                                           params=SamplingParams(max_new_tokens=2, seed=0)))[-1]
+    service.side_by_side.pick("alice", final.turn_id, "left")
+    with session_factory() as s:
+        turn = s.get(AbTurn, final.turn_id)
+        loser = s.get(Message, turn.baseline_message_id if turn.left == "candidate" else turn.candidate_message_id)
+        assert loser.status == "unpicked"
+        assert [(p.chosen, p.chosen_cut, p.rejected_cut) for p in pairs_mod.ab_pairs(s)] == [(final.left, True, True)]
+
+
 def test_wrong_picks_are_refused_and_change_nothing(session_factory, settings, versions):
     """A pick on a turn that is not a trial turn, by another user, a second pick, or an unknown
     choice: clear errors, and the stored pick stays the first one."""
