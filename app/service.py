@@ -251,7 +251,7 @@ class ChatService(UserData):
                 user_msg.status, user_msg.moderation = "answered", "flagged"
                 reply = repository.add_message(session=s, conversation=user_msg.conversation, role="assistant",
                                          content=template, parent=user_msg, status="blocked",
-                                         moderation="flagged", model_version=None)
+                                         finish_reason="content_filter", moderation="flagged", model_version=None)
                 reply_id = reply.id
             return ChatUpdate(conv_id, template, user_msg_id, reply_id, done=True, blocked=True, status="blocked",
                               finish_reason="content_filter", model_version=version)
@@ -295,8 +295,6 @@ class ChatService(UserData):
             self._finish_failed(user_msg_id, f"{exc.__class__.__name__}: {exc}")
             raise ChatError("The model failed while answering; the error is logged. Please try again.", 503) from exc
 
-        if status == "complete" and gen.stats.finish_reason == "length":
-            status = "length"  # cut at its token budget: training reads it as unfinished (feedback/pairs.py)
         full = repository.storable(gen.text)  # a sampled NUL is neither shown nor stored (PostgreSQL refuses it)
         if self.moderator is not None and (out_verdict is None or not out_verdict.flagged):
             out_verdict = self._moderate(full, "out", user_id, None)
@@ -312,7 +310,7 @@ class ChatService(UserData):
             reply = repository.add_message(
                 session=s, conversation=user_msg.conversation, role="assistant", content=full, parent=user_msg,
                 status="blocked" if flagged else status, model_version=engine.version,
-                sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                finish_reason="content_filter" if flagged else st.finish_reason, sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
                 ttft_ms=st.ttft_ms, latency_ms=st.latency_ms, served_by=st.served_by or None,
                 moderation=None if out_verdict is None else ("flagged" if flagged else "pass"))
             reply_id = reply.id

@@ -59,9 +59,11 @@ class Message(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text, default="")
-    # pending -> complete | length | stopped | blocked | failed. A crash leaves "pending": marked, not
-    # lost. "length": the reply ran out of its token budget (cut, as "stopped" is by the user).
+    # pending -> complete | stopped | blocked | failed. A crash leaves "pending": marked, not lost.
     status: Mapped[str] = mapped_column(String(16), default="complete")
+    # Assistant replies: why generation ended, as the engine and the OpenAI API say it: stop |
+    # length (cut at its token budget) | cancelled | content_filter. None before migration 0009.
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
     model_version: Mapped[str | None] = mapped_column(String(120))
     sampling: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)

@@ -19,17 +19,19 @@ from sqlalchemy.orm import Session
 from feedback.models import AbTurn, Candidate, Conversation, ImportedPair, Message, Ranking, RankingTask, User, Vote
 from feedback.repository import thread
 
-CUT_FINISH_REASONS = ("length", "cancelled")  # Candidate.finish_reason values of a reply that did not end
-CUT = ("length", "stopped")  # Message.status values of a chat reply that did not end (its budget, or the user)
+CUT_FINISH_REASONS = ("length", "cancelled")  # finish reasons (candidates', messages') of a reply that did not end
 
 
 def did_not_end(m: Message) -> bool:
-    """A chat reply the user stopped or its token budget cut: its status says so, or it has as many
-    new tokens as its budget. The count covers an A/B reply that lost (its status becomes
-    "unpicked") and replies stored before the "length" status existed."""
+    """A chat reply its token budget cut or the user stopped: its finish reason says so (kept when
+    an A/B loser's status becomes "unpicked"), or its status is "stopped". A reply stored before
+    messages had a finish reason (migration 0009) counts as cut when it has as many new tokens as
+    its budget."""
+    if m.finish_reason is not None:
+        return m.finish_reason in CUT_FINISH_REASONS
     budget = (m.sampling or {}).get("max_new_tokens")
-    return m.status in CUT or (isinstance(budget, int) and m.completion_tokens is not None
-                               and m.completion_tokens >= budget)
+    return m.status == "stopped" or (isinstance(budget, int) and m.completion_tokens is not None
+                                     and m.completion_tokens >= budget)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """A reply cut at its token budget is recorded as cut and never taught as a finished turn.
 
-Candidates record the engine's finish reason (migration 0008); a ranking's chosen candidate that
-was cut reaches the snapshot's best-reply SFT rows marked "cut", and SFT renders such a row
-without the chat template's end-of-turn tokens.
+Candidates (migration 0008) and chat replies (0009) record the engine's finish reason; a
+ranking's chosen candidate that was cut reaches the snapshot's best-reply SFT rows marked "cut",
+and SFT renders such a row without the chat template's end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -41,13 +41,12 @@ def test_the_candidate_worker_records_whether_each_reply_ended_or_was_cut(sessio
             (SHORT, "stop"), ("Blue is the colour of the", "length")] * 2
 
 
-def test_a_chat_reply_cut_at_its_token_budget_is_stored_as_length_and_one_that_ended_as_complete(
-        session_factory, settings):
-    """A chat reply that ran out of Max new tokens (6 here) is stored with status "length" (the
-    chat shows its length-limit note from the same update), one that ended by itself "complete";
-    the cut one's vote pair is read as a cut chosen reply."""
-    from feedback.pairs import vote_pairs
+def test_a_chat_reply_records_whether_it_ended_or_ran_out_of_its_token_budget(session_factory, settings):
+    """A chat reply that ran out of Max new tokens (6 here) is stored with finish reason "length",
+    one that ended by itself "stop" (both "complete"); the cut one's vote pair is read as a cut
+    chosen reply."""
     from feedback.models import Message
+    from feedback.pairs import vote_pairs
     from model.engine import SamplingParams
 
     service = ChatService(ScriptedEngine(lambda msgs: LONG if "long" in msgs[-1]["content"] else SHORT),
@@ -55,11 +54,11 @@ def test_a_chat_reply_cut_at_its_token_budget_is_stored_as_length_and_one_that_e
     params = SamplingParams(max_new_tokens=6, seed=0)
     *_, cut = service.send("alice", "a long answer please", params=params)
     *_, ended = service.send("alice", "a short one", params=params)
-    assert (cut.status, cut.finish_reason, cut.text) == ("length", "length", "Blue is the colour of the")
-    assert (ended.status, ended.finish_reason) == ("complete", "stop")
+    assert (cut.finish_reason, cut.text, ended.finish_reason) == ("length", "Blue is the colour of the", "stop")
     with session_factory.begin() as s:
-        stored = {m.id: m.status for m in s.scalars(select(Message).where(Message.role == "assistant"))}
-        assert stored == {cut.assistant_message_id: "length", ended.assistant_message_id: "complete"}
+        stored = {m.id: (m.status, m.finish_reason) for m in s.scalars(select(Message).where(Message.role == "assistant"))}
+        assert stored == {cut.assistant_message_id: ("complete", "length"),
+                          ended.assistant_message_id: ("complete", "stop")}
         alice = repository.get_or_create_user(session=s, name="alice")
         other = repository.add_message(session=s, conversation=s.get(Message, cut.assistant_message_id).conversation,
                                        role="assistant", content="No.", parent=s.get(Message, cut.user_message_id))

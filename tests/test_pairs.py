@@ -50,8 +50,9 @@ def test_sibling_votes_give_pairs(session):
 
 
 def test_an_up_voted_reply_the_user_stopped_or_the_budget_cut_is_a_cut_chosen_reply(session):
-    """A stopped reply, or one cut at its token budget (status "length"), did not end by itself: its
-    vote pair is marked chosen_cut; a complete one is not."""
+    """A stopped reply, or one cut at its token budget (finish reason "length"), did not end by
+    itself: its vote pair is marked chosen_cut; one that ended ("stop") is not. A reply stored
+    before messages had a finish reason is cut when its tokens reached its budget."""
     alice = repository.get_or_create_user(session=session, name="alice")
     conv = repository.create_conversation(session=session, owner=alice)
     q = repository.add_message(session=session, conversation=conv, role="user", content="Hi")
@@ -61,10 +62,14 @@ def test_an_up_voted_reply_the_user_stopped_or_the_budget_cut_is_a_cut_chosen_re
     repository.add_vote(session=session, message_id=stopped.id, user=alice, value=1)
     repository.add_vote(session=session, message_id=bad.id, user=alice, value=-1)
     assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
-    stopped.status = "length"  # cut at the chat's token budget
-    assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
     stopped.status = "complete"
     assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", False)]
+    stopped.sampling, stopped.completion_tokens = {"max_new_tokens": 4}, 4  # an older row at its budget
+    assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
+    stopped.finish_reason = "stop"  # the engine said it ended, exactly at its budget
+    assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", False)]
+    stopped.finish_reason = "length"
+    assert [(p.chosen, p.chosen_cut) for p in vote_pairs(session)] == [("Hello, I can", True)]
 
 
 def test_opted_out_users_excluded(session):

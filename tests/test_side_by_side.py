@@ -130,7 +130,8 @@ def test_a_side_by_side_turn_streams_both_replies_and_continues_with_the_pick(se
 
 def test_an_ab_reply_cut_at_its_token_budget_stays_cut_in_the_pair_after_it_lost(session_factory, settings, versions):
     """Both versions' replies run out of Max new tokens (2 words here); after the pick the loser's
-    status is "unpicked", and the A/B pair still marks both the chosen and the rejected reply cut."""
+    status is "unpicked" but its finish reason is still "length", and the A/B pair marks both the
+    chosen and the rejected reply cut."""
     from model.engine import SamplingParams
 
     service, _, _ = _service(session_factory, settings, versions)
@@ -140,7 +141,7 @@ def test_an_ab_reply_cut_at_its_token_budget_stays_cut_in_the_pair_after_it_lost
     with session_factory() as s:
         turn = s.get(AbTurn, final.turn_id)
         loser = s.get(Message, turn.baseline_message_id if turn.left == "candidate" else turn.candidate_message_id)
-        assert loser.status == "unpicked"
+        assert (loser.status, loser.finish_reason) == ("unpicked", "length")
         assert [(p.chosen, p.chosen_cut, p.rejected_cut) for p in pairs_mod.ab_pairs(s)] == [(final.left, True, True)]
 
 

@@ -188,13 +188,19 @@ def test_a_retrain_that_reads_cut_replies_saves_it_with_its_reward_models_and_gi
     run still trains, evaluates and registers a PPO version."""
     import json
 
+    import training.evaluate
     import training.ppo
     import training.reward
     from training.common import load_tokenizer
     from training.reward import cut_marker, reads_cut_replies
 
-    markers, scored = [], []
+    markers, scored, evaluated = [], [], []
     real_scorer, real_score = training.ppo.scored_at_end_of_turn, training.reward.score_conversations
+    real_scores = training.evaluate._scores
+
+    def eval_scores(path, convs, cfg):  # the evaluation's replies, cut at eval_max_new_tokens (8)
+        evaluated.extend(c[-1].get("cut", False) for cs in convs.values() for c in cs)
+        return real_scores(path, convs, cfg)
 
     def scorer(*args, **kwargs):
         markers.append(kwargs.get("cut_token_id"))
@@ -206,6 +212,7 @@ def test_a_retrain_that_reads_cut_replies_saves_it_with_its_reward_models_and_gi
 
     monkeypatch.setattr(training.ppo, "scored_at_end_of_turn", scorer)
     monkeypatch.setattr(training.reward, "score_conversations", score)
+    monkeypatch.setattr(training.evaluate, "_scores", eval_scores)
     seed_preferences(session_factory, tiny_model_dir)
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, rm_reads_cut_replies=True))
     assert status == "done", run.error
@@ -213,7 +220,7 @@ def test_a_retrain_that_reads_cut_replies_saves_it_with_its_reward_models_and_gi
     config = json.loads((tmp_path / "data" / "runs" / f"run-{run.id}" / "reward" / "config.json").read_text())
     assert config["reads_cut_replies"] is True
     assert len(scored) >= 3 and all(reads for reads, _ in scored)  # reward model, judge, evaluation
-    assert any(marked for _, marked in scored)
+    assert any(evaluated)
     assert run.metrics["ppo_updates"] >= 1
     with session_factory() as s:
         assert s.get(ModelVersion, run.version_id).stage == "ppo"

@@ -267,6 +267,11 @@ class RetrainConfig:
         return self
 
 
+def field_help(name: str) -> str:
+    """A RetrainConfig field's help string, for a one-stage CLI's flag of the same setting."""
+    return RetrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     for f in fields(RetrainConfig):
         kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))

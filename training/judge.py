@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from training.common import read_jsonl, write_jsonl
-from training.config import RetrainConfig
+from training.config import RetrainConfig, field_help
 
 
 def check_sample(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -49,8 +49,9 @@ def main() -> None:
     parser.add_argument("--heldout", required=True, help="held-out preference pairs (the judge trains on these)")
     parser.add_argument("--check", required=True, help="training preference pairs (the judge is checked on these)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--reads-cut-replies", action="store_true", help=field_help("rm_reads_cut_replies"))
     args = parser.parse_args()
-    cfg = RetrainConfig()
+    cfg = RetrainConfig(rm_reads_cut_replies=args.reads_cut_replies)
     check = write_jsonl(Path(args.out).parent / "judge_check.jsonl",
                         check_sample(read_jsonl(args.check), cfg.judge_check_pairs, cfg.seed))
     path, metrics = train_judge(args.model, args.heldout, check, args.out, cfg)

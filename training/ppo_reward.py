@@ -14,16 +14,17 @@ def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int
     """Mean reward of the replies annotators saw for each prompt (both sides of its pairs), keyed
     by the prompt's JSON. These replies were sampled from the serving model, so the mean estimates
     what the policy scores on that prompt before PPO. Cut replies are read as the model learnt them."""
-    from training.reward import assistant_reply, reply_conversation, score_conversations
+    from training.reward import assistant_reply, reads_cut_replies, reply_conversation, score_conversations
 
+    read_cut = reads_cut_replies(reward_model)
     prompt_of: dict[str, list[dict]] = {}
-    replies: dict[str, set[tuple[str, bool]]] = {}  # (text, cut): the same text cut and finished scores differently
+    replies: dict[str, set[tuple[str, bool]]] = {}  # (text, cut) as the model reads it: a reply counts once
     for row in pairs:
         key = json.dumps(row["prompt"], sort_keys=True)
         prompt_of[key] = row["prompt"]
         for side in ("chosen", "rejected"):
             reply = reply_conversation(row, side)[-1]
-            replies.setdefault(key, set()).add((reply["content"], bool(reply.get("cut"))))
+            replies.setdefault(key, set()).add((reply["content"], read_cut and bool(reply.get("cut"))))
     flat = [(key, text, cut) for key, texts in replies.items() for text, cut in sorted(texts)]
     scores = score_conversations(reward_model, tokenizer, [prompt_of[key] + [assistant_reply(text, cut)]
                                                            for key, text, cut in flat], max_length)

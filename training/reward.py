@@ -19,7 +19,7 @@ from pathlib import Path
 
 from training.common import (base_trainer_args, chat_text, freeze_lower_layers, load_tokenizer, lora_config,
                              read_jsonl, save_model_dir, with_system)
-from training.config import RetrainConfig
+from training.config import RetrainConfig, field_help
 
 
 def load_reward_model(path: str | Path):
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=RetrainConfig.rm_learning_rate)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     parser.add_argument("--reads-cut-replies", action="store_true",
-                        help=RetrainConfig.__dataclass_fields__["rm_reads_cut_replies"].metadata["help"])
+                        help=field_help("rm_reads_cut_replies"))
     args = parser.parse_args()
     cfg = RetrainConfig(rm_epochs=args.epochs, rm_learning_rate=args.learning_rate, use_lora=args.lora,
                         rm_reads_cut_replies=args.reads_cut_replies)
