@@ -32,6 +32,13 @@ from model.engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineBusyError, Samplin
 log = logging.getLogger(__name__)
 
 
+
+def engine_finish_reason(reason: str) -> str:
+    """A server's OpenAI finish reason in the engine's words. Only "length" is a reply cut at its
+    token budget; any other ("stop", a replica's "content_filter", "tool_calls") ended it, and
+    training reads a cut reply differently from an ended one (feedback/pairs.did_not_end)."""
+    return "length" if reason == "length" else "stop"
+
 class RemoteEngineError(RuntimeError):
     """Every replica failed, or one failed after the reply had started."""
 
@@ -217,7 +224,7 @@ class RemoteEngine:
                     delta = (choice.get("delta") or {}).get("content") or ""
                     if choice.get("finish_reason"):
                         finished = True
-                        stats.finish_reason = "stop" if choice["finish_reason"] == "stop" else "length"
+                        stats.finish_reason = engine_finish_reason(choice["finish_reason"])
                     if delta:
                         if stats.ttft_ms is None:
                             stats.ttft_ms = (time.perf_counter() - start) * 1000

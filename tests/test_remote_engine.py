@@ -26,7 +26,8 @@ def servers(tmp_path_factory):
 
 def test_seed_stop_and_sampling_settings_pass_through_to_a_real_server(servers):
     """The same seed gives the same reply; a stop string taken from that reply ends the reply right
-    before it (finish reason "stop"); max_new_tokens caps the tokens the server writes."""
+    before it (finish reason "stop"); max_new_tokens caps the tokens the server writes, and a reply
+    that reaches the cap says "length"."""
     engine = RemoteEngine([servers[0].url], "remote")
     try:
         params = SamplingParams(max_new_tokens=40, seed=7)
@@ -40,6 +41,8 @@ def test_seed_stop_and_sampling_settings_pass_through_to_a_real_server(servers):
         assert cut == first[:first.index(stop)] and cut_stats.finish_reason == "stop", (cut, stop)
         short, short_stats = engine.generate(PROMPT, SamplingParams(max_new_tokens=5, seed=7))
         assert short_stats.completion_tokens <= 5 and first.startswith(short.strip()[:10])
+        assert short_stats.finish_reason == "length"  # 5 tokens: it reached its cap
+        assert stats.finish_reason == ("length" if stats.completion_tokens == 40 else "stop")
     finally:
         engine.close()
 
@@ -146,6 +149,15 @@ def test_when_every_replica_is_down_the_user_gets_a_clear_error_and_the_question
     assert 'chat_engine_remote_replicas_up{backend="openai",version="remote"} 0.0' in scraped
     assert 'chat_engine_remote_failures_total{backend="openai",version="remote"} 2.0' in scraped
     engine.close()
+
+
+def test_only_a_servers_length_finish_reason_reads_as_a_cut_reply():
+    """A replica's "length" is a reply cut at its budget; "stop", "content_filter" (its moderation
+    replaced the reply) and "tool_calls" all ended the reply, so training never reads them as cut."""
+    from model.remote import engine_finish_reason
+
+    assert [engine_finish_reason(r) for r in ("length", "stop", "content_filter", "tool_calls")] == \
+        ["length", "stop", "stop", "stop"]
 
 
 def test_the_openai_engine_refuses_missing_or_non_http_urls():
