@@ -310,7 +310,8 @@ class ChatService(UserData):
             reply = repository.add_message(
                 session=s, conversation=user_msg.conversation, role="assistant", content=full, parent=user_msg,
                 status="blocked" if flagged else status, model_version=engine.version,
-                finish_reason="content_filter" if flagged else st.finish_reason, sampling=params.to_dict(), prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                finish_reason="content_filter" if flagged else st.finish_reason, sampling=params.to_dict(),
+                prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
                 ttft_ms=st.ttft_ms, latency_ms=st.latency_ms, served_by=st.served_by or None,
                 moderation=None if out_verdict is None else ("flagged" if flagged else "pass"))
             reply_id = reply.id
