@@ -201,7 +201,7 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(120), unique=True)
     path: Mapped[str] = mapped_column(String(500))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
-    stage: Mapped[str] = mapped_column(String(32), default="base")  # base | sft | ppo
+    stage: Mapped[str] = mapped_column(String(32), default="base")  # base | sft | pref_dpo | ppo
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("data_snapshots.id", ondelete="SET NULL"))

@@ -151,6 +151,37 @@ def test_gated_reward_model_skips_ppo_and_registers_the_evaluated_sft_model(sess
     assert (tmp_path / "data" / "versions" / version.name / "config.json").is_file()
 
 
+def test_preference_dpo_trains_the_policy_on_every_training_pair_before_the_reward_model_and_ppo(
+        session_factory, tmp_path, tiny_model_dir):
+    """With pref_dpo on, the retrain runs DPO on every training pair after SFT and before the
+    reward model, PPO goes on from the DPO model, and the version records the stage, its pairs and
+    its time; the stage's scratch directory is removed once the version is registered."""
+    seed_preferences(session_factory, tiny_model_dir)
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, pref_dpo=True, pref_dpo_learning_rate=1e-3))
+    assert status == "done", run.error
+    m = run.metrics
+    assert m["pref_dpo_pairs"] + m["pref_dpo_skipped"] == m["data"]["preferences_train"] and m["pref_dpo_pairs"] > 0
+    assert 0 <= m["pref_dpo_final_accuracy"] <= 1 and "pref_dpo" in m["timings_s"]
+    order = [h["stage"].split(" ")[1] for h in run.history]
+    assert order.index("sft") < order.index("pref_dpo") < order.index("reward") < order.index("ppo")
+    with session_factory() as s:
+        assert s.get(ModelVersion, run.version_id).stage == "ppo"
+    assert not (tmp_path / "data" / "runs" / f"run-{run.id}" / "pref_dpo").exists()
+
+
+def test_a_gated_retrain_with_preference_dpo_registers_the_dpo_model_under_its_own_stage(session_factory, tmp_path,
+                                                                                       tiny_model_dir):
+    """When the reward model fails the gate after preference DPO, the DPO model (not the SFT one) is
+    evaluated and registered, as a "pref_dpo" version whose note names it."""
+    seed_preferences(session_factory, tiny_model_dir, random_labels=True)
+    status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75, "pref_dpo": True}))
+    assert status == "done", run.error
+    assert "the preference-DPO model was evaluated and registered" in run.metrics["ppo_skipped"]
+    with session_factory() as s:
+        version = s.get(ModelVersion, run.version_id)
+        assert version.stage == "pref_dpo" and version.name.endswith("-pref_dpo")
+
+
 def test_not_enough_data_is_clear(session_factory, tmp_path, tiny_model_dir):
     seed_preferences(session_factory, tiny_model_dir, n=3)
     status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST))

@@ -141,6 +141,16 @@ class RetrainConfig:
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs over demonstrations (skipped when none)."})
     sft_learning_rate: float = field(default=5e-5, metadata={"help": "SFT learning rate (top blocks only, so higher "
                                                                     "than a full fine-tune would take)."})
+    # preference DPO (training/pref_dpo.py)
+    pref_dpo: bool = field(default=False, metadata={"help": "After SFT, train the policy on every preference pair "
+                                                       "with DPO (the SFT model as reference) before the reward "
+                                                       "model and PPO: rankings teach the policy directly, not only "
+                                                       "through a reward model that ranks ~200 pairs poorly."})
+    pref_dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs over the preference pairs."})
+    pref_dpo_learning_rate: float = field(default=5e-5, metadata={"help": "Preference-DPO learning rate (top "
+                                                                       "sft_train_layers blocks only)."})
+    pref_dpo_beta: float = field(default=0.1, metadata={"help": "Preference-DPO beta: how far from the SFT model "
+                                                             "the pairs may pull it (smaller = further)."})
     # reward model
     rm_epochs: float = field(default=1.0, metadata={"help": "Reward-model epochs over the training pairs."})
     rm_learning_rate: float = field(default=1e-4, metadata={"help": "Reward-model learning rate (1e-4: 0.64 held-out accuracy on HH; 3e-5: 0.58)."})
@@ -259,6 +269,8 @@ class RetrainConfig:
                    and self.safety_dpo_select_penalty >= 0 and self.safety_dpo_select_ordinary_budget <= 1,
                    "safety_dpo_validation must be in [0, 0.5), safety_dpo_checks in 1-100, "
                    "safety_dpo_select_penalty >= 0, safety_dpo_select_ordinary_budget <= 1"),
+                  (self.pref_dpo_epochs > 0 and 0 < self.pref_dpo_learning_rate < 1 and self.pref_dpo_beta > 0,
+                   "pref_dpo_epochs, pref_dpo_learning_rate and pref_dpo_beta must be > 0 (learning rate < 1)"),
                   (self.judge_epochs > 0 and self.judge_check_pairs >= 1,
                    "judge_epochs must be > 0 and judge_check_pairs >= 1")]
         for ok, message in checks:

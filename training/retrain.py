@@ -1,4 +1,5 @@
-"""The whole loop: snapshot -> SFT -> reward model -> best-of-N -> PPO -> judge -> evaluate -> register.
+"""The whole loop: snapshot -> SFT -> [preference DPO ->] reward model -> best-of-N -> PPO -> judge -> evaluate
+-> register.
 
     python -m training.retrain                       # from the configured database, default settings
     python -m training.retrain --ppo-episodes 32     # any RetrainConfig field as a flag
@@ -32,7 +33,7 @@ from training.chat_busy import BUSY_FILE_ENV
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "pretrain", "sft", "safety_dpo", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
+STAGES = ("snapshot", "pretrain", "sft", "safety_dpo", "pref_dpo", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
 
 
 class GateFailed(Exception):
@@ -55,6 +56,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     from training.refusal import everyday_prompts
     from training.judge import check_sample, train_judge
     from training.ppo import run_ppo
+    from training.pref_dpo import run_pref_dpo
     from training.reward import run_reward
     from training.safety_dpo import run_safety_dpo
     from training.sft import run_sft
@@ -117,8 +119,17 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                 metrics.update(dpo_metrics)
             timings["safety_dpo"] = time.monotonic() - t
 
+    # The reward model starts from the SFT model: DPO's policy is the one PPO goes on training.
+    rm_start = policy_path
+    if cfg.pref_dpo:
+        t = stage("pref_dpo")
+        policy_path, dpo_metrics = run_pref_dpo(policy_path, snap.path("preferences_train"), run_dir / "pref_dpo", cfg,
+                                                callbacks=[ReporterCallback(reporter, reporter.stage)])
+        metrics.update(dpo_metrics)
+        timings["pref_dpo"] = time.monotonic() - t
+
     t = stage("reward")
-    reward_path, rm_metrics = run_reward(policy_path, snap.path("preferences_train"), snap.path("preferences_heldout"),
+    reward_path, rm_metrics = run_reward(rm_start, snap.path("preferences_train"), snap.path("preferences_heldout"),
                                          run_dir / "reward", cfg, callbacks=[ReporterCallback(reporter, reporter.stage)])
     metrics.update(rm_metrics)
     timings["reward"] = time.monotonic() - t
@@ -130,8 +141,9 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
         if sft_path is None or not cfg.sft_when_gated:
             raise GateFailed(why + " Collect more (or more consistent) rankings and try again.")
         # The best-ranked replies still say what annotators liked: judge the SFT model on its own.
-        metrics["ppo_skipped"] = why + " PPO was skipped; the SFT model was evaluated and registered instead."
-        stage_name, candidate_path = "sft", policy_path
+        trained = "preference-DPO" if cfg.pref_dpo else "SFT"
+        metrics["ppo_skipped"] = why + f" PPO was skipped; the {trained} model was evaluated and registered instead."
+        stage_name, candidate_path = "pref_dpo" if cfg.pref_dpo else "sft", policy_path
     else:
         prompts = on_main(_ppo_prompts, snap, run_dir, cfg)
         if cfg.bon_samples:
@@ -200,7 +212,7 @@ def _register(session_factory, run_id, stage_name, candidate_path, data_dir, bas
                                     training_run_id=run_id)
         version_id = version.id
     run_dir = Path(data_dir) / "runs" / f"run-{run_id}"
-    for leftover in ("pretrain", "sft", "safety_dpo", "best_of_n", "judge"):
+    for leftover in ("pretrain", "sft", "safety_dpo", "pref_dpo", "best_of_n", "judge"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return version_id
 

@@ -16,28 +16,35 @@ from training.common import (base_trainer_args, freeze_lower_layers, lora_config
 from training.config import RetrainConfig
 
 
+def reply_tokens(tokenizer, messages: list[dict], cut: bool = False) -> tuple[list[int], int]:
+    """The token ids of ``messages`` rendered in the serving engine's context (its system prompt),
+    and how many of them are the prompt (the rest is the last message, the reply).
+
+    A ``cut`` reply did not end by itself (a candidate that used its whole token budget, a reply
+    the user stopped): it is rendered without the chat template's end-of-turn tokens after it.
+    Training them would teach the model to end its turn mid-sentence wherever a budget happened
+    to fall."""
+    prompt, reply = with_system(messages[:-1]), with_system(messages)[-1]
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(prompt + [reply], tokenize=False)
+    if cut:
+        content = reply["content"].rstrip()
+        end = text.rfind(content)
+        if content and end >= len(prompt_text):  # not found: a template that rewrote the reply
+            text = text[:end + len(content)]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    shared = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+    return ids, shared
+
+
 def sft_examples(rows: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels for SFTTrainer (which keeps a dataset's own labels): each row rendered
-    in the serving engine's context (its system prompt), the loss on the reply only, as TRL's
-    prompt-completion rows are.
-
-    A row marked ``"cut"`` holds a reply that did not end by itself (a candidate that used its
-    whole token budget, a reply the user stopped): it is rendered without the chat template's
-    end-of-turn tokens after it. Training them would teach the model to end its turn
-    mid-sentence wherever a budget happened to fall."""
+    by ``reply_tokens``, the loss on the reply only, as TRL's prompt-completion rows are. A row
+    marked ``"cut"`` is trained without an end-of-turn after its reply."""
     out = []
     for row in rows:
-        prompt, reply = with_system(row["messages"][:-1]), row["messages"][-1]
-        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        text = tokenizer.apply_chat_template(prompt + [reply], tokenize=False)
-        if row.get("cut"):
-            content = reply["content"].rstrip()
-            end = text.rfind(content)
-            if content and end >= len(prompt_text):  # not found: a template that rewrote the reply
-                text = text[:end + len(content)]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        shared = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+        ids, shared = reply_tokens(tokenizer, row["messages"], bool(row.get("cut")))
         out.append({"input_ids": ids, "labels": [-100] * shared + ids[shared:]})
     return out
 
