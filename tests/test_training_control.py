@@ -161,9 +161,26 @@ def test_the_training_panel_explains_each_setting_and_starts_with_no_version_id(
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RetrainConfig)}
     by_label = {b.label: b for b in demo.blocks.values() if isinstance(b, (gr.Number, gr.Checkbox))}
     for label, name in (("Reward-model epochs", "rm_epochs"), ("PPO episodes", "ppo_episodes"),
-                        ("KL coefficient", "kl_coef"), ("Accuracy gate", "accuracy_gate"), ("LoRA", "use_lora")):
+                        ("KL coefficient", "kl_coef"), ("Accuracy gate", "accuracy_gate"), ("LoRA", "use_lora"),
+                        ("Preference DPO", "pref_dpo")):
         assert by_label[label].info == helps[name] != ""
     assert by_label["Version id (click a row above)"].value is None
+
+
+def test_the_preference_dpo_box_reaches_the_settings_the_retrain_starts_with(session_factory, settings, monkeypatch):
+    """Admin > Training's "Preference DPO" box is sent with the other settings: ticked, the run
+    starts with pref_dpo on; left as it is, off (the RetrainConfig default)."""
+    from app.ui.demo import build_demo
+    from app.ui.training_panel import NO_PRETRAIN
+
+    started = []
+    monkeypatch.setattr(TrainingControl, "start", lambda self, user, config: started.append((user, config)) or 7)
+    demo = build_demo(ChatService(ScriptedEngine("ok"), session_factory, settings))
+    retrain = next(b.fn for b in demo.fns.values() if b.api_name == "retrain")
+    for ticked in (True, False):
+        note = retrain(1.0, 1e-4, 80, 4e-5, 0.05, 0.6, False, NO_PRETRAIN, ticked, None)
+        assert note.startswith("Run 7 started")
+    assert [(user, config["pref_dpo"]) for user, config in started] == [("local", True), ("local", False)]
 
 
 def test_a_version_mapped_to_a_remote_model_id_is_asked_for_by_that_id(session_factory, settings, tiny_model_dir):

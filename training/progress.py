@@ -111,8 +111,9 @@ class Reporter:
 class ReporterCallback(TrainerCallback):
     """Feeds a transformers/TRL Trainer's logs and steps into a Reporter."""
 
-    KEYS = {"loss": "loss", "accuracy": "accuracy", "objective/rlhf_reward": "reward", "objective/kl": "kl",
-            "objective/scores": "score", "eval_accuracy": "eval_accuracy"}
+    # DPO logs its pairwise training accuracy as "rewards/accuracies": the reward model's "accuracy".
+    KEYS = {"loss": "loss", "accuracy": "accuracy", "rewards/accuracies": "accuracy", "objective/rlhf_reward": "reward",
+            "objective/kl": "kl", "objective/scores": "score", "eval_accuracy": "eval_accuracy"}
 
     def __init__(self, reporter: Reporter, stage: str):
         self.reporter = reporter

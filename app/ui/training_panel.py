@@ -107,6 +107,8 @@ def build_training_panel(service, control) -> tuple:
         corpus = gr.Dropdown([NO_PRETRAIN, *corpus_names(service.settings.data_dir)], value=NO_PRETRAIN,
                              allow_custom_value=True, label="Pretrain first on a corpus",
                              info=_help("pretrain_corpus"), elem_id="pretrain-corpus")
+        pref_dpo = gr.Checkbox(value=RetrainConfig.pref_dpo, label="Preference DPO", info=_help("pref_dpo"),
+                               elem_id="pref-dpo")
     with gr.Row():
         retrain = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
         cancel = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", interactive=False)  # while a run runs
@@ -150,7 +152,8 @@ def build_training_panel(service, control) -> tuple:
             return (data, _progress_md(latest), _plot_update(latest, "reward"), _plot_update(latest, "ppo"),
                     _version_rows(s), run_rows, gr.update(interactive=running))
 
-    def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, corpus_name, request: gr.Request):
+    def on_retrain(rm_ep, rm_rate, eps, ppo_rate, kl_c, gate_v, use_lora, corpus_name, use_pref_dpo,
+                   request: gr.Request):
         # The role first (refused and audited), then the settings: a non-admin's junk is still audited.
         # view=True audits only a refusal: control.start audits the admin's allowed start itself.
         if (msg := denied(service, request, ADMIN, "start retrain", view=True)) is not None:
@@ -158,7 +161,7 @@ def build_training_panel(service, control) -> tuple:
         try:
             config = dict(rm_epochs=float(rm_ep), rm_learning_rate=float(rm_rate), ppo_episodes=int(eps),
                           ppo_learning_rate=float(ppo_rate), kl_coef=float(kl_c), accuracy_gate=float(gate_v),
-                          use_lora=bool(use_lora))
+                          use_lora=bool(use_lora), pref_dpo=bool(use_pref_dpo))
         except (TypeError, ValueError):
             return "⚠ Every training setting needs a number."
         if corpus_name and corpus_name != NO_PRETRAIN:
@@ -223,7 +226,8 @@ def build_training_panel(service, control) -> tuple:
         return evt.row_value[0] if evt.row_value else None
 
     outputs = [data_md, progress, rm_plot, ppo_plot, versions, runs, cancel]
-    retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora, corpus], note, api_name="retrain")
+    retrain.click(on_retrain, [rm_epochs, rm_lr, episodes, ppo_lr, kl, gate, lora, corpus, pref_dpo], note,
+                  api_name="retrain")
     # The corpora cleaned since the page opened (the list is read when it is opened).
     def corpus_choices(request: gr.Request):
         if role_of(service.session_factory, caller_name(request)) != "admin":
