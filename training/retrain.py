@@ -33,7 +33,8 @@ from training.chat_busy import BUSY_FILE_ENV
 from training.progress import Reporter, ReporterCallback, RunCancelled
 
 log = logging.getLogger("training")
-STAGES = ("snapshot", "pretrain", "sft", "safety_dpo", "pref_dpo", "reward", "best_of_n", "ppo", "judge", "evaluate", "register")
+STAGES = ("snapshot", "pretrain", "sft", "safety_dpo", "pref_dpo", "reward", "best_of_n", "ppo", "judge", "evaluate",
+          "register")
 
 
 class GateFailed(Exception):
