@@ -161,7 +161,7 @@ def test_preference_dpo_trains_the_policy_on_every_training_pair_before_the_rewa
     assert status == "done", run.error
     m = run.metrics
     assert m["pref_dpo_pairs"] + m["pref_dpo_skipped"] == m["data"]["preferences_train"] and m["pref_dpo_pairs"] > 0
-    assert 0 <= m["pref_dpo_final_accuracy"] <= 1 and "pref_dpo" in m["timings_s"]
+    assert 0 <= m["pref_dpo_last_epoch_accuracy"] <= 1 and "pref_dpo" in m["timings_s"]
     order = [h["stage"].split(" ")[1] for h in run.history]
     assert any("pref_dpo" in h["stage"] and "loss" in h and "accuracy" in h for h in run.history)
     assert order.index("sft") < order.index("pref_dpo") < order.index("reward") < order.index("ppo")

@@ -77,11 +77,14 @@ def run_pref_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | 
     trainer = _pre_tokenized_trainer()(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                                        processing_class=tokenizer, callbacks=list(callbacks))
     result = trainer.train()
-    logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+    # The last epoch's steps, not the last step: that one may hold a single pair (169 pairs in
+    # batches of 4), and read 0.0 on a run that ranked most pairs right.
+    last = [h for h in trainer.state.log_history if "rewards/accuracies" in h and h["epoch"] > args.num_train_epochs - 1]
+    mean = lambda key: round(sum(float(h[key]) for h in last) / len(last), 4) if last else None  # noqa: E731
     metrics = {"pref_dpo_pairs": len(rows), "pref_dpo_skipped": skipped,
                "pref_dpo_loss": round(float(result.training_loss), 4),
-               "pref_dpo_final_accuracy": round(float(logs[-1]["rewards/accuracies"]), 3) if logs else None,
-               "pref_dpo_final_margin": round(float(logs[-1]["rewards/margins"]), 4) if logs else None}
+               "pref_dpo_last_epoch_accuracy": mean("rewards/accuracies"),
+               "pref_dpo_last_epoch_margin": mean("rewards/margins")}
     return save_model_dir(trainer.model, tokenizer, out_dir), metrics
 
 
