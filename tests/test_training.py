@@ -143,7 +143,7 @@ def test_gated_reward_model_skips_ppo_and_registers_the_evaluated_sft_model(sess
     status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75}))
     assert status == "done", run.error
     assert "cannot rank must not steer PPO" in run.metrics["ppo_skipped"]
-    assert "ppo" not in run.metrics["timings_s"]
+    assert "ppo" not in run.metrics["timings_s"] and run.metrics["policy_from"] == "sft"
     assert run.metrics["eval"]["win_rate_judge"] == "held-out reward model"
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)
@@ -157,11 +157,13 @@ def test_preference_dpo_trains_the_policy_on_every_training_pair_before_the_rewa
     reward model, PPO goes on from the DPO model, and the version records the stage, its pairs and
     its time; the stage's scratch directory is removed once the version is registered."""
     seed_preferences(session_factory, tiny_model_dir)
-    status, run = _run(session_factory, tmp_path, RetrainConfig(**FAST, pref_dpo=True, pref_dpo_learning_rate=1e-3))
+    cfg = RetrainConfig(**{**FAST, "bon_samples": 0, "pref_dpo": True, "pref_dpo_learning_rate": 1e-3})
+    status, run = _run(session_factory, tmp_path, cfg)  # no best-of-N: PPO starts from the DPO model itself
     assert status == "done", run.error
     m = run.metrics
     assert m["pref_dpo_pairs"] + m["pref_dpo_skipped"] == m["data"]["preferences_train"] and m["pref_dpo_pairs"] > 0
     assert 0 <= m["pref_dpo_last_epoch_accuracy"] <= 1 and "pref_dpo" in m["timings_s"]
+    assert m["policy_from"] == "pref_dpo"  # the model PPO started from
     order = [h["stage"].split(" ")[1] for h in run.history]
     assert any("pref_dpo" in h["stage"] and "loss" in h and "accuracy" in h for h in run.history)
     assert order.index("sft") < order.index("pref_dpo") < order.index("reward") < order.index("ppo")
@@ -178,6 +180,7 @@ def test_a_gated_retrain_with_preference_dpo_registers_the_dpo_model_under_its_o
     status, run = _run(session_factory, tmp_path, RetrainConfig(**{**FAST, "accuracy_gate": 0.75, "pref_dpo": True}))
     assert status == "done", run.error
     assert "the preference-DPO model was evaluated and registered" in run.metrics["ppo_skipped"]
+    assert run.metrics["policy_from"] == "pref_dpo" and run.metrics["pref_dpo_pairs"] > 0  # the model registered
     with session_factory() as s:
         version = s.get(ModelVersion, run.version_id)
         assert version.stage == "pref_dpo" and version.name.endswith("-pref_dpo")

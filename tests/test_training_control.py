@@ -176,7 +176,9 @@ def test_the_preference_dpo_box_reaches_the_settings_the_retrain_starts_with(ses
     started = []
     monkeypatch.setattr(TrainingControl, "start", lambda self, user, config: started.append((user, config)) or 7)
     demo = build_demo(ChatService(ScriptedEngine("ok"), session_factory, settings))
-    retrain = next(b.fn for b in demo.fns.values() if b.api_name == "retrain")
+    block = next(b for b in demo.fns.values() if b.api_name == "retrain")
+    assert [getattr(c, "label", None) for c in block.inputs][-1] == "Preference DPO"  # the box is wired in last
+    retrain = block.fn
     for ticked in (True, False):
         note = retrain(1.0, 1e-4, 80, 4e-5, 0.05, 0.6, False, NO_PRETRAIN, ticked, None)
         assert note.startswith("Run 7 started")

@@ -146,7 +146,8 @@ class RetrainConfig:
     pref_dpo: bool = field(default=False, metadata={"help": "After SFT, train the policy on every preference pair "
                                                        "with DPO (the SFT model as reference) before the reward "
                                                        "model and PPO: rankings teach the policy directly, not only "
-                                                       "through a reward model that ranks ~200 pairs poorly."})
+                                                       "through a reward model that ranks ~200 pairs poorly "
+                                                       "(top sft_train_layers blocks, never LoRA)."})
     pref_dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs over the preference pairs."})
     pref_dpo_learning_rate: float = field(default=5e-5, metadata={"help": "Preference-DPO learning rate (top "
                                                                        "sft_train_layers blocks only)."})
@@ -172,7 +173,8 @@ class RetrainConfig:
     accuracy_gate: float = field(default=0.6, metadata={"help": "PPO runs only if the reward model's held-out pairwise "
                                                                 "accuracy exceeds this."})
     sft_when_gated: bool = field(default=True, metadata={"help": "When the reward model fails the gate, still evaluate "
-                                                                 "and register the SFT model (PPO skipped); off = stop."})
+                                                                 "and register the SFT model (the preference-DPO one "
+                                                                 "with pref_dpo; PPO skipped); off = stop."})
     # best-of-N (training/best_of_n.py)
     bon_samples: int = field(default=0, metadata={"help": "Replies the policy samples per PPO prompt before PPO; the "
                                                           "reward model's best of them is fine-tuned on (0 = off: 4 "

@@ -6,7 +6,7 @@ Best-reply SFT learns only the top of each ranking; the reward model learns all 
 ~200 pairs, ranks only 0.4-0.7 of held-out pairs right on anything subtler than a format
 (README, "Does it learn?"), and PPO can only climb what it ranks. DPO (TRL's ``DPOTrainer``)
 trains the policy on every pair directly, the SFT model as its reference, with no reward model
-in between: the step Zephyr and Tulu take between SFT and RL. PPO then starts from this model.
+in between: the step Zephyr and Tulu take after SFT. PPO then starts from this model.
 
 A reply that was cut at its token budget (``chosen_cut``/``rejected_cut``) is rendered without
 an end-of-turn after it, as in SFT (training/sft.py ``reply_tokens``): TRL would append one, and
@@ -69,7 +69,8 @@ def run_pref_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | 
     model = AutoModelForCausalLM.from_pretrained(str(model_path))
     ref = AutoModelForCausalLM.from_pretrained(str(model_path))
     freeze_lower_layers(model, cfg.sft_train_layers)
-    # keep_end: a long dialogue loses its start, never the replies being compared.
+    # keep_end: a long dialogue loses its start, never the replies being compared (each side is cut
+    # on its own, so the longer reply's side sees a little less of the dialogue).
     args = DPOConfig(num_train_epochs=cfg.pref_dpo_epochs, learning_rate=cfg.pref_dpo_learning_rate,
                      beta=cfg.pref_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
                      truncation_mode="keep_end", lr_scheduler_type="cosine", warmup_steps=0.1,
@@ -79,7 +80,8 @@ def run_pref_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | 
     result = trainer.train()
     # The last epoch's steps, not the last step: that one may hold a single pair (169 pairs in
     # batches of 4), and read 0.0 on a run that ranked most pairs right.
-    last = [h for h in trainer.state.log_history if "rewards/accuracies" in h and h["epoch"] > args.num_train_epochs - 1]
+    last = [h for h in trainer.state.log_history
+            if "rewards/accuracies" in h and h["epoch"] > args.num_train_epochs - 1]
     mean = lambda key: round(sum(float(h[key]) for h in last) / len(last), 4) if last else None  # noqa: E731
     metrics = {"pref_dpo_pairs": len(rows), "pref_dpo_skipped": skipped,
                "pref_dpo_loss": round(float(result.training_loss), 4),

@@ -94,6 +94,8 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                             "held-out preference pairs: rank more tasks or import pairs (need at least 8 in all).")
 
     policy_path = Path(base_path)
+    # The stage whose model PPO starts from, or that is registered when the gate stops PPO.
+    metrics["policy_from"] = "current"
     if cfg.pretrain_corpus:  # "make it know our handbook" first; SFT and PPO then start from it
         from training.pretrain import PretrainConfig, run_pretrain
 
@@ -103,12 +105,14 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
             PretrainConfig(epochs=cfg.pretrain_epochs, seed=cfg.seed, max_minutes=cfg.pretrain_max_minutes),
             callbacks=[ReporterCallback(reporter, reporter.stage)])
         metrics["pretrain"]["corpus"] = cfg.pretrain_corpus
+        metrics["policy_from"] = "pretrain"
         timings["pretrain"] = time.monotonic() - t
     sft_path = on_main(_sft_rows, snap, run_dir, cfg)
     if sft_path:
         t = stage("sft")
         policy_path = run_sft(policy_path, sft_path, run_dir / "sft", cfg,
                               callbacks=[ReporterCallback(reporter, reporter.stage)])
+        metrics["policy_from"] = "sft"
         timings["sft"] = time.monotonic() - t
         if cfg.safety_tuning and cfg.safety_dpo and snap.counts.get("sft_safety_train"):
             t = stage("safety_dpo")
@@ -118,15 +122,18 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                                                           callbacks=[ReporterCallback(reporter, reporter.stage)],
                                                           validation_path=validation, current_path=base_path)
                 metrics.update(dpo_metrics)
+                metrics["policy_from"] = "safety_dpo"
             timings["safety_dpo"] = time.monotonic() - t
 
-    # The reward model starts from the SFT model: DPO's policy is the one PPO goes on training.
+    # The reward model starts from the SFT (or safety-DPO) model; preference DPO's policy is the one
+    # PPO goes on training.
     rm_start = policy_path
     if cfg.pref_dpo:
         t = stage("pref_dpo")
         policy_path, dpo_metrics = run_pref_dpo(policy_path, snap.path("preferences_train"), run_dir / "pref_dpo", cfg,
                                                 callbacks=[ReporterCallback(reporter, reporter.stage)])
         metrics.update(dpo_metrics)
+        metrics["policy_from"] = "pref_dpo"
         timings["pref_dpo"] = time.monotonic() - t
 
     t = stage("reward")
@@ -139,7 +146,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
     if not rm_metrics["rm_heldout_accuracy"] > cfg.accuracy_gate:
         why = (f"Reward model held-out accuracy {rm_metrics['rm_heldout_accuracy']:.2f} is not above the gate "
                f"{cfg.accuracy_gate:.2f}; a reward model that cannot rank must not steer PPO.")
-        if sft_path is None or not cfg.sft_when_gated:
+        if (sft_path is None and not cfg.pref_dpo) or not cfg.sft_when_gated:
             raise GateFailed(why + " Collect more (or more consistent) rankings and try again.")
         # The best-ranked replies still say what annotators liked: judge the SFT model on its own.
         trained = "preference-DPO" if cfg.pref_dpo else "SFT"
@@ -154,6 +161,7 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
                 progress=lambda i, n: reporter.advance(i),
                 callbacks=[ReporterCallback(reporter, reporter.stage)])
             metrics.update(bon_metrics)
+            metrics["policy_from"] = "best_of_n"
             timings["best_of_n"] = time.monotonic() - t
         t = stage("ppo")
         candidate_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,

@@ -161,7 +161,7 @@ def build_training_panel(service, control) -> tuple:
         try:
             config = dict(rm_epochs=float(rm_ep), rm_learning_rate=float(rm_rate), ppo_episodes=int(eps),
                           ppo_learning_rate=float(ppo_rate), kl_coef=float(kl_c), accuracy_gate=float(gate_v),
-                          use_lora=bool(use_lora), pref_dpo=bool(use_pref_dpo))
+                          use_lora=bool(use_lora), pref_dpo=use_pref_dpo is True)  # a hostile "false" is not True
         except (TypeError, ValueError):
             return "⚠ Every training setting needs a number."
         if corpus_name and corpus_name != NO_PRETRAIN:
