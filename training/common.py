@@ -1,5 +1,5 @@
 """Helpers shared by the stages: JSONL rows and datasets, the serving system prompt, LoRA config,
-saving a model directory."""
+saving a model directory, DPO's models and settings."""
 
 from __future__ import annotations
 
@@ -146,3 +146,28 @@ def freeze_lower_layers(model, train_layers: int) -> int:
                 for p in layer.parameters():
                     p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def dpo_models(model_path: Path | str, train_layers: int):
+    """DPO's policy (only its top ``train_layers`` blocks train) and its reference, both loaded from
+    ``model_path``: DPO trains a model against itself, so only the preference moves."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    ref = AutoModelForCausalLM.from_pretrained(str(model_path))
+    freeze_lower_layers(model, train_layers)
+    return model, ref
+
+
+def dpo_config(out_dir: Path | str, max_length: int, seed: int, **settings):
+    """TRL's ``DPOConfig`` as every DPO stage here runs it; ``settings`` add or override fields
+    (epochs, learning rate, beta, loss).
+
+    keep_end: a long dialogue loses its start, never the replies being compared (each side is cut
+    on its own). TRL's default keep_start silently drops every pair whose prompt alone fills
+    ``max_length``. The reference's log-probabilities are computed once, before training."""
+    from trl import DPOConfig
+
+    return DPOConfig(**{"per_device_train_batch_size": 4, "max_length": max_length, "truncation_mode": "keep_end",
+                        "precompute_ref_log_probs": True, **base_trainer_args(Path(out_dir) / "trainer", seed),
+                        **settings})

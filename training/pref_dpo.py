@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.common import base_trainer_args, freeze_lower_layers, load_tokenizer, read_jsonl, save_model_dir
+from training.common import dpo_config, dpo_models, load_tokenizer, read_jsonl, save_model_dir
 from training.config import RetrainConfig, field_help
 from training.sft import reply_tokens
 
@@ -58,23 +58,17 @@ def run_pref_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str | 
     """DPO from ``model_path`` (reference = the same weights) on the preference pairs at
     ``pairs_path``. Returns the saved model's path and the stage's metrics."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, set_seed
-    from trl import DPOConfig
+    from transformers import set_seed
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path)
     rows, skipped = dpo_examples(read_jsonl(pairs_path), tokenizer)
     if not rows:
         raise ValueError(f"{pairs_path} has no preference pair DPO can train on ({skipped} skipped)")
-    model = AutoModelForCausalLM.from_pretrained(str(model_path))
-    ref = AutoModelForCausalLM.from_pretrained(str(model_path))
-    freeze_lower_layers(model, cfg.sft_train_layers)
-    # keep_end: a long dialogue loses its start, never the replies being compared (each side is cut
-    # on its own, so the longer reply's side sees a little less of the dialogue).
-    args = DPOConfig(num_train_epochs=cfg.pref_dpo_epochs, learning_rate=cfg.pref_dpo_learning_rate,
-                     beta=cfg.pref_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
-                     truncation_mode="keep_end", lr_scheduler_type="cosine", warmup_steps=0.1,
-                     precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
+    model, ref = dpo_models(model_path, cfg.sft_train_layers)
+    args = dpo_config(out_dir, cfg.max_length, cfg.seed, num_train_epochs=cfg.pref_dpo_epochs,
+                      learning_rate=cfg.pref_dpo_learning_rate, beta=cfg.pref_dpo_beta,
+                      lr_scheduler_type="cosine", warmup_steps=0.1)
     trainer = _pre_tokenized_trainer()(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                                        processing_class=tokenizer, callbacks=list(callbacks))
     result = trainer.train()

@@ -37,8 +37,7 @@ import random
 import re
 from pathlib import Path
 
-from training.common import (as_text, base_trainer_args, freeze_lower_layers, load_tokenizer, read_jsonl,
-                             save_model_dir, with_system)
+from training.common import as_text, dpo_config, dpo_models, load_tokenizer, read_jsonl, save_model_dir, with_system
 from training.config import RetrainConfig
 from training.refusal import TEMPLATE_WORDS
 
@@ -114,7 +113,7 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
     ``safety_dpo_select_ordinary_budget`` more readily than that model does to be kept first."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from training.safety_select import RefusalCheckpoints, refusal_measure
 
@@ -122,19 +121,14 @@ def run_safety_dpo(model_path: str | Path, pairs_path: str | Path, out_dir: str 
     if not rows:
         raise ValueError(f"{pairs_path} has no pairs")
     tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path))
-    ref = AutoModelForCausalLM.from_pretrained(str(model_path))
-    freeze_lower_layers(model, cfg.sft_train_layers)
+    model, ref = dpo_models(model_path, cfg.sft_train_layers)
     # Trained in the serving engine's context (its system prompt), as SFT was.
     reply = lambda side: [{"role": "assistant", "content": as_text(side[-1]["content"])}]  # noqa: E731
     data = Dataset.from_list([{"prompt": with_system(r["prompt"]), "chosen": reply(r["chosen"]),
                                "rejected": reply(r["rejected"])} for r in rows])
-    # keep_end, as SFT: a long dialogue loses its start, never the reply. TRL's default keep_start
-    # silently drops every pair whose prompt alone fills max_length.
-    args = DPOConfig(num_train_epochs=cfg.safety_dpo_epochs, learning_rate=cfg.safety_dpo_learning_rate,
-                     beta=cfg.safety_dpo_beta, per_device_train_batch_size=4, max_length=cfg.max_length,
-                     truncation_mode="keep_end", **_loss(cfg.safety_dpo_sft_weight),
-                     precompute_ref_log_probs=True, **base_trainer_args(Path(out_dir) / "trainer", cfg.seed))
+    args = dpo_config(out_dir, cfg.max_length, cfg.seed, num_train_epochs=cfg.safety_dpo_epochs,
+                      learning_rate=cfg.safety_dpo_learning_rate, beta=cfg.safety_dpo_beta,
+                      **_loss(cfg.safety_dpo_sft_weight))
     chooser = None
     if validation_path:
         validation = json.loads(Path(validation_path).read_text(encoding="utf-8"))
