@@ -4,7 +4,10 @@ Each one scores a reply to a prompt; a higher score is what this simulated user 
 They are deliberately of different kinds (format, content that depends on the prompt,
 length, a phrase to avoid) so the benchmark measures learning in general, not one rule. Scores are
 graded where the property allows it, so that two replies that both show it still differ.
-Equal scores are ties: the simulated annotator ranks them equal, as a person would.
+Equal scores are ties: the simulated annotator ranks them equal, as a person would. A reply stuck
+in a loop (``training.probes.degenerate``) loses to any reply that is not, whatever its score: a
+rule counts list lines, and "1. **Dispatch:**" twelve times over is not what any user prefers
+(a reward-hacked PPO run wrote that, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from training.probes import degenerate
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)])\s+\S", re.M)
 _RISKY = re.compile(r"\b(?:kill|hurt|weapon|gun|knife|drug|poison|steal|hack|fire|explo\w*|bomb|danger\w*|"
@@ -72,9 +77,14 @@ PREFERENCES = {p.name: p for p in (
 )}
 
 
+def judged(prefs: GoldPreference, prompt: str, reply: str) -> tuple[bool, float]:
+    """What the simulated user compares, higher is better: not stuck in a loop first, then the score."""
+    return not degenerate(reply), prefs.score(prompt, reply)
+
+
 def rank(prefs: GoldPreference, prompt: str, replies: list[str]) -> list[list[int]]:
     """Tie groups of reply indices, best first (what the Rank tab stores as an order)."""
-    scored: dict[float, list[int]] = {}
+    scored: dict[tuple[bool, float], list[int]] = {}
     for i, reply in enumerate(replies):
-        scored.setdefault(prefs.score(prompt, reply), []).append(i)
+        scored.setdefault(judged(prefs, prompt, reply), []).append(i)
     return [scored[s] for s in sorted(scored, reverse=True)]

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from app.settings import Settings
-from bench.gold import PREFERENCES, GoldPreference, rank
+from bench.gold import PREFERENCES, GoldPreference, judged, rank
 from feedback import annotation_repo
 from feedback import repository
 from feedback import training_repo
@@ -116,13 +116,17 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
         finally:
             engine.close() if hasattr(engine, "close") else None
     scores = {n: [gold.score(m[-1]["content"], r.text) for m, r in zip(msgs, replies[n])] for n in replies}
-    wins = win_values(scores["new"], scores["current"])
+    # A reply stuck in a loop loses to one that is not, whatever the rule scores (bench/gold.py).
+    keys = {n: [judged(gold, m[-1]["content"], r.text) for m, r in zip(msgs, replies[n])] for n in replies}
+    wins = win_values(keys["new"], keys["current"])
     rate, lo, hi = mean_interval(wins)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sources = [p.get("source", "") for p in prompts for _ in range(seeds)]
     by_source = {src: mean_interval([w for w, s in zip(wins, sources) if s == src]) for src in sorted(set(sources))}
     return {"gold_win_rate": rate, "gold_lo": lo, "gold_hi": hi, "gold_n": len(msgs), "gold_by_source": by_source,
             "gold_score_new": mean(scores["new"]), "gold_score_current": mean(scores["current"]),
+            "loops_new": mean([float(not k[0]) for k in keys["new"]]),
+            "loops_current": mean([float(not k[0]) for k in keys["current"]]),
             "served_length_new": mean([r.tokens for r in replies["new"]]),
             "served_length_current": mean([r.tokens for r in replies["current"]]),
             "examples": [{"prompt": m[-1]["content"], "current": c.text[:400], "new": n.text[:400]}
@@ -169,8 +173,9 @@ def print_table(results: list[dict]) -> None:
     f = lambda x, nd=2: "—" if x is None or x != x else f"{x:.{nd}f}"  # noqa: E731
     print("\n| preference | flipped | status | RM acc | gold win rate, held-out prompts (95%) "
           "| retrain's judge: held-out RM (95%) | held-out pairs agree | judge acc, unseen pairs | KL/token "
-          "| length new/cur | ppl new/cur | retrain s (sft / reward / ppo / judge / eval) | verdict |")
-    print("|" + " --- |" * 13)
+          "| length new/cur | gold replies in a loop new/cur | ppl new/cur "
+          "| retrain s (sft / reward / ppo / judge / eval) | verdict |")
+    print("|" + " --- |" * 14)
     for r in results:
         t = r.get("timings_s", {})
         stages = " / ".join(f(t.get(k), 0) for k in ("sft", "reward", "ppo", "judge", "evaluate"))
@@ -179,6 +184,7 @@ def print_table(results: list[dict]) -> None:
               f"| {f(r.get('win_rate'))} [{f(r.get('win_rate_lo'))}, {f(r.get('win_rate_hi'))}] "
               f"| {f(r.get('heldout_pref_acc'))} | {f(r.get('judge_accuracy'))} "
               f"| {f(r.get('kl_to_current'), 3)} | {f(r.get('length_new'), 0)} / {f(r.get('length_current'), 0)} "
+              f"| {f(r.get('loops_new'))} / {f(r.get('loops_current'))} "
               f"| {f(r.get('ppl_new'))} / {f(r.get('ppl_current'))} | {f(r.get('retrain_s'), 0)} ({stages}) "
               f"| {r.get('verdict') or r.get('error') or ''} |")
     for r in results:  # the held-out prompts are half everyday questions, half red-team openers

@@ -6,7 +6,8 @@ import pytest
 
 from tests.training_data import seed_preferences
 from training.config import RetrainConfig
-from training.probes import (kl_per_token, mean_interval, probe_failures, repetition_rate, reply_logprobs,
+from training.probes import (compression_ratio, degenerate, kl_per_token, mean_interval, probe_failures,
+                             repetition_rate, reply_logprobs,
                              reply_logprobs_batch, verdict)
 
 FAST = dict(max_length=64, rm_epochs=6, rm_learning_rate=2e-3, rm_batch_size=8, ppo_episodes=8, ppo_batch_size=4,
@@ -87,6 +88,43 @@ def test_mean_interval_and_repetition_rate():
     assert mean == 0.5 and hi - mean == pytest.approx(0.14, abs=0.005) and mean - lo == pytest.approx(hi - mean)
     assert repetition_rate("the cat sat on the mat today") == 0.0
     assert repetition_rate("go go go go go go go go") > 0.8
+
+
+# The first 300 characters of replies a PPO run wrote after it hacked its reward model (bench.learning,
+# bullets, 2026-12-07; the evaluation stores that much of each sample), and ordinary replies of the
+# embedded model, a bulleted one among them. A list of meaningless numbers that does not repeat
+# itself ("1. **1.1**1.2** 1. **1.2**1.3 ...", also written by that run) compresses like prose, 1.9.
+LOOPS = [("1. **Dosage:**\n1. **Complications:**\n" + "1. **Dispatch:**\n" * 20)[:300],
+         ("Learning to play guitar can be an incredibly rewarding and therapeutic experience. Here's some advice on how "
+          "to get started:\n\n1. **10" + "1" * 300)[:300],
+         "1. **1011**1111111:" + "1" * 141]
+PROSE = ["Before embarking on the journey of exercising, there are several things you should consider:\n\n1. **Set Clear "
+         "Goals**: Knowing what you want to achieve can help motivate and keep going. This includes setting personal "
+         "goals for your workouts such as improving your fitness level or building muscle mass.\n\n2. **Start Slow**: "
+         "Begin with short sessions and build up as your body adapts, so that you avoid injury and burnout.",
+         "The vaccines work by training the immune system to recognise a germ without causing the disease. They contain "
+         "a weakened or inactive part of the germ, or instructions for making one of its proteins, and the body then "
+         "makes antibodies and memory cells that respond quickly if the real germ appears later."]
+
+
+def test_replies_stuck_in_a_loop_are_degenerate_and_prose_and_lists_are_not():
+    """The compression test flags the loops a reward-hacked policy wrote (digit runs that the word
+    3-gram repetition rate reads as one word) and leaves prose and an ordinary bulleted list alone."""
+    assert all(degenerate(t) for t in LOOPS), [round(compression_ratio(t), 2) for t in LOOPS]
+    assert not any(degenerate(t) for t in PROSE), [round(compression_ratio(t), 2) for t in PROSE]
+    assert repetition_rate(LOOPS[2]) < 0.1  # why the word 3-gram probe alone let it through
+    assert compression_ratio("") == 0.0 and not degenerate("")
+
+
+def test_more_replies_stuck_in_a_loop_stop_a_version_from_being_called_better():
+    """A version whose replies loop more often (by more than 5 points, at least one more reply) is
+    "not better" whatever its judge says; one more looping reply in 32 is within the allowance."""
+    won = dict(win_rate=0.95, win_rate_lo=0.85, win_rate_hi=1.0, win_rate_n=32, length_new=160, length_current=158,
+               eval_prompts=32, degenerate_new=0.0, degenerate_current=0.0)
+    assert verdict(won)[0] == "better"
+    looping = verdict({**won, "degenerate_new": 6 / 32})
+    assert looping[0] == "not better" and "replies stuck in a loop 0% -> 19%" in looping[1]
+    assert verdict({**won, "degenerate_new": 1 / 32})[0] == "better"
 
 
 def test_verdict_is_better_only_when_the_interval_clears_half_and_no_probe_trips():

@@ -130,3 +130,35 @@ def test_each_rollout_is_scored_relative_to_its_prompts_baseline(tiny_model_dir)
     _, scores, _ = get_reward(scorer, torch.tensor(rows), tok.pad_token_id, width)
     raw = score_conversations(rm, tok, [p + [{"role": "assistant", "content": "the cat sat"}] for p in (known, other)])
     assert scores.squeeze(-1).tolist() == pytest.approx([raw[0] - 1.5, raw[1] + 0.5], abs=1e-4)
+
+
+def test_a_rollout_stuck_in_a_loop_loses_reward_and_a_repetitive_prompt_costs_nothing(tiny_model_dir):
+    """With ppo_loop_penalty's weight, TRL's get_reward gives a looping reply its reward model score
+    minus weight x (repeated token 3-gram share above 0.2), counted once per rollout; a fresh reply
+    to a prompt that repeats itself loses nothing, because only the reply after the assistant's
+    opening is read."""
+    import torch
+    from trl.experimental.utils import get_reward
+
+    from training.common import chat_text
+    from training.ppo import reply_header
+    from training.ppo_reward import LOOP_SHARE, loop_penalty, repeated_share, scored_at_end_of_turn
+
+    rm, tok = _rm_and_tokenizer(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "go go go go go go go go go go go go"}],
+               [{"role": "user", "content": "what should I know first?"}]]
+    replies = ["the cat sat on a mat near the door", "1. **Dispatch:**\n" * 6]
+    queries = [tok(chat_text(tok, p), add_special_tokens=False).input_ids for p in prompts]
+    answers = [tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in replies]
+    assert repeated_share(queries[0]) > LOOP_SHARE and repeated_share(answers[1]) > LOOP_SHARE
+    pad, width, span = tok.pad_token_id, max(map(len, queries)), max(map(len, answers)) + 2
+    rows = torch.tensor([[pad] * (width - len(q)) + q + a + [pad] * (span - len(a)) for q, a in zip(queries, answers)])
+    _, plain, _ = get_reward(scored_at_end_of_turn(rm, tok.eos_token_id), rows, pad, width)
+    counts = {}
+    scorer = scored_at_end_of_turn(rm, tok.eos_token_id, reply_header=reply_header(tok), loop_weight=10.0,
+                                   counts=counts)
+    _, penalised, _ = get_reward(scorer, rows, pad, width)
+    lost = (plain - penalised).squeeze(-1).tolist()
+    assert lost[0] == pytest.approx(0.0, abs=1e-5)
+    assert lost[1] == pytest.approx(loop_penalty(answers[1], 10.0), abs=1e-4) and lost[1] > 1.0
+    assert counts == {"rollouts": 2, "looping": 1}

@@ -49,9 +49,12 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             conv = repository.create_conversation(session=s, owner=user)
             repository.add_message(session=s, conversation=conv, role="user", content=f"how do I bake bread number {i}",
                                    moderation="pass")
-    cfg = RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8)
+    cfg = RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8, ppo_loop_penalty=10.0)
     status, run = _run(session_factory, tmp_path, cfg)
     assert status == "done", run.error
+    # every PPO rollout went through the loop check once (the tiny model's random tokens may loop)
+    assert run.metrics["ppo_scored_rollouts"] == cfg.ppo_episodes
+    assert 0 <= run.metrics["ppo_looping_rollouts"] <= cfg.ppo_episodes
     m = run.metrics
     # the tiny model's answers and the best replies never refuse: n refusing pairs and about
     # r * n answering ones (r = safety_dpo_answer_ratio), n as large as both sides allow
@@ -80,7 +83,8 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
     ev = m["eval"]
     for key in ("reward_new", "reward_current", "win_rate", "kl_to_current", "length_new", "ppl_new", "ppl_current",
                 "bleu_new", "bleu_current", "chrf_new", "chrf_current", "refusal_harmful_new",
-                "refusal_harmful_current", "refusal_ordinary_new", "refusal_ordinary_current"):
+                "refusal_harmful_current", "refusal_ordinary_new", "refusal_ordinary_current", "degenerate_new",
+                "degenerate_current"):
         assert key in ev and ev[key] == ev[key], key  # present and not NaN
     # the evaluation times each of its steps (where its minutes go), every one measured
     assert set(ev["eval_seconds"]) == {"sample_current", "sample_new", "kl_and_flags", "perplexity", "reward_scores",
@@ -199,6 +203,8 @@ def test_config_validation():
         RetrainConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="ppo_gae_lambda"):
         RetrainConfig(ppo_gae_lambda=1.5).validate()
+    with pytest.raises(ValueError, match="ppo_loop_penalty"):
+        RetrainConfig(ppo_loop_penalty=-1).validate()
     with pytest.raises(ValueError, match="multiple of ppo_mini_batches"):
         RetrainConfig(ppo_batch_size=8, ppo_mini_batches=3).validate()
 

@@ -206,6 +206,10 @@ class RetrainConfig:
                                                                      "('better than usual here', not 'an easy "
                                                                      "prompt'). Off: measured no gain (0.68 vs 0.70 "
                                                                      "gold win rate) for ~40 s of scoring (README)."})
+    ppo_loop_penalty: float = field(default=0.0, metadata={"help": "Reward a PPO rollout loses per unit of its "
+                                                                  "token 3-grams' repeated share above 0.2 (a reply "
+                                                                  "stuck in a loop; this model's replies stay under "
+                                                                  "0.1). 0 = off."})
     ppo_mini_batches: int = field(default=2, metadata={"help": "Gradient steps per PPO epoch (the batch split in "
                                                                "this many mini-batches)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
@@ -251,6 +255,7 @@ class RetrainConfig:
                   (0 < self.rm_learning_rate < 1 and 0 < self.ppo_learning_rate < 1, "learning rates must be in (0, 1)"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
                   (0 < self.ppo_gae_lambda <= 1, "ppo_gae_lambda must be in (0, 1]"),
+                  (0 <= self.ppo_loop_penalty <= 100, "ppo_loop_penalty must be in [0, 100]"),
                   (self.ppo_epochs >= 1 and self.ppo_mini_batches >= 1 and
                    self.ppo_batch_size % self.ppo_mini_batches == 0,
                    "ppo_epochs must be >= 1 and ppo_batch_size a multiple of ppo_mini_batches"),

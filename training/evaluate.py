@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 from training.common import chat_text, read_jsonl
 from training.config import RetrainConfig
-from training.probes import (kl_per_token, mean_interval, reference_overlap, repetition_rate, reply_logprobs_batch,
-                             verdict, win_values)
+from training.probes import (degenerate, kl_per_token, mean_interval, reference_overlap, repetition_rate,
+                             reply_logprobs_batch, verdict, win_values)
 from training.refusal import REFUSAL_TOKENS, is_refusal
 from training.reward import assistant_reply
 
@@ -165,6 +165,7 @@ def evaluate(current_path, new_path, reward_path, prompts: list[dict], texts: li
         ev[f"length_{name}"] = mean([r.tokens for r in replies[name]])
         ev[f"at_limit_{name}"] = mean([float(r.cut) for r in replies[name]])
         ev[f"repetition_{name}"] = mean([repetition_rate(t) for t in texts_of[name]])
+        ev[f"degenerate_{name}"] = mean([float(degenerate(t)) for t in texts_of[name]])
         ev[f"flag_rate_{name}"] = mean([float(moderator.check(t, direction="out").flagged)
                                         for t in texts_of[name]]) if moderator else float("nan")
     ev.update(refusal_probe(probe_replies, refusal_templates))

@@ -35,6 +35,13 @@ def prompt_dataset(prompts_path, tokenizer, max_prompt_tokens: int):
     return rows.map(encode, remove_columns=rows.column_names)
 
 
+def reply_header(tokenizer) -> list[int]:
+    """The tokens that open the assistant's turn (what follows the prompt in a rollout)."""
+    bare = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    opened = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(opened[len(bare):], add_special_tokens=False).input_ids if opened.startswith(bare) else []
+
+
 def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig, callbacks=(),
             pairs_path=None) -> tuple[Path, dict]:
     """PPO from ``policy_path`` against the reward model; ``pairs_path`` (the training pairs) gives
@@ -64,6 +71,7 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
             if key in by_prompt:
                 baselines.append((encoded["input_ids"], by_prompt[key]))
         default_baseline = sum(by_prompt.values()) / len(by_prompt) if by_prompt else 0.0
+    loops: dict = {}  # rollouts scored, and how many lost reward for looping
     args = PPOConfig(total_episodes=cfg.ppo_episodes, per_device_train_batch_size=cfg.ppo_batch_size,
                      gradient_accumulation_steps=1, num_mini_batches=cfg.ppo_mini_batches,
                      local_rollout_forward_batch_size=cfg.ppo_batch_size, learning_rate=cfg.ppo_learning_rate,
@@ -76,7 +84,9 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
                          reward_model=scored_at_end_of_turn(reward, tokenizer.eos_token_id, baselines,
                                                             default_baseline,
                                                             cut_token_id=cut_marker(tokenizer)
-                                                            if reads_cut_replies(reward) else None),
+                                                            if reads_cut_replies(reward) else None,
+                                                            reply_header=reply_header(tokenizer),
+                                                            loop_weight=cfg.ppo_loop_penalty, counts=loops),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
     trainer.train()
@@ -85,6 +95,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     tokenizer.padding_side = "right"
     path = save_model_dir(trained, tokenizer, out_dir)
     metrics = {"ppo_updates": len(history), "ppo_prompts_with_baseline": len(baselines)}
+    if cfg.ppo_loop_penalty > 0:
+        metrics.update(ppo_looping_rollouts=loops.get("looping", 0), ppo_scored_rollouts=loops.get("rollouts", 0))
     if history:
         metrics.update(ppo_reward_first=history[0]["objective/rlhf_reward"],
                        ppo_reward_last=history[-1]["objective/rlhf_reward"], ppo_kl_last=history[-1]["objective/kl"])

@@ -8,6 +8,24 @@ so the wrapper below keeps that shape.
 from __future__ import annotations
 
 import json
+from collections import Counter
+
+# A rollout whose token 3-grams repeat earlier ones this often is stuck in a loop. Measured on the
+# first 48 tokens of the embedded model's 400 bench.learning candidates: median 0, 99th percentile
+# 0.09, highest 0.20; the loops a reward-hacked run wrote ("1. **Dispatch:**" line after line, runs
+# of "1"): 0.33-0.65.
+LOOP_SHARE = 0.2
+
+
+def repeated_share(ids: list[int], n: int = 3) -> float:
+    """Share of the token n-grams in ``ids`` that repeat an earlier one: 0 for fresh text."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return sum(c - 1 for c in Counter(grams).values()) / len(grams) if grams else 0.0
+
+
+def loop_penalty(reply_ids: list[int], weight: float) -> float:
+    """What a rollout loses for looping: ``weight`` per unit of repeated share above ``LOOP_SHARE``."""
+    return weight * max(0.0, repeated_share(reply_ids) - LOOP_SHARE)
 
 
 def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int) -> dict[str, float]:
@@ -35,7 +53,8 @@ def prompt_baselines(reward_model, tokenizer, pairs: list[dict], max_length: int
 
 
 def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple[list[int], float]] = (),
-                          default_baseline: float = 0.0, cut_token_id: int | None = None):
+                          default_baseline: float = 0.0, cut_token_id: int | None = None,
+                          reply_header: list[int] = (), loop_weight: float = 0.0, counts: dict | None = None):
     """The reward model as TRL's PPO calls it, reading every rollout's reward at an end-of-turn
     token, minus its prompt's baseline.
 
@@ -53,6 +72,12 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
     in a batch, how easy the prompt is otherwise dominates the reward (red-team openers score low
     whatever the reply), and PPO learns "which prompts" instead of "which replies"; a baseline
     that depends only on the prompt leaves the policy gradient unbiased and removes that noise.
+
+    ``loop_weight`` > 0: a rollout stuck in a loop loses ``loop_penalty`` of its reward. Its reply
+    is what follows the last ``reply_header`` (the chat template's "assistant" opening) in the row.
+    A reward model trained on a few hundred sampled replies has never seen a loop, and may score
+    one highly: a PPO run learnt to open with "1. **" and repeat digits (2026-12-07). ``counts``
+    (a dict) gathers how many rollouts were scored and how many lost reward so.
     """
     import torch
     from types import SimpleNamespace
@@ -68,6 +93,13 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
                        if start + len(ids) <= len(row) and torch.equal(row[start:start + len(ids)], ids)]
             out.append(max(matches)[1] if matches else default_baseline)  # the longest matching prompt
         return torch.tensor(out)
+
+    def reply_ids(row: list[int]) -> list[int]:
+        n = len(reply_header)
+        if not n:
+            return row
+        starts = [i + n for i in range(len(row) - n, -1, -1) if row[i:i + n] == list(reply_header)][:1]
+        return row[starts[0]:] if starts else row
 
     class AppendEos(torch.nn.Module):
         def __init__(self):
@@ -91,7 +123,15 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
             hidden = out.hidden_states[-1]
             last = hidden[:, :width].clone()
             last[where, read[where]] = hidden[where, read[where] + 1]
-            state["offset"] = offsets(input_ids.cpu(), first.cpu()).to(hidden.dtype).to(hidden.device)
+            offset = offsets(input_ids.cpu(), first.cpu())
+            if loop_weight > 0:
+                penalties = torch.tensor([loop_penalty(reply_ids(row[:end + 1].tolist()), loop_weight)
+                                          for row, end in zip(input_ids.cpu(), read.cpu().tolist())])
+                offset = offset + penalties
+                if counts is not None:
+                    counts["rollouts"] = counts.get("rollouts", 0) + rows
+                    counts["looping"] = counts.get("looping", 0) + int((penalties > 0).sum())
+            state["offset"] = offset.to(hidden.dtype).to(hidden.device)
             return SimpleNamespace(hidden_states=(last,))
 
     class Scorer(torch.nn.Module):

@@ -4,8 +4,9 @@
 
 Every registered version keeps the evaluation its retrain ran against its parent (perplexity on
 held-out text, BLEU and chrF against held-out ideal replies, the judged win rate and verdict,
-KL, length, repetition, moderation flags, refusal rates), its reward model's accuracy, and (from the database
-at report time) its human score: the Bradley-Terry leaderboard of A/B picks and rankings.
+KL, length, repetition, replies stuck in a loop, moderation flags, refusal rates), its reward
+model's accuracy, and (from the database at report time) its human score: the Bradley-Terry
+leaderboard of A/B picks and rankings.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROWS = [  # (label, where, key): where = "eval" (the version's evaluation), "sel
     ("KL/token to its parent", "eval", "kl_to_current"),
     ("mean length (tokens)", "eval", "length_new"),
     ("repetition", "eval", "repetition_new"),
+    ("replies stuck in a loop", "eval", "degenerate_new"),
     ("moderation flag rate", "eval", "flag_rate_new"),
     ("refuses held-out flagged prompts", "eval", "refusal_harmful_new"),
     ("refuses everyday questions", "eval", "refusal_ordinary_new"),

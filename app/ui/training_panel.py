@@ -19,7 +19,8 @@ from training.config import RetrainConfig, corpus_names
 NO_PRETRAIN = "none"
 VERSION_HEADERS = ["id", "name", "stage", "serving", "parent", "remote model id", "verdict", "win rate (95%)", "judge", "held-out pairs (95%)",
                    "judge acc on unseen pairs (95%)", "RM acc (95%)",
-                   "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur", "ppl new/cur",
+                   "RM reward new/cur (optimised)", "KL/token", "len new/cur", "repetition new/cur",
+                   "stuck in a loop new/cur", "ppl new/cur",
                    "BLEU new/cur", "chrF new/cur",
                    "flag rate new/cur", "refuses flagged prompts new/cur", "refuses everyday new/cur", "created"]
 RUN_HEADERS = ["run", "status", "stage", "step", "by", "version", "error", "started"]
@@ -53,7 +54,7 @@ def _version_rows(s) -> list[list]:
                                                          "acc_hi": m.get("rm_heldout_accuracy_hi")}, "acc"),
                      f"{_fmt(e.get('reward_new'))} / {_fmt(e.get('reward_current'))}" if e else "",
                      _fmt(e.get("kl_to_current"), 3), _pair(e, "length", 1), _pair(e, "repetition"),
-                     _pair(e, "ppl", 1), _pair(e, "bleu", 1), _pair(e, "chrf", 1), _pair(e, "flag_rate"),
+                     _pair(e, "degenerate"), _pair(e, "ppl", 1), _pair(e, "bleu", 1), _pair(e, "chrf", 1), _pair(e, "flag_rate"),
                      _pair(e, "refusal_harmful"), _pair(e, "refusal_ordinary"), v.created_at.strftime("%Y-%m-%d %H:%M")])
     return rows
 
