@@ -116,6 +116,17 @@ def test_replies_stuck_in_a_loop_are_degenerate_and_prose_and_lists_are_not():
     assert compression_ratio("") == 0.0 and not degenerate("")
 
 
+def test_the_simulated_user_ranks_a_looping_list_below_prose_though_the_rule_counts_its_bullets():
+    """bench.gold: the bullets rule gives a looping list its 6 bullets, and the simulated user still
+    ranks it below a plain paragraph (a loop loses to any reply that is not), a real list first."""
+    from bench.gold import PREFERENCES, rank
+
+    bullets = PREFERENCES["bullets"]
+    replies = [LOOPS[0], PROSE[1], "Three things:\n- wash your hands\n- rinse the board\n- dry the knife"]
+    assert bullets.score("q", replies[0]) == 6.0 > bullets.score("q", replies[1])
+    assert rank(bullets, "q", replies) == [[2], [1], [0]]
+
+
 def test_more_replies_stuck_in_a_loop_stop_a_version_from_being_called_better():
     """A version whose replies loop more often (by more than 5 points, at least one more reply) is
     "not better" whatever its judge says; one more looping reply in 32 is within the allowance."""

@@ -162,3 +162,5 @@ def test_a_rollout_stuck_in_a_loop_loses_reward_and_a_repetitive_prompt_costs_no
     assert lost[0] == pytest.approx(0.0, abs=1e-5)
     assert lost[1] == pytest.approx(loop_penalty(answers[1], 10.0), abs=1e-4) and lost[1] > 1.0
     assert counts == {"rollouts": 2, "looping": 1}
+    with pytest.raises(ValueError, match="reply_header"):
+        scored_at_end_of_turn(rm, tok.eos_token_id, loop_weight=10.0)  # would read the prompt as the reply

@@ -82,6 +82,8 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
     import torch
     from types import SimpleNamespace
 
+    if loop_weight > 0 and not reply_header:
+        raise ValueError("a loop penalty needs the tokens that open the assistant's reply (reply_header)")
     backbone = getattr(reward_model, reward_model.base_model_prefix)
     known = [(torch.tensor(ids), value) for ids, value in baselines]
     state = {}
@@ -96,8 +98,6 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
 
     def reply_ids(row: list[int]) -> list[int]:
         n = len(reply_header)
-        if not n:
-            return row
         starts = [i + n for i in range(len(row) - n, -1, -1) if row[i:i + n] == list(reply_header)][:1]
         return row[starts[0]:] if starts else row
 
@@ -125,8 +125,9 @@ def scored_at_end_of_turn(reward_model, eos_token_id: int, baselines: list[tuple
             last[where, read[where]] = hidden[where, read[where] + 1]
             offset = offsets(input_ids.cpu(), first.cpu())
             if loop_weight > 0:
-                penalties = torch.tensor([loop_penalty(reply_ids(row[:end + 1].tolist()), loop_weight)
-                                          for row, end in zip(input_ids.cpu(), read.cpu().tolist())])
+                penalties = torch.tensor([loop_penalty(reply_ids(row[start:end + 1].tolist()), loop_weight)
+                                          for row, start, end in zip(input_ids.cpu(), first.cpu().tolist(),
+                                                                     read.cpu().tolist())])
                 offset = offset + penalties
                 if counts is not None:
                     counts["rollouts"] = counts.get("rollouts", 0) + rows

@@ -87,8 +87,9 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
-def win_values(new_scores: list[float], current_scores: list[float]) -> list[float]:
-    """1 where new scores higher, 0.5 for a tie, 0 where current scores higher."""
+def win_values(new_scores: list, current_scores: list) -> list[float]:
+    """1 where new scores higher, 0.5 for a tie, 0 where current scores higher (scores are numbers,
+    or tuples compared in order)."""
     return [1.0 if n > c else 0.5 if n == c else 0.0 for n, c in zip(new_scores, current_scores)]
 
 
