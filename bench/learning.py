@@ -115,9 +115,9 @@ def gold_win_rate(base_path, new_path, prompts: list[dict], gold: GoldPreference
                                            on_reply=bar.update)
         finally:
             engine.close() if hasattr(engine, "close") else None
-    scores = {n: [gold.score(m[-1]["content"], r.text) for m, r in zip(msgs, replies[n])] for n in replies}
     # A reply stuck in a loop loses to one that is not, whatever the rule scores (bench/gold.py).
     keys = {n: [judged(gold, m[-1]["content"], r.text) for m, r in zip(msgs, replies[n])] for n in replies}
+    scores = {n: [score for _, score in keys[n]] for n in keys}
     wins = win_values(keys["new"], keys["current"])
     rate, lo, hi = mean_interval(wins)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

@@ -8,19 +8,14 @@ so the wrapper below keeps that shape.
 from __future__ import annotations
 
 import json
-from collections import Counter
+
+from training.probes import repeated_share
 
 # A rollout whose token 3-grams repeat earlier ones this often is stuck in a loop. Measured on the
 # first 48 tokens of the embedded model's 400 bench.learning candidates: median 0, 99th percentile
 # 0.09, highest 0.20; the loops a reward-hacked run wrote ("1. **Dispatch:**" line after line, runs
 # of "1"): 0.33-0.65.
 LOOP_SHARE = 0.2
-
-
-def repeated_share(ids: list[int], n: int = 3) -> float:
-    """Share of the token n-grams in ``ids`` that repeat an earlier one: 0 for fresh text."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return sum(c - 1 for c in Counter(grams).values()) / len(grams) if grams else 0.0
 
 
 def loop_penalty(reply_ids: list[int], weight: float) -> float:

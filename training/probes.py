@@ -106,13 +106,18 @@ def reference_overlap(replies: list[str], references: list[str]) -> tuple[float,
             float(sacrebleu.corpus_chrf(replies, [references]).score))
 
 
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def repeated_share(items: list, n: int = 3) -> float:
+    """Share of the n-grams of ``items`` (words, token ids) that repeat an earlier one: 0 for fresh
+    text, near 1 for a loop."""
+    grams = [tuple(items[i:i + n]) for i in range(len(items) - n + 1)]
     if not grams:
         return 0.0
     return sum(c - 1 for c in Counter(grams).values()) / len(grams)
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
+    return repeated_share(text.split(), n)
 
 
 # A reply stuck in a loop compresses far better than prose. Whisper drops a decoded segment as a
