@@ -210,6 +210,16 @@ class RetrainConfig:
                                                                   "token 3-grams' repeated share above 0.2 (a reply "
                                                                   "stuck in a loop; this model's replies: 99th "
                                                                   "percentile 0.09, highest 0.20). 0 = off."})
+    ppo_loop_guard: bool = field(default=True, metadata={"help": "Copy the policy's weights at 1/4, 1/2 and 3/4 of "
+                                                                 "PPO, and after it keep the newest weights whose "
+                                                                 "replies to training prompts loop at most once "
+                                                                 "more than the starting policy's "
+                                                                 "(training/ppo_guard.py; ~25 s a check)."})
+    ppo_loop_check_prompts: int = field(default=16, metadata={"help": "Training prompts the loop guard samples a "
+                                                                      "reply to, per check."})
+    ppo_loop_check_tokens: int = field(default=160, metadata={"help": "New tokens per loop-guard reply (as long as "
+                                                                      "the evaluation's: loops begin past PPO's "
+                                                                      "rollouts)."})
     ppo_mini_batches: int = field(default=2, metadata={"help": "Gradient steps per PPO epoch (the batch split in "
                                                                "this many mini-batches)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (merged before saving) instead of all weights."})
@@ -256,6 +266,8 @@ class RetrainConfig:
                   (self.kl_coef >= 0, "kl_coef must be >= 0"),
                   (0 < self.ppo_gae_lambda <= 1, "ppo_gae_lambda must be in (0, 1]"),
                   (0 <= self.ppo_loop_penalty <= 100, "ppo_loop_penalty must be in [0, 100]"),
+                  (2 <= self.ppo_loop_check_prompts <= 256, "ppo_loop_check_prompts must be in [2, 256]"),
+                  (16 <= self.ppo_loop_check_tokens <= 1024, "ppo_loop_check_tokens must be in [16, 1024]"),
                   (self.ppo_epochs >= 1 and self.ppo_mini_batches >= 1 and
                    self.ppo_batch_size % self.ppo_mini_batches == 0,
                    "ppo_epochs must be >= 1 and ppo_batch_size a multiple of ppo_mini_batches"),

@@ -17,6 +17,7 @@ from pathlib import Path
 from training.common import (base_trainer_args, freeze_lower_layers, jsonl_dataset, load_tokenizer, lora_config,
                              read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
+from training.ppo_guard import WeightSnapshots, keep_unlooped, looping_replies
 from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
 from training.reward import cut_marker, reads_cut_replies
 
@@ -89,12 +90,21 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
                                                             loop_weight=cfg.ppo_loop_penalty, counts=loops),
                          value_model=value, train_dataset=dataset, callbacks=list(callbacks),
                          peft_config=lora_config("CAUSAL_LM") if cfg.use_lora else None)
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    snapshots = WeightSnapshots(trained, args.num_total_batches) if cfg.ppo_loop_guard else None
+    if snapshots:
+        trainer.add_callback(snapshots)
     trainer.train()
     history = [h for h in trainer.state.log_history if "objective/rlhf_reward" in h]
-    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    metrics = {"ppo_updates": len(history), "ppo_prompts_with_baseline": len(baselines)}
+    if snapshots:  # training/ppo_guard.py: keep the newest weights that do not loop
+        check = [row["input_ids"] for row in dataset.shuffle(seed=cfg.seed).select(
+            range(min(cfg.ppo_loop_check_prompts, len(dataset))))]
+        metrics.update(keep_unlooped(trained, snapshots.saved, lambda update: looping_replies(
+            trained, tokenizer, check, cfg.ppo_loop_check_tokens, args.temperature, cfg.seed)))
+        metrics["ppo_loop_check_prompts"] = len(check)
     tokenizer.padding_side = "right"
     path = save_model_dir(trained, tokenizer, out_dir)
-    metrics = {"ppo_updates": len(history), "ppo_prompts_with_baseline": len(baselines)}
     if cfg.ppo_loop_penalty > 0:
         metrics.update(ppo_looping_rollouts=loops.get("looping", 0), ppo_scored_rollouts=loops.get("rollouts", 0))
     if history:

@@ -1,0 +1,115 @@
+"""PPO's loop guard (training/ppo_guard.py) keeps the newest weights whose sampled replies do not
+get stuck in a loop, with a real model, real sampling and the evaluation's own loop probe."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def policy_and_prompts(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.common import chat_text
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    prompts = [tok(chat_text(tok, [{"role": "user", "content": f"Tell me about item {i}."}]),
+                   add_special_tokens=False).input_ids for i in range(16)]
+    return model, tok, prompts
+
+
+def _taught_to_loop(model, tok, steps: int = 120) -> None:
+    """Fine-tune the model on '1.1.1.1...' until its replies collapse into it (as reward hacking did)."""
+    import torch
+
+    ids = tok(["<|im_start|>assistant\n" + "1." * 60] * 4, return_tensors="pt", add_special_tokens=False).input_ids
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def _loops(model, tok, prompts) -> int:
+    from training.ppo_guard import looping_replies
+
+    return looping_replies(model, tok, prompts, max_new_tokens=96, temperature=0.7, seed=0)
+
+
+def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_prompts):
+    """Weights after 'update 4' loop (taught '1.1.1...'), those after update 2 do not: the guard puts
+    update 2's weights back, checks update 4 and 2 only (the start is sampled because 4 loops), and
+    the model it leaves is update 2's exactly."""
+    import torch
+
+    from training.ppo_guard import keep_unlooped, trainable_state
+
+    model, tok, prompts = policy_and_prompts
+    start = trainable_state(model)
+    assert _loops(model, tok, prompts) == 0  # the random tiny model's replies do not repeat
+    with torch.no_grad():  # a small step away from the start that keeps the replies varied
+        for p in model.parameters():
+            p.add_(0.001 * torch.randn_like(p))
+    clean = trainable_state(model)
+    _taught_to_loop(model, tok)
+    looping = trainable_state(model)
+    assert _loops(model, tok, prompts) >= 12, "the looping weights must loop for the test to mean anything"
+
+    metrics = keep_unlooped(model, {0: start, 2: clean, 4: looping}, lambda update: _loops(model, tok, prompts))
+
+    assert metrics["ppo_kept_update"] == 2
+    assert metrics["ppo_looping_checks"]["4"] >= 12 and metrics["ppo_looping_checks"]["2"] == 0
+    assert set(metrics["ppo_looping_checks"]) == {"0", "2", "4"}
+    assert all(torch.equal(p, clean[n]) for n, p in model.named_parameters() if n in clean)
+
+
+def test_the_guard_keeps_the_final_weights_without_sampling_the_start_when_they_do_not_loop(policy_and_prompts):
+    """A run whose final weights do not loop is kept whole, at the cost of one check."""
+    from training.ppo_guard import keep_unlooped, trainable_state
+
+    model, tok, prompts = policy_and_prompts
+    final = trainable_state(model)
+    metrics = keep_unlooped(model, {0: final, 3: final}, lambda update: _loops(model, tok, prompts))
+    assert metrics == {"ppo_kept_update": 3, "ppo_looping_checks": {"3": 0}}
+
+
+def test_the_guard_falls_back_to_the_start_when_every_snapshot_loops(policy_and_prompts):
+    """If every copy of PPO's weights loops more than the start, PPO's change is dropped whole."""
+    import torch
+
+    from training.ppo_guard import keep_unlooped, trainable_state
+
+    model, tok, prompts = policy_and_prompts
+    start = trainable_state(model)
+    _taught_to_loop(model, tok)
+    looping = trainable_state(model)
+    metrics = keep_unlooped(model, {0: start, 1: looping, 2: looping}, lambda update: _loops(model, tok, prompts))
+    assert metrics["ppo_kept_update"] == 0
+    assert metrics["ppo_looping_checks"]["0"] == 0 and metrics["ppo_looping_checks"]["2"] >= 12
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+
+
+def test_weight_snapshots_are_taken_at_the_start_and_at_quarters_of_the_run(policy_and_prompts):
+    """The callback copies the weights before PPO and after updates 1/4, 1/2, 3/4 and the last of 10,
+    and each copy is of the weights at that moment (not a reference to the live tensors)."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from training.ppo_guard import WeightSnapshots
+
+    model, _, _ = policy_and_prompts
+    snaps = WeightSnapshots(model, updates=10)
+    state = TrainerState()
+    for step in range(1, 11):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        state.global_step = step
+        snaps.on_step_end(None, state, TrainerControl())
+    assert sorted(snaps.saved) == [0, 2, 5, 8, 10]
+    name = next(n for n, _ in model.named_parameters())
+    assert torch.allclose(snaps.saved[5][name] - snaps.saved[0][name], torch.full_like(snaps.saved[0][name], 5.0),
+                          atol=1e-5)
+    assert torch.allclose(snaps.saved[10][name] - snaps.saved[5][name], torch.full_like(snaps.saved[0][name], 5.0),
+                          atol=1e-5)
