@@ -221,7 +221,7 @@ def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_d
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     cfg = RetrainConfig(**{**FAST, "ppo_episodes": 192, "ppo_batch_size": 8, "ppo_learning_rate": 3e-3, "kl_coef": 0.01, "ppo_epochs": 1, "ppo_mini_batches": 1, "ppo_gae_lambda": 0.95,
-                           "response_length": 6}).validate()
+                           "response_length": 6, "ppo_loop_guard": True}).validate()
     rm_path, _ = run_reward(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "rm", cfg)
     new_path, metrics = run_ppo(tiny_model_dir, rm_path, tmp_path / "prompts.jsonl", tmp_path / "ppo", cfg)
 
@@ -243,7 +243,7 @@ def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_d
     # a no-op PPO gives exactly the same samples (same seed, same weights). With 96 episodes seed 2 rose
     # only +0.009 (and a fresh-clone run +0.029); with 192, seeds 0-11 rose +0.045 to +0.23 (12 s a run)
     assert after > before + 0.03, (before, after)
-    # the loop guard (on by default) sampled the final weights once, found no loop and kept them
+    # the loop guard sampled the final weights once, found no loop and kept them
     assert metrics["ppo_kept_update"] == metrics["ppo_updates"] == 24 and list(metrics["ppo_looping_checks"]) == ["24"]
 
 

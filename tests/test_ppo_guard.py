@@ -44,7 +44,7 @@ def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_promp
     the model it leaves is update 2's exactly."""
     import torch
 
-    from training.ppo_guard import keep_unlooped, trainable_state
+    from training.ppo_guard import guard_note, keep_unlooped, trainable_state
 
     model, tok, prompts = policy_and_prompts
     start = trainable_state(model)
@@ -63,16 +63,21 @@ def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_promp
     assert metrics["ppo_looping_checks"]["4"] >= 12 and metrics["ppo_looping_checks"]["2"] == 0
     assert set(metrics["ppo_looping_checks"]) == {"0", "2", "4"}
     assert all(torch.equal(p, clean[n]) for n, p in model.named_parameters() if n in clean)
+    loops = metrics["ppo_looping_checks"]["4"]
+    assert guard_note(metrics, 4, 16) == ("PPO's loop guard kept the weights after update 2 of 4: later weights got "
+                                          f"stuck in a loop (replies looping of 16 sampled: update 4: {loops}; "
+                                          "the starting policy: 0).")
 
 
 def test_the_guard_keeps_the_final_weights_without_sampling_the_start_when_they_do_not_loop(policy_and_prompts):
     """A run whose final weights do not loop is kept whole, at the cost of one check."""
-    from training.ppo_guard import keep_unlooped, trainable_state
+    from training.ppo_guard import guard_note, keep_unlooped, trainable_state
 
     model, tok, prompts = policy_and_prompts
     final = trainable_state(model)
     metrics = keep_unlooped(model, {0: final, 3: final}, lambda update: _loops(model, tok, prompts))
     assert metrics == {"ppo_kept_update": 3, "ppo_looping_checks": {"3": 0}}
+    assert guard_note(metrics, 3, 16) == ""  # nothing to tell the admin
 
 
 def test_the_guard_falls_back_to_the_start_when_every_snapshot_loops(policy_and_prompts):

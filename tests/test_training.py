@@ -49,11 +49,17 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
             conv = repository.create_conversation(session=s, owner=user)
             repository.add_message(session=s, conversation=conv, role="user", content=f"how do I bake bread number {i}",
                                    moderation="pass")
-    cfg = RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8, ppo_loop_penalty=10.0)
+    cfg = RetrainConfig(**FAST, safety_tuning=True, safety_dpo_answer_tokens=8, ppo_loop_penalty=10.0,
+                        ppo_loop_guard=True, ppo_loop_check_tokens=32)
     status, run = _run(session_factory, tmp_path, cfg)
     assert status == "done", run.error
     # every PPO rollout went through the loop check once
     assert run.metrics["ppo_scored_rollouts"] == cfg.ppo_episodes and "ppo_looping_rollouts" in run.metrics
+    # the loop guard sampled the final weights (2 updates of 4 episodes) and kept one of its copies
+    checks = run.metrics["ppo_looping_checks"]
+    assert "2" in checks and str(run.metrics["ppo_kept_update"]) in checks | {"0": 0}
+    ppo_prompts = read_jsonl(tmp_path / "data" / "runs" / f"run-{run.id}" / "data" / "prompts_ppo.jsonl")
+    assert run.metrics["ppo_loop_check_prompts"] == min(16, len(ppo_prompts))
     m = run.metrics
     # the tiny model's answers and the best replies never refuse: n refusing pairs and about
     # r * n answering ones (r = safety_dpo_answer_ratio), n as large as both sides allow
@@ -104,6 +110,7 @@ def test_retrain_end_to_end_registers_a_version(session_factory, tmp_path, tiny_
         with pytest.raises(LookupError, match="No version named 'nope'"):
             version_report(s, ["nope"])
     assert f"| BLEU vs ideal replies | {ev['bleu_new']:.3f} |" in table and "no comparisons yet" in table
+    assert f"| PPO update kept (loop guard) | {m['ppo_kept_update']} |" in table
 
 
 def test_the_win_rate_is_judged_by_a_reward_model_trained_only_on_held_out_pairs(session_factory, tmp_path,
@@ -204,6 +211,10 @@ def test_config_validation():
         RetrainConfig(ppo_gae_lambda=1.5).validate()
     with pytest.raises(ValueError, match="ppo_loop_penalty"):
         RetrainConfig(ppo_loop_penalty=-1).validate()
+    with pytest.raises(ValueError, match="ppo_loop_check_prompts"):
+        RetrainConfig(ppo_loop_check_prompts=1).validate()
+    with pytest.raises(ValueError, match="ppo_loop_check_tokens"):
+        RetrainConfig(ppo_loop_check_tokens=100000).validate()
     with pytest.raises(ValueError, match="multiple of ppo_mini_batches"):
         RetrainConfig(ppo_batch_size=8, ppo_mini_batches=3).validate()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from training.common import (base_trainer_args, freeze_lower_layers, jsonl_dataset, load_tokenizer, lora_config,
                              read_jsonl, save_model_dir, with_system)
 from training.config import RetrainConfig
-from training.ppo_guard import WeightSnapshots, keep_unlooped, looping_replies
+from training.ppo_guard import WeightSnapshots, guard_note, keep_unlooped, looping_replies
 from training.ppo_reward import prompt_baselines, scored_at_end_of_turn
 from training.reward import cut_marker, reads_cut_replies
 
@@ -103,6 +103,8 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
         metrics.update(keep_unlooped(trained, snapshots.saved, lambda update: looping_replies(
             trained, tokenizer, check, cfg.ppo_loop_check_tokens, args.temperature, cfg.seed)))
         metrics["ppo_loop_check_prompts"] = len(check)
+        if note := guard_note(metrics, args.num_total_batches, len(check)):
+            metrics["ppo_loop_guard_note"] = note
     tokenizer.padding_side = "right"
     path = save_model_dir(trained, tokenizer, out_dir)
     if cfg.ppo_loop_penalty > 0:

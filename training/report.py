@@ -24,6 +24,8 @@ ROWS = [  # (label, where, key): where = "eval" (the version's evaluation), "sel
     ("judge", "eval", "win_rate_judge"),
     ("held-out pairs agree", "eval", "heldout_pref_acc"),
     ("reward-model accuracy", "self", "rm_heldout_accuracy"),
+    ("PPO updates run", "self", "ppo_updates"),
+    ("PPO update kept (loop guard)", "self", "ppo_kept_update"),
     ("perplexity, held-out text", "eval", "ppl_new"),
     ("BLEU vs ideal replies", "eval", "bleu_new"),
     ("chrF vs ideal replies", "eval", "chrf_new"),

@@ -66,8 +66,9 @@ def _progress_md(run) -> str:
     text = (f"**Run {run.id}: {run.status}** · stage {run.stage or '—'} · step {run.step} of {run.total}{eta}")
     if run.error:
         text += f"  \n{run.error}"
-    if (run.metrics or {}).get("ppo_skipped"):
-        text += f"  \n{run.metrics['ppo_skipped']}"
+    for note in ("ppo_skipped", "ppo_loop_guard_note"):
+        if (run.metrics or {}).get(note):
+            text += f"  \n{run.metrics[note]}"
     if run.status == "done" and run.metrics.get("timings_s"):
         text += "  \nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run.metrics["timings_s"].items())
     return text
