@@ -202,7 +202,8 @@ def test_reward_model_keeps_pairs_longer_than_max_length(tiny_model_dir):
 
 def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_dir):
     """PPO must change the policy in the direction of the reward model: the mean reward of fresh samples
-    rises and the policy's KL to the input is above zero. A PPO that returned the input weights fails."""
+    rises and the policy's KL to the input is above zero. A PPO that returned the input weights fails.
+    With the loop guard on, its one check finds the final weights' replies not looping and keeps them."""
     import json
 
     import torch
@@ -221,7 +222,7 @@ def test_ppo_raises_the_reward_of_the_policys_own_samples(tmp_path, tiny_model_d
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     cfg = RetrainConfig(**{**FAST, "ppo_episodes": 192, "ppo_batch_size": 8, "ppo_learning_rate": 3e-3, "kl_coef": 0.01, "ppo_epochs": 1, "ppo_mini_batches": 1, "ppo_gae_lambda": 0.95,
-                           "response_length": 6, "ppo_loop_guard": True}).validate()
+                           "response_length": 6, "ppo_loop_guard": True, "ppo_loop_check_tokens": 32}).validate()
     rm_path, _ = run_reward(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "rm", cfg)
     new_path, metrics = run_ppo(tiny_model_dir, rm_path, tmp_path / "prompts.jsonl", tmp_path / "ppo", cfg)
 

@@ -39,9 +39,9 @@ def _loops(model, tok, prompts) -> int:
 
 
 def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_prompts):
-    """Weights after 'update 4' loop (taught '1.1.1...'), those after update 2 do not: the guard puts
-    update 2's weights back, checks update 4 and 2 only (the start is sampled because 4 loops), and
-    the model it leaves is update 2's exactly."""
+    """Weights after 'update 4' loop (taught '1.1.1...'), those after update 2 do not: the guard checks
+    update 4, then the start (because 4 loops), then update 2, leaves update 2's weights exactly in
+    the model, and tells the admin so in plain words."""
     import torch
 
     from training.ppo_guard import guard_note, keep_unlooped, trainable_state
@@ -65,7 +65,7 @@ def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_promp
     assert all(torch.equal(p, clean[n]) for n, p in model.named_parameters() if n in clean)
     loops = metrics["ppo_looping_checks"]["4"]
     assert guard_note(metrics, 4, 16) == ("PPO's loop guard kept the weights after update 2 of 4: later weights got "
-                                          f"stuck in a loop (replies looping of 16 sampled: update 4: {loops}; "
+                                          f"stuck in a loop (looping replies, of 16 sampled: update 4: {loops}; "
                                           "the starting policy: 0).")
 
 
@@ -118,3 +118,39 @@ def test_weight_snapshots_are_taken_at_the_start_and_at_quarters_of_the_run(poli
                           atol=1e-5)
     assert torch.allclose(snaps.saved[10][name] - snaps.saved[5][name], torch.full_like(snaps.saved[0][name], 5.0),
                           atol=1e-5)
+
+
+def test_run_ppo_saves_the_starting_weights_when_every_copy_loops(tmp_path, tiny_model_dir, monkeypatch):
+    """Through run_ppo and TRL's PPOTrainer: with the loop check made to report every PPO copy looping
+    (16 of 16) and the start clean, the saved model is the input policy exactly, the metrics and the
+    admin's note say the start was kept, and the progress hook is called before each of the 3 checks."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import training.ppo as ppo
+    from training.config import RetrainConfig
+
+    calls = []
+
+    def fake_loops(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed):
+        calls.append(len(prompt_ids))
+        return 0 if len(calls) == 2 else 16  # the order of checks: the end, the start, update 1
+
+    monkeypatch.setattr(ppo, "looping_replies", fake_loops)
+    (tmp_path / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]}) + "\n" for i in range(8)))
+    cfg = RetrainConfig(max_length=64, ppo_episodes=8, ppo_batch_size=4, response_length=8, ppo_learning_rate=1e-2,
+                        ppo_loop_guard=True, ppo_loop_check_prompts=6).validate()
+    progress = []
+    path, metrics = ppo.run_ppo(tiny_model_dir, tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "ppo", cfg,
+                                loop_check_progress=lambda done, most: progress.append((done, most)))
+
+    assert metrics["ppo_updates"] == 2 and metrics["ppo_kept_update"] == 0
+    assert metrics["ppo_looping_checks"] == {"0": 0, "1": 16, "2": 16} and calls == [6, 6, 6]
+    assert "the starting weights" in metrics["ppo_loop_guard_note"] and "ppo_reward_kept" not in metrics
+    assert progress == [(0, 3), (1, 3), (2, 3)]
+    saved = AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+    assert all(torch.equal(saved[k], start[k]) for k in start)

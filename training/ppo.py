@@ -44,9 +44,10 @@ def reply_header(tokenizer) -> list[int]:
 
 
 def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig, callbacks=(),
-            pairs_path=None) -> tuple[Path, dict]:
+            pairs_path=None, loop_check_progress=None) -> tuple[Path, dict]:
     """PPO from ``policy_path`` against the reward model; ``pairs_path`` (the training pairs) gives
-    each prompt its baseline when ``ppo_prompt_baseline`` is on (training/ppo_reward.py)."""
+    each prompt its baseline when ``ppo_prompt_baseline`` is on (training/ppo_reward.py).
+    ``loop_check_progress(done, most)`` is called before each of the loop guard's checks."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -100,9 +101,20 @@ def run_ppo(policy_path, reward_path, prompts_path, out_dir, cfg: RetrainConfig,
     if snapshots:  # training/ppo_guard.py: keep the newest weights that do not loop
         check = [row["input_ids"] for row in dataset.shuffle(seed=cfg.seed).select(
             range(min(cfg.ppo_loop_check_prompts, len(dataset))))]
-        metrics.update(keep_unlooped(trained, snapshots.saved, lambda update: looping_replies(
-            trained, tokenizer, check, cfg.ppo_loop_check_tokens, args.temperature, cfg.seed)))
+        done = []
+
+        def loops_at(update: int) -> int:
+            if loop_check_progress:
+                loop_check_progress(len(done), len(snapshots.saved))
+            done.append(update)
+            return looping_replies(trained, tokenizer, check, cfg.ppo_loop_check_tokens, args.temperature, cfg.seed)
+
+        metrics.update(keep_unlooped(trained, snapshots.saved, loops_at))
         metrics["ppo_loop_check_prompts"] = len(check)
+        kept = metrics["ppo_kept_update"]
+        if 0 < kept <= len(history):  # what PPO measured on the update whose weights were kept
+            metrics.update(ppo_reward_kept=history[kept - 1]["objective/rlhf_reward"],
+                           ppo_kl_kept=history[kept - 1]["objective/kl"])
         if note := guard_note(metrics, args.num_total_batches, len(check)):
             metrics["ppo_loop_guard_note"] = note
     tokenizer.padding_side = "right"

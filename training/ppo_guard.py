@@ -61,14 +61,14 @@ def looping_replies(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     """How many of the model's sampled replies to ``prompt_ids`` are stuck in a loop (probes.degenerate)."""
     import torch
 
-    pad = tokenizer.pad_token_id
+    pad, device = tokenizer.pad_token_id, next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)  # the same draws for every copy; the caller's random state is left as it was
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad)
     model.train(was_training)
@@ -107,5 +107,6 @@ def guard_note(metrics: dict, updates: int, prompts: int) -> str:
     later = ", ".join(f"update {u}: {n}" for u, n in checks.items() if int(u) > kept)
     start = f"; the starting policy: {checks['0']}" if "0" in checks else ""
     where = "the starting weights (PPO's change was dropped)" if kept == 0 else f"the weights after update {kept} of {updates}"
-    return (f"PPO's loop guard kept {where}: later weights got stuck in a loop (replies looping of {prompts} "
-            f"sampled: {later}{start}).")
+    same = " The version registered is PPO's starting model." if kept == 0 else ""
+    return (f"PPO's loop guard kept {where}: later weights got stuck in a loop (looping replies, of {prompts} "
+            f"sampled: {later}{start}).{same}")

@@ -164,9 +164,19 @@ def run(cfg: RetrainConfig, run_id: int, session_factory, data_dir: Path, modera
             metrics["policy_from"] = "best_of_n"
             timings["best_of_n"] = time.monotonic() - t
         t = stage("ppo")
+        ppo_stage = reporter.stage
+
+        def loop_check_progress(done: int, most: int) -> None:  # ppo_loop_guard's checks, after PPO's updates
+            if done == 0:
+                reporter.start_stage(f"{ppo_stage}: loop check", most)
+                reporter.yield_to_chat()
+            else:
+                reporter.advance(done)  # which yields to chat too
+
         candidate_path, ppo_metrics = run_ppo(policy_path, reward_path, prompts, run_dir / "ppo", cfg,
                                               callbacks=[ReporterCallback(reporter, reporter.stage)],
-                                              pairs_path=snap.path("preferences_train"))
+                                              pairs_path=snap.path("preferences_train"),
+                                              loop_check_progress=loop_check_progress)
         metrics.update(ppo_metrics)
         timings["ppo"] = time.monotonic() - t
 
