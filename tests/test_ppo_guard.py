@@ -8,10 +8,12 @@ import pytest
 
 @pytest.fixture
 def policy_and_prompts(tiny_model_dir):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.common import chat_text
 
+    torch.manual_seed(0)  # the test's own random draws, whatever ran before it
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     prompts = [tok(chat_text(tok, [{"role": "user", "content": f"Tell me about item {i}."}]),
@@ -19,17 +21,29 @@ def policy_and_prompts(tiny_model_dir):
     return model, tok, prompts
 
 
-def _taught_to_loop(model, tok, steps: int = 120) -> None:
-    """Fine-tune the model on '1.1.1.1...' until its replies collapse into it (as reward hacking did)."""
+def _taught_to_loop(model, tok, prompts, max_steps: int = 400) -> None:
+    """Fine-tune the model on '1.1.1.1...' replies to the check's own prompts until it has learnt them
+    (loss below 0.01, as reward hacking taught "1."), so its sampled replies collapse into the loop."""
     import torch
 
-    ids = tok(["<|im_start|>assistant\n" + "1." * 60] * 4, return_tensors="pt", add_special_tokens=False).input_ids
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    loop = tok("1." * 60, add_special_tokens=False).input_ids
+    width = max(len(p) for p in prompts)
+    pad = [[tok.pad_token_id] * (width - len(p)) for p in prompts]  # left padding, as the guard samples
+    ids = torch.tensor([f + p + loop for f, p in zip(pad, prompts)])
+    mask = torch.tensor([[0] * len(f) + [1] * (len(p) + len(loop)) for f, p in zip(pad, prompts)])
+    labels = ids.clone()
+    labels[:, :width] = -100  # learn the reply, not the prompt
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    for _ in range(steps):
+    for _ in range(max_steps):
         opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if loss.item() < 0.01:
+            break
+        loss.backward()
         opt.step()
+    assert loss.item() < 0.01, f"the model did not learn the loop (loss {loss.item():.3f})"
 
 
 def _loops(model, tok, prompts) -> int:
@@ -53,7 +67,7 @@ def test_the_guard_restores_the_newest_weights_that_do_not_loop(policy_and_promp
         for p in model.parameters():
             p.add_(0.001 * torch.randn_like(p))
     clean = trainable_state(model)
-    _taught_to_loop(model, tok)
+    _taught_to_loop(model, tok, prompts)
     looping = trainable_state(model)
     assert _loops(model, tok, prompts) >= 12, "the looping weights must loop for the test to mean anything"
 
@@ -88,7 +102,7 @@ def test_the_guard_falls_back_to_the_start_when_every_snapshot_loops(policy_and_
 
     model, tok, prompts = policy_and_prompts
     start = trainable_state(model)
-    _taught_to_loop(model, tok)
+    _taught_to_loop(model, tok, prompts)
     looping = trainable_state(model)
     metrics = keep_unlooped(model, {0: start, 1: looping, 2: looping}, lambda update: _loops(model, tok, prompts))
     assert metrics["ppo_kept_update"] == 0
