@@ -171,3 +171,18 @@ def dpo_config(out_dir: Path | str, max_length: int, seed: int, **settings):
     return DPOConfig(**{"per_device_train_batch_size": 4, "max_length": max_length, "truncation_mode": "keep_end",
                         "precompute_ref_log_probs": True, **base_trainer_args(Path(out_dir) / "trainer", seed),
                         **settings})
+
+
+def trainable_state(model) -> dict:
+    """A copy of the parameters that training changes (the top blocks, or LoRA adapters): the frozen
+    lower blocks need no copy. ``restore_trainable`` puts such a copy back."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model, state: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name])

@@ -23,23 +23,13 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from training.common import restore_trainable, trainable_state
 from training.probes import degenerate
 
 # Two more looping replies of 16 is a rise of 12 points: a policy that loops on 26% of its
 # replies shows at least two of 16 with probability 0.95, one that loops on 2% with 0.04.
 LOOP_SLACK = 2
 CHECK_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the run's updates: where weights are copied
-
-
-def trainable_state(model) -> dict:
-    """A copy of the parameters that training changes (the top blocks, or the LoRA adapters)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def restore(model, state: dict) -> None:
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        params[name].data.copy_(value)
 
 
 class WeightSnapshots(TrainerCallback):
@@ -83,7 +73,7 @@ def keep_unlooped(model, snapshots: dict[int, dict], loops_at) -> dict:
 
     def count(update: int) -> int:
         if update not in counts:
-            restore(model, snapshots[update])
+            restore_trainable(model, snapshots[update])
             counts[update] = loops_at(update)
         return counts[update]
 
@@ -95,7 +85,7 @@ def keep_unlooped(model, snapshots: dict[int, dict], loops_at) -> dict:
         if loops < LOOP_SLACK or loops - count(0) < LOOP_SLACK:
             kept = update
             break
-    restore(model, snapshots[kept])
+    restore_trainable(model, snapshots[kept])
     return {"ppo_kept_update": kept, "ppo_looping_checks": {str(u): n for u, n in sorted(counts.items())}}
 
 

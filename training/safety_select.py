@@ -35,6 +35,7 @@ import re
 import torch
 from transformers import TrainerCallback
 
+from training.common import restore_trainable, trainable_state
 from training.refusal import DECLINE_OPENINGS, refusal_words
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,7 @@ class RefusalCheckpoints(TrainerCallback):
                  step, 100 * harmful, 100 * ordinary)
         if self.best is None or self._rank(entry) > self._rank(self.best):
             self.best = entry
-            # Only what trains can change: the frozen lower blocks need no copy.
-            self._weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self._weights = trainable_state(model)
 
     @staticmethod
     def _rank(entry: dict) -> tuple:
@@ -171,8 +171,5 @@ class RefusalCheckpoints(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._weights is None:
             return
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in self._weights:
-                    param.copy_(self._weights[name])
+        restore_trainable(model, self._weights)
         log.info("safety DPO keeps the weights of step %d (score %.3f)", self.best["step"], self.best["score"])
